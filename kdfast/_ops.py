@@ -1,0 +1,135 @@
+"""The fused loss as one ``torch.library`` custom op, with its fake (meta) kernel and autograd.
+
+``kdfast::distill`` runs a backend kernel that writes the per-row terms and the gradients in one
+call (the gradients are computed in the forward, already multiplied by the row weights and by the
+reduction's ``1 / n_valid``); backward only multiplies the saved gradients by the upstream gradient.
+Registering it as a custom op lets ``torch.compile`` trace a training step through the loss without a
+graph break.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from ._spec import KernelParams
+
+REDUCTIONS = ("mean", "sum", "none")
+
+
+@functools.lru_cache(maxsize=None)
+def _backend_fn(name: str):
+    if name == "cpu":
+        from ._cpu import load
+        return load().distill_forward
+    if name == "triton":
+        from ._triton import distill_forward
+        return distill_forward
+    raise ValueError(f"unknown kernel backend {name!r}")
+
+
+def acc_dtype(*dtypes: torch.dtype) -> torch.dtype:
+    """Accumulation (and loss) dtype: float64 for float64 inputs, else float32."""
+    return torch.float64 if torch.float64 in dtypes else torch.float32
+
+
+@torch.library.custom_op("kdfast::distill", mutates_args=())
+def distill(z: Tensor, v: Tensor, zp: Optional[Tensor], labels: Optional[Tensor], kd_w: Tensor,
+            ce_w: Tensor, fparams: list[float], iparams: list[int], reduction: str, backend: str,
+            need_grad_z: bool, need_grad_v: bool, inplace_backward: bool = False
+            ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Returns ``(loss, d, ce, grad_z, grad_v, grad_scale)``; see ``kdfast/_spec.py``.
+
+    ``grad_z`` / ``grad_v`` are empty when not asked for. ``loss`` is a scalar, or per row for
+    ``reduction="none"``.
+    """
+    n = z.shape[0]
+    acc = kd_w.dtype
+    d = torch.empty(n, dtype=acc, device=z.device)
+    ce = torch.empty(n, dtype=acc, device=z.device)
+    grad_z = torch.empty_like(z, memory_format=torch.contiguous_format) if need_grad_z else z.new_empty(0)
+    grad_v = torch.empty_like(v, memory_format=torch.contiguous_format) if need_grad_v else v.new_empty(0)
+    if reduction == "mean":   # 1 / n_valid as a device tensor: no host synchronisation
+        n_valid = (labels != iparams[5]).sum() if labels is not None else torch.tensor(n, device=z.device)
+        grad_scale = n_valid.clamp_min(1).reciprocal().to(acc).reshape(1)
+    else:
+        grad_scale = torch.ones(1, dtype=acc, device=z.device)
+    _backend_fn(backend)(z, v, zp, labels, kd_w, ce_w, grad_scale, d, ce,
+                         grad_z if need_grad_z else None, grad_v if need_grad_v else None,
+                         fparams, iparams)
+    rows = kd_w * d + ce_w * ce
+    loss = rows if reduction == "none" else rows.sum() * grad_scale[0]
+    return loss, d, ce, grad_z, grad_v, grad_scale
+
+
+@distill.register_fake
+def _(z, v, zp, labels, kd_w, ce_w, fparams, iparams, reduction, backend, need_grad_z, need_grad_v,
+      inplace_backward=False):
+    n = z.shape[0]
+    acc = kd_w.dtype
+    loss = z.new_empty(n if reduction == "none" else (), dtype=acc)
+    grad_z = torch.empty_like(z, memory_format=torch.contiguous_format) if need_grad_z else z.new_empty(0)
+    grad_v = torch.empty_like(v, memory_format=torch.contiguous_format) if need_grad_v else v.new_empty(0)
+    return (loss, z.new_empty(n, dtype=acc), z.new_empty(n, dtype=acc), grad_z, grad_v,
+            z.new_empty(1, dtype=acc))
+
+
+def _setup_context(ctx, inputs, output):
+    loss, d, ce, grad_z, grad_v, grad_scale = output
+    ctx.reduction = inputs[8]
+    ctx.inplace = inputs[12] if len(inputs) > 12 else False
+    ctx.save_for_backward(grad_z, grad_v, d, ce, grad_scale)
+    ctx.mark_non_differentiable(d, ce, grad_z, grad_v, grad_scale)
+
+
+def _scaled(saved: Tensor, g: Tensor, inplace: bool) -> Tensor:
+    """The upstream gradient ``g`` times the gradient saved by the forward.
+
+    - ``inplace``: scale the saved buffer in place: no second (N, C) buffer on any device. A second
+      backward through the same graph (``retain_graph=True``) then fails autograd's version check
+      instead of returning a wrong gradient.
+    - otherwise, on the CPU with ``g == 1`` (the usual ``loss.backward()``; checking costs nothing
+      there): return the saved buffer itself. Autograd frees its saved copy after this node, so the
+      buffer becomes ``.grad`` without a copy (it clones it only when the graph is retained).
+    - otherwise ``saved * g`` in a new buffer (CUDA never reads ``g`` on the host).
+    """
+    g = g.to(saved.dtype)
+    if torch.compiler.is_compiling():
+        return saved * g
+    if inplace:
+        return saved.mul_(g)
+    if saved.device.type == "cpu" and g.numel() == 1 and g.item() == 1.0:
+        return saved
+    return saved * g
+
+
+def _backward(ctx, g_loss, _gd, _gce, _ggz, _ggv, _gscale):
+    grad_z, grad_v, d, ce, grad_scale = ctx.saved_tensors
+    need = ctx.needs_input_grad
+    if ctx.reduction == "none":
+        g_rows, g_mat = g_loss, g_loss.unsqueeze(-1)
+    else:
+        g_rows, g_mat = g_loss * grad_scale[0], g_loss
+    # need[i] implies the forward computed that gradient (run() asks for it when the input requires grad)
+    gz = _scaled(grad_z, g_mat, ctx.inplace) if need[0] else None
+    gv = _scaled(grad_v, g_mat, ctx.inplace) if need[1] else None
+    g_kd = g_rows * d if need[4] else None      # d loss / d kd_w_i = D_i (times the reduction's scale)
+    g_ce = g_rows * ce if need[5] else None     # d loss / d ce_w_i = CE_i
+    return gz, gv, None, None, g_kd, g_ce, None, None, None, None, None, None, None
+
+
+distill.register_autograd(_backward, setup_context=_setup_context)
+
+
+def run(z: Tensor, v: Tensor, zp: Optional[Tensor], labels: Optional[Tensor], kd_w: Tensor,
+        ce_w: Tensor, params: KernelParams, reduction: str, backend: str,
+        inplace_backward: bool = False) -> Tensor:
+    """Call the op with the gradients the inputs need; returns the loss."""
+    grad_on = torch.is_grad_enabled()
+    need_gz = grad_on and z.requires_grad
+    need_gv = grad_on and v.requires_grad
+    out = torch.ops.kdfast.distill(z, v, zp, labels, kd_w, ce_w, params.fparams(), params.iparams(),
+                                   reduction, backend, need_gz, need_gv, inplace_backward)
+    return out[0]

@@ -1,0 +1,90 @@
+"""The loss declarations and the contract between the Python layer and the backend kernels.
+
+Every loss of SPEC.md is one *kind* of the fused row kernel plus a few parameters; a named loss
+(``kd``, ``ttm``, ...) is a :class:`KernelParams` built by a small function in ``functional.py``.
+
+Backend contract
+----------------
+Each backend (``kdfast._C`` for the CPU, ``kdfast._triton`` for CUDA / the Triton interpreter)
+exposes one function::
+
+    distill_forward(z, v, zp, labels, kd_w, ce_w, grad_scale,
+                    d_out, ce_out, grad_z, grad_v, fparams, iparams) -> None
+
+Tensors (all on one device):
+
+- ``z``: student logits ``(N, C)``, ``stride(1) == 1``, any ``stride(0)`` (>= C or 0 for N<=1).
+- ``v``: teacher logits ``(N, C)``, ``stride(1) == 1``, any ``stride(0)``; its dtype may differ
+  from ``z``'s. Dtypes are float32, bfloat16 or float16 each (accumulation in float32), or both
+  float64 (accumulation in float64): the Python layer never mixes float64 with another dtype.
+- ``zp``: ``None`` or past-student logits ``(N, C)`` (retro_kd), ``stride(1) == 1``, ``z``'s dtype.
+  The teacher row the loss sees is then ``r = (1 - rho) * v + rho * zp``.
+- ``labels``: ``None`` or int64 ``(N,)`` contiguous. A row whose label is ``ignore_index`` is
+  *ignored*: ``d_out = ce_out = 0`` and its gradient rows are 0. A label outside ``[0, C)`` that is
+  not ``ignore_index`` must never be read or written out of bounds: that row gets NaN in
+  ``d_out``, ``ce_out`` and its gradient rows (the CPU Python layer raises before calling).
+  With ``labels is None`` every row is valid and there is no CE term.
+- ``kd_w``, ``ce_w``: per-row weights ``(N,)`` contiguous, accumulation dtype.
+- ``grad_scale``: a 1-element tensor, accumulation dtype: the factor folded into the gradients
+  (``1 / max(n_valid, 1)`` for ``reduction="mean"``, else 1). Read it on the device (no host sync).
+- ``d_out``, ``ce_out``: ``(N,)`` contiguous, accumulation dtype; the kernel writes the
+  *unweighted* per-row distillation term ``D_i`` and cross-entropy ``CE_i`` (0 without labels or
+  when ``has_ce == 0``).
+- ``grad_z``: ``None`` or ``(N, C)`` in ``z``'s dtype, ``stride(1) == 1``; the kernel writes
+  ``grad_scale * (kd_w_i * dD_i/dz + ce_w_i * dCE_i/dz)``. It may alias ``z`` (in-place use): the
+  last sweep over a row must read each element before writing it.
+- ``grad_v``: ``None`` or ``(N, C)`` in ``v``'s dtype: ``grad_scale * kd_w_i * dD_i/dv`` (for
+  retro_kd this includes the factor ``1 - rho``). Never aliases anything.
+
+``fparams`` = ``[t_student, t_teacher, scale, rho, alpha, beta]`` (Python floats) and
+``iparams`` = ``[kind, wttm, reverse, center, has_ce, ignore_index]`` (Python ints); see
+:class:`KernelParams` for their meaning per kind.
+"""
+from __future__ import annotations
+
+import dataclasses
+import enum
+
+
+class Kind(enum.IntEnum):
+    """The kernel's loss kinds (a compile-time parameter of the row kernel in every backend)."""
+
+    KL = 0   # s * KL(p || q), p = softmax(v / Tt), q = softmax(z / Ts); kd, ttm, wttm, retro_kd,
+             # jsd at beta = 0; with ``reverse``: s * KL(q || p) (jsd at beta = 1)
+    DKD = 1  # decoupled KD, temperature T = t_student = t_teacher, weights alpha, beta; needs labels
+    LM = 2   # logit matching, (1 / 2C) * sum_j ((z_j - zbar) - (v_j - vbar))^2 (center) or no centering
+    LS = 3   # logit standardisation: kd (scale T^2, T = t_student = t_teacher) on standardised rows
+    JSD = 4  # generalised JSD for 0 < beta < 1 at temperature T = t_student = t_teacher
+
+
+@dataclasses.dataclass(frozen=True)
+class KernelParams:
+    """What a backend kernel needs beyond the tensors. Fields unused by a kind are ignored."""
+
+    kind: Kind = Kind.KL
+    t_student: float = 1.0   # temperature applied to the student logits
+    t_teacher: float = 1.0   # temperature applied to the teacher logits
+    scale: float = 1.0       # constant factor of D (T^2 for kd); ignored when ``wttm``
+    wttm: bool = False       # KL kind: the factor is U_i = exp(lse(v/T) - lse(v)/T), no gradient
+    reverse: bool = False    # KL kind: KL(q || p) instead of KL(p || q)
+    rho: float = 0.0         # retro_kd past weight (used only when ``zp`` is given)
+    alpha: float = 1.0       # dkd alpha
+    beta: float = 0.0        # dkd beta, jsd beta
+    center: bool = True      # logit matching: subtract the row means
+    has_ce: bool = True      # compute CE (only when labels are given)
+    ignore_index: int = -100
+
+    def fparams(self) -> list[float]:
+        return [float(self.t_student), float(self.t_teacher), float(self.scale), float(self.rho),
+                float(self.alpha), float(self.beta)]
+
+    def iparams(self) -> list[int]:
+        return [int(self.kind), int(self.wttm), int(self.reverse), int(self.center),
+                int(self.has_ce), int(self.ignore_index)]
+
+    @classmethod
+    def from_lists(cls, fparams, iparams) -> "KernelParams":
+        ts, tt, scale, rho, alpha, beta = fparams
+        kind, wttm, reverse, center, has_ce, ignore_index = iparams
+        return cls(Kind(kind), ts, tt, scale, bool(wttm), bool(reverse), rho, alpha, beta,
+                   bool(center), bool(has_ce), int(ignore_index))

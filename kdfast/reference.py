@@ -1,0 +1,151 @@
+"""Eager PyTorch versions of every kdfast loss: the ground truth of the tests and the baseline of the
+benchmarks.
+
+They are written the way a careful user writes them in eager PyTorch (``log_softmax``, ``kl_div``,
+``cross_entropy``, ``mse_loss``), not as a copy of the fused algorithm, and they take the same
+arguments as the fused losses in :mod:`kdfast.functional` (without ``backend``). They compute in the
+dtype they are given (call them on float64 tensors for a ground truth). Argument checking is done by
+:mod:`kdfast.functional`; these functions assume valid input.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = ["kd_loss", "ttm_loss", "wttm_loss", "dkd_loss", "logit_matching_loss", "ls_kd_loss",
+           "jsd_loss", "retro_kd_loss"]
+
+
+def _kl(log_p: Tensor, log_q: Tensor) -> Tensor:
+    """KL(p || q) over the last dim from log-probabilities, with 0 * log 0 = 0.
+
+    ``F.kl_div(log_q, log_p, log_target=True)`` would give NaN for classes of probability 0
+    (``-inf`` teacher logits) in the loss or in the teacher's gradient, so those terms are masked
+    before the product.
+    """
+    zero = log_p == float("-inf")
+    return (log_p.exp() * (log_p - log_q).masked_fill(zero, 0.0)).sum(-1)
+
+
+def _finish(d: Tensor, z: Tensor, labels, kd_weight, ce_weight, ignore_index: int,
+            reduction: str) -> Tensor:
+    """loss_i = ce_weight_i * CE_i + kd_weight_i * D_i over the valid rows, then the reduction."""
+    loss = kd_weight * d
+    if labels is not None:
+        valid = labels != ignore_index
+        ce = F.cross_entropy(z.reshape(-1, z.shape[-1]), labels.reshape(-1).long(),
+                             ignore_index=ignore_index, reduction="none").view(labels.shape)
+        loss = (loss + ce_weight * ce).masked_fill(~valid, 0.0)
+        n_valid = valid.sum()
+    else:
+        n_valid = torch.tensor(loss.numel(), device=loss.device)
+    if reduction == "none":
+        return loss
+    if reduction == "sum":
+        return loss.sum()
+    return loss.sum() / n_valid.clamp_min(1)   # "mean" / "batchmean": 0 valid rows -> 0.0
+
+
+def _kd_term(z: Tensor, v: Tensor, temperature: float) -> Tensor:
+    log_q = F.log_softmax(z / temperature, dim=-1)
+    log_p = F.log_softmax(v / temperature, dim=-1)
+    return temperature * temperature * _kl(log_p, log_q)
+
+
+def kd_loss(student_logits, teacher_logits, labels=None, *, temperature=4.0, kd_weight=1.0,
+            ce_weight=1.0, ignore_index=-100, reduction="mean"):
+    """Hinton KD: T^2 * KL(softmax(v/T) || softmax(z/T)) (+ CE)."""
+    d = _kd_term(student_logits, teacher_logits, temperature)
+    return _finish(d, student_logits, labels, kd_weight, ce_weight, ignore_index, reduction)
+
+
+def ttm_loss(student_logits, teacher_logits, labels=None, *, temperature=2.0, kd_weight=1.0,
+             ce_weight=1.0, ignore_index=-100, reduction="mean"):
+    """TTM: KL(softmax(v/T) || softmax(z)), temperature on the teacher only, no T^2."""
+    d = _kl(F.log_softmax(teacher_logits / temperature, dim=-1),
+            F.log_softmax(student_logits, dim=-1))
+    return _finish(d, student_logits, labels, kd_weight, ce_weight, ignore_index, reduction)
+
+
+def wttm_loss(student_logits, teacher_logits, labels=None, *, temperature=2.0, kd_weight=1.0,
+              ce_weight=1.0, ignore_index=-100, reduction="mean"):
+    """WTTM: U * KL(softmax(v/T) || softmax(z)), U = sum_j softmax(v)_j^(1/T) (no gradient)."""
+    with torch.no_grad():
+        u = torch.exp(torch.logsumexp(teacher_logits / temperature, dim=-1)
+                      - torch.logsumexp(teacher_logits, dim=-1) / temperature)
+    d = u * _kl(F.log_softmax(teacher_logits / temperature, dim=-1),
+                F.log_softmax(student_logits, dim=-1))
+    return _finish(d, student_logits, labels, kd_weight, ce_weight, ignore_index, reduction)
+
+
+def dkd_loss(student_logits, teacher_logits, labels, *, temperature=4.0, alpha=1.0, beta=8.0,
+             ce_weight=1.0, kd_weight=1.0, ignore_index=-100, reduction="mean"):
+    """Decoupled KD: T^2 (alpha * TCKD + beta * NCKD) (Zhao et al., 2022)."""
+    t = temperature
+    safe = labels.masked_fill(labels == ignore_index, 0).long()
+    target = F.one_hot(safe, student_logits.shape[-1]).bool()
+    log_q = F.log_softmax(student_logits / t, dim=-1)
+    log_p = F.log_softmax(teacher_logits / t, dim=-1)
+    # binary target / non-target distributions: [p_y, 1 - p_y], log(1 - p_y) = lse over j != y
+    def binary(log_prob):
+        log_y = log_prob.gather(-1, safe.unsqueeze(-1)).squeeze(-1)
+        log_rest = torch.logsumexp(log_prob.masked_fill(target, float("-inf")), dim=-1)
+        return torch.stack([log_y, log_rest], dim=-1)
+    tckd = _kl(binary(log_p), binary(log_q))
+    # distributions over the non-target classes alone
+    nckd = _kl(F.log_softmax((teacher_logits / t).masked_fill(target, float("-inf")), dim=-1),
+               F.log_softmax((student_logits / t).masked_fill(target, float("-inf")), dim=-1))
+    d = t * t * (alpha * tckd + beta * nckd)
+    return _finish(d, student_logits, labels, kd_weight, ce_weight, ignore_index, reduction)
+
+
+def logit_matching_loss(student_logits, teacher_logits, labels=None, *, center=True,
+                        kd_weight=1.0, ce_weight=1.0, ignore_index=-100, reduction="mean"):
+    """(1 / 2C) * ||(z - mean z) - (v - mean v)||^2 per row (no centering with center=False)."""
+    z, v = student_logits, teacher_logits
+    if center:
+        z = z - z.mean(-1, keepdim=True)
+        v = v - v.mean(-1, keepdim=True)
+    d = 0.5 * F.mse_loss(z, v, reduction="none").mean(-1)
+    return _finish(d, student_logits, labels, kd_weight, ce_weight, ignore_index, reduction)
+
+
+def _standardize(x: Tensor) -> Tensor:
+    """(x - mean) / (1e-7 + std), std unbiased, as in the logit-standardisation paper's code."""
+    return (x - x.mean(-1, keepdim=True)) / (1e-7 + x.std(-1, keepdim=True))
+
+
+def ls_kd_loss(student_logits, teacher_logits, labels=None, *, temperature=2.0, kd_weight=1.0,
+               ce_weight=1.0, ignore_index=-100, reduction="mean"):
+    """KD on standardised logits (Sun et al., 2024); gradient through the student's mean and std."""
+    d = _kd_term(_standardize(student_logits), _standardize(teacher_logits), temperature)
+    return _finish(d, student_logits, labels, kd_weight, ce_weight, ignore_index, reduction)
+
+
+def jsd_loss(student_logits, teacher_logits, labels=None, *, beta=0.5, temperature=1.0,
+             kd_weight=1.0, ce_weight=1.0, ignore_index=-100, reduction="mean"):
+    """Generalised JSD: beta KL(p || m) + (1 - beta) KL(q || m), m = beta p + (1 - beta) q;
+    exactly KL(p || q) at beta = 0 and KL(q || p) at beta = 1 (as TRL's generalized_jsd_loss)."""
+    log_q = F.log_softmax(student_logits / temperature, dim=-1)
+    log_p = F.log_softmax(teacher_logits / temperature, dim=-1)
+    if beta == 0:
+        d = _kl(log_p, log_q)
+    elif beta == 1:
+        d = _kl(log_q, log_p)
+    else:
+        log_m = torch.logsumexp(torch.stack([log_p + math.log(beta), log_q + math.log(1 - beta)]),
+                                dim=0)
+        d = beta * _kl(log_p, log_m) + (1 - beta) * _kl(log_q, log_m)
+    return _finish(d, student_logits, labels, kd_weight, ce_weight, ignore_index, reduction)
+
+
+def retro_kd_loss(student_logits, teacher_logits, past_student_logits, labels=None, *,
+                  temperature=4.0, past_weight=0.5, kd_weight=1.0, ce_weight=1.0,
+                  ignore_index=-100, reduction="mean"):
+    """KD towards r = (1 - rho) v + rho z_past (RetroKD), z_past a past student's logits (constant)."""
+    r = (1 - past_weight) * teacher_logits + past_weight * past_student_logits.detach()
+    d = _kd_term(student_logits, r, temperature)
+    return _finish(d, student_logits, labels, kd_weight, ce_weight, ignore_index, reduction)
