@@ -17,7 +17,7 @@ $(DEPS):
 	$(VPY) -m pip install -q $(PKGS) setuptools wheel
 	touch $@
 
-$(BUILT): $(DEPS) setup.py $(wildcard csrc/*)
+$(BUILT): $(DEPS) setup.py pyproject.toml $(wildcard csrc/*)
 	$(VPY) -m pip install -q --no-build-isolation --no-deps -e .
 	touch $@
 

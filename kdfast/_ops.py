@@ -35,6 +35,20 @@ def acc_dtype(*dtypes: torch.dtype) -> torch.dtype:
     return torch.float64 if torch.float64 in dtypes else torch.float32
 
 
+def _grad_buffer(x: Tensor) -> Tensor:
+    """The (N, C) gradient buffer the kernel writes. On the CPU, a large buffer is advised to use
+    transparent huge pages before its first touch: the kernel's first write into fresh memory
+    otherwise costs a page fault per 4 KiB, which on the 2-core dev machine took longer than the
+    whole fused kernel at 4096 x 32000 fp32 (torch's own THP_MEM_ALLOC_ENABLE=1 does the same for
+    every allocation)."""
+    buf = torch.empty_like(x, memory_format=torch.contiguous_format)
+    if buf.device.type == "cpu" and buf.numel() * buf.element_size() >= (8 << 20):
+        from . import _cpu
+        if _cpu.available():
+            _cpu.load().advise_huge_pages(buf)
+    return buf
+
+
 @torch.library.custom_op("kdfast::distill", mutates_args=())
 def distill(z: Tensor, v: Tensor, zp: Optional[Tensor], labels: Optional[Tensor], kd_w: Tensor,
             ce_w: Tensor, fparams: list[float], iparams: list[int], reduction: str, backend: str,
@@ -49,11 +63,11 @@ def distill(z: Tensor, v: Tensor, zp: Optional[Tensor], labels: Optional[Tensor]
     acc = kd_w.dtype
     d = torch.empty(n, dtype=acc, device=z.device)
     ce = torch.empty(n, dtype=acc, device=z.device)
-    grad_z = torch.empty_like(z, memory_format=torch.contiguous_format) if need_grad_z else z.new_empty(0)
-    grad_v = torch.empty_like(v, memory_format=torch.contiguous_format) if need_grad_v else v.new_empty(0)
+    grad_z = _grad_buffer(z) if need_grad_z else z.new_empty(0)
+    grad_v = _grad_buffer(v) if need_grad_v else v.new_empty(0)
     if reduction == "mean":   # 1 / n_valid as a device tensor: no host synchronisation
         n_valid = (labels != iparams[5]).sum() if labels is not None else torch.tensor(n, device=z.device)
-        grad_scale = n_valid.clamp_min(1).reciprocal().to(acc).reshape(1)
+        grad_scale = n_valid.to(acc).clamp_min(1).reciprocal().reshape(1)  # in acc: exact 1/n
     else:
         grad_scale = torch.ones(1, dtype=acc, device=z.device)
     _backend_fn(backend)(z, v, zp, labels, kd_w, ce_w, grad_scale, d, ce,
@@ -82,6 +96,9 @@ def _setup_context(ctx, inputs, output):
     ctx.inplace = inputs[12] if len(inputs) > 12 else False
     ctx.save_for_backward(grad_z, grad_v, d, ce, grad_scale)
     ctx.mark_non_differentiable(d, ce, grad_z, grad_v, grad_scale)
+    # only the loss is differentiable: without this, autograd would build zero (N, C) upstream
+    # gradients for the grad_z / grad_v outputs before every backward
+    ctx.set_materialize_grads(False)
 
 
 def _scaled(saved: Tensor, g: Tensor, inplace: bool) -> Tensor:
@@ -107,6 +124,8 @@ def _scaled(saved: Tensor, g: Tensor, inplace: bool) -> Tensor:
 
 def _backward(ctx, g_loss, _gd, _gce, _ggz, _ggv, _gscale):
     grad_z, grad_v, d, ce, grad_scale = ctx.saved_tensors
+    if g_loss is None:   # grads are not materialised: nothing flowed into the loss
+        return (None,) * 13
     need = ctx.needs_input_grad
     if ctx.reduction == "none":
         g_rows, g_mat = g_loss, g_loss.unsqueeze(-1)

@@ -13,8 +13,10 @@ index is a row: a sample or a token), optional integer ``labels`` shaped like th
   overrides it), ``"cpu"``, ``"triton"`` or ``"torch"`` (the eager reference).
 
 The student's gradient (and the teacher's, when ``teacher_logits.requires_grad``) is computed in the
-forward pass and saved; backward scales it by the upstream gradient in place, so a graph can be
-back-propagated once (``retain_graph=True`` followed by a second backward raises).
+forward pass and saved; backward only scales it by the upstream gradient (on the CPU, a plain
+``loss.backward()`` hands the saved buffer over as ``.grad`` without a copy). With
+``inplace_backward=True`` the scaling happens in the saved buffer itself (no second (N, C) buffer on
+any device); a second backward through that graph then raises instead of returning a wrong result.
 """
 from __future__ import annotations
 
@@ -142,7 +144,8 @@ def _resolve_backend(backend: str, device: torch.device) -> str:
     if backend == "cpu":
         if device.type != "cpu":
             raise ValueError(f"backend='cpu' needs CPU tensors, got {device.type}")
-        _cpu.load()   # raises ImportError with a build hint
+        if not _cpu.available():
+            _cpu.load()   # raises ImportError with a build hint
     if backend == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
         raise ValueError("backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 for CPU tensors)")
     return backend

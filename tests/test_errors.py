@@ -39,8 +39,9 @@ CASES = [  # (kwargs for kd_loss or a callable, expected words in the message)
 def test_value_errors(fn, kwargs, words):
     args = dict(student_logits=Z, teacher_logits=V, labels=Y)
     args.update(kwargs)
+    backend = args.pop("backend", "cpu")
     with pytest.raises(ValueError, match=words.replace("[", r"\[").replace("(", r"\(").replace(")", r"\)")):
-        fn(**args, backend=args.pop("backend", "cpu"))
+        fn(**args, backend=backend)
 
 
 def test_devices_must_match():

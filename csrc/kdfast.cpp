@@ -1,0 +1,172 @@
+// kdfast._C: the CPU backend's Python binding. Checks the calling contract of kdfast/_spec.py, picks
+// the row kernel compiled for the best ISA the CPU has (runtime dispatch: the kernels of the other
+// ISAs are in the binary but never run), and runs it over the rows with ATen's thread pool.
+#include <torch/extension.h>
+
+#include <ATen/Parallel.h>
+
+#if defined(__linux__)
+#include <sys/mman.h>
+#include <unistd.h>
+#endif
+
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "kernel_api.h"
+
+namespace kdfast {
+namespace {
+
+RowsFn g_rows = &DEFAULT::run_rows;
+std::string g_isa = "DEFAULT";
+
+// Chooses the kernel for `capability` (torch.backends.cpu.get_cpu_capability(): "DEFAULT", "AVX2",
+// "AVX512", ...; ATen's own choice, which honours ATEN_CPU_CAPABILITY). Returns the ISA now in use.
+std::string select_isa(const std::string& capability) {
+  g_rows = &DEFAULT::run_rows;
+  g_isa = "DEFAULT";
+#if defined(KDFAST_X86)
+  if (capability == "AVX512") {
+    g_rows = &AVX512::run_rows;
+    g_isa = "AVX512";
+  } else if (capability == "AVX2") {
+    g_rows = &AVX2::run_rows;
+    g_isa = "AVX2";
+  }
+#endif
+  return g_isa;
+}
+
+DType dtype_of(const at::Tensor& t, const char* name) {
+  switch (t.scalar_type()) {
+    case at::kFloat: return DType::F32;
+    case at::kBFloat16: return DType::BF16;
+    case at::kHalf: return DType::F16;
+    case at::kDouble: return DType::F64;
+    default: TORCH_CHECK(false, "kdfast: ", name, " must be float32, bfloat16, float16 or float64, got ",
+                         t.scalar_type());
+  }
+}
+
+void check_rows(const at::Tensor& t, const char* name, int64_t N, int64_t C) {
+  TORCH_CHECK(t.device().is_cpu(), "kdfast: ", name, " must be a CPU tensor");
+  TORCH_CHECK(t.dim() == 2 && t.size(0) == N && t.size(1) == C, "kdfast: ", name, " must be (", N, ", ",
+              C, "), got ", t.sizes());
+  TORCH_CHECK(C <= 1 || t.stride(1) == 1, "kdfast: ", name, " must have stride(1) == 1");
+}
+
+void check_vec(const at::Tensor& t, const char* name, int64_t N, at::ScalarType acc) {
+  TORCH_CHECK(t.device().is_cpu() && t.dim() == 1 && t.size(0) == N && t.is_contiguous() &&
+                  t.scalar_type() == acc,
+              "kdfast: ", name, " must be a contiguous (", N, ",) ", acc, " CPU tensor");
+}
+
+// The backend contract of kdfast/_spec.py.
+void distill_forward(const at::Tensor& z, const at::Tensor& v, const std::optional<at::Tensor>& zp,
+                     const std::optional<at::Tensor>& labels, const at::Tensor& kd_w, const at::Tensor& ce_w,
+                     const at::Tensor& grad_scale, const at::Tensor& d_out, const at::Tensor& ce_out,
+                     const std::optional<at::Tensor>& grad_z, const std::optional<at::Tensor>& grad_v,
+                     const std::vector<double>& fparams, const std::vector<int64_t>& iparams) {
+  TORCH_CHECK(fparams.size() == 6 && iparams.size() == 6, "kdfast: fparams / iparams must have 6 entries");
+  TORCH_CHECK(z.dim() == 2, "kdfast: student logits must be 2-D (N, C)");
+  const int64_t N = z.size(0), C = z.size(1);
+  check_rows(z, "student logits", N, C);
+  check_rows(v, "teacher logits", N, C);
+  KernelArgs a;
+  a.tz = dtype_of(z, "student logits");
+  a.tv = dtype_of(v, "teacher logits");
+  TORCH_CHECK((a.tz == DType::F64) == (a.tv == DType::F64),
+              "kdfast: float64 logits must not be mixed with another dtype");
+  const at::ScalarType acc = a.tz == DType::F64 ? at::kDouble : at::kFloat;
+  check_vec(kd_w, "kd_w", N, acc);
+  check_vec(ce_w, "ce_w", N, acc);
+  check_vec(d_out, "d_out", N, acc);
+  check_vec(ce_out, "ce_out", N, acc);
+  TORCH_CHECK(grad_scale.numel() == 1 && grad_scale.device().is_cpu(), "kdfast: grad_scale must be one CPU value");
+  if (zp) {
+    check_rows(*zp, "past student logits", N, C);
+    TORCH_CHECK(zp->scalar_type() == z.scalar_type(), "kdfast: past student logits must have z's dtype");
+  }
+  if (labels) {
+    TORCH_CHECK(labels->scalar_type() == at::kLong && labels->dim() == 1 && labels->size(0) == N &&
+                    labels->is_contiguous() && labels->device().is_cpu(),
+                "kdfast: labels must be a contiguous (N,) int64 CPU tensor");
+  }
+  if (grad_z) {
+    check_rows(*grad_z, "grad_z", N, C);
+    TORCH_CHECK(grad_z->scalar_type() == z.scalar_type(), "kdfast: grad_z must have z's dtype");
+  }
+  if (grad_v) {
+    check_rows(*grad_v, "grad_v", N, C);
+    TORCH_CHECK(grad_v->scalar_type() == v.scalar_type(), "kdfast: grad_v must have v's dtype");
+  }
+  if (N == 0 || C == 0) return;
+
+  a.z = z.data_ptr();
+  a.v = v.data_ptr();
+  a.zp = zp ? zp->data_ptr() : nullptr;
+  a.labels = labels ? labels->data_ptr<int64_t>() : nullptr;
+  a.kd_w = kd_w.data_ptr();
+  a.ce_w = ce_w.data_ptr();
+  a.grad_scale = grad_scale.item<double>();  // a CPU tensor: no device sync
+  a.d_out = d_out.data_ptr();
+  a.ce_out = ce_out.data_ptr();
+  a.grad_z = grad_z ? grad_z->data_ptr() : nullptr;
+  a.grad_v = grad_v ? grad_v->data_ptr() : nullptr;
+  a.N = N;
+  a.C = C;
+  a.sz = z.stride(0);
+  a.sv = v.stride(0);
+  a.szp = zp ? zp->stride(0) : 0;
+  a.sgz = grad_z ? grad_z->stride(0) : 0;
+  a.sgv = grad_v ? grad_v->stride(0) : 0;
+  a.ts = fparams[0], a.tt = fparams[1], a.scale = fparams[2];
+  a.rho = fparams[3], a.alpha = fparams[4], a.beta = fparams[5];
+  TORCH_CHECK(iparams[0] >= 0 && iparams[0] <= 4, "kdfast: unknown kernel kind ", iparams[0]);
+  a.kind = static_cast<Kind>(iparams[0]);
+  a.wttm = iparams[1] != 0, a.reverse = iparams[2] != 0, a.center = iparams[3] != 0;
+  a.has_ce = iparams[4] != 0;
+  a.ignore_index = iparams[5];
+
+  const RowsFn fn = g_rows;
+  // Rows are independent. A task should stream at least ~64K elements so that thread start-up stays
+  // small next to the work; one row of a large vocabulary is already that.
+  const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 16) / std::max<int64_t>(C, 1));
+  pybind11::gil_scoped_release no_gil;
+  at::parallel_for(0, N, grain, [&](int64_t begin, int64_t end) { fn(a, begin, end); });
+}
+
+// Advise the kernel to back `t`'s memory with transparent huge pages (Linux, before its first touch):
+// one fault per 2 MiB instead of per 4 KiB. A hint only: a no-op where THP is off or unsupported.
+bool advise_huge_pages(const at::Tensor& t) {
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  TORCH_CHECK(t.device().is_cpu(), "kdfast: advise_huge_pages needs a CPU tensor");
+  const auto page = static_cast<uintptr_t>(sysconf(_SC_PAGESIZE));
+  const auto begin = reinterpret_cast<uintptr_t>(t.storage().data());
+  const auto end = begin + t.storage().nbytes();
+  const uintptr_t b = (begin + page - 1) / page * page, e = end / page * page;
+  return e > b && madvise(reinterpret_cast<void*>(b), e - b, MADV_HUGEPAGE) == 0;
+#else
+  (void)t;
+  return false;
+#endif
+}
+
+}  // namespace
+}  // namespace kdfast
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "kdfast's fused CPU kernels (contract: kdfast/_spec.py)";
+  m.def("distill_forward", &kdfast::distill_forward, "Fused distillation loss rows (see kdfast/_spec.py)",
+        pybind11::arg("z"), pybind11::arg("v"), pybind11::arg("zp"), pybind11::arg("labels"),
+        pybind11::arg("kd_w"), pybind11::arg("ce_w"), pybind11::arg("grad_scale"), pybind11::arg("d_out"),
+        pybind11::arg("ce_out"), pybind11::arg("grad_z"), pybind11::arg("grad_v"), pybind11::arg("fparams"),
+        pybind11::arg("iparams"));
+  m.def("select_isa", &kdfast::select_isa, "Pick the kernel ISA for a torch CPU capability name",
+        pybind11::arg("capability"));
+  m.def("isa", [] { return kdfast::g_isa; }, "The ISA whose kernel runs now");
+  m.def("advise_huge_pages", &kdfast::advise_huge_pages, "madvise(MADV_HUGEPAGE) a fresh CPU buffer",
+        pybind11::arg("tensor"));
+}

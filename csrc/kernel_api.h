@@ -1,0 +1,45 @@
+// The plain-C++ interface between the binding TU (kdfast.cpp, which sees torch) and the per-ISA kernel
+// TUs (kernel_<isa>.cpp, which see only ATen's vec headers). No torch types cross it.
+#pragma once
+#include <cstdint>
+
+namespace kdfast {
+
+enum class DType : int { F32 = 0, BF16 = 1, F16 = 2, F64 = 3 };
+enum class Kind : int { KL = 0, DKD = 1, LM = 2, LS = 3, JSD = 4 };  // == kdfast/_spec.py Kind
+
+struct KernelArgs {
+  // inputs (row r of x starts at x + r * s_x elements; stride(1) == 1)
+  const void* z = nullptr;
+  const void* v = nullptr;
+  const void* zp = nullptr;          // retro_kd past student, z's dtype, or null
+  const int64_t* labels = nullptr;   // (N,) or null
+  const void* kd_w = nullptr;        // (N,) accumulation dtype
+  const void* ce_w = nullptr;        // (N,) accumulation dtype
+  double grad_scale = 1.0;
+  // outputs
+  void* d_out = nullptr;             // (N,) accumulation dtype
+  void* ce_out = nullptr;            // (N,) accumulation dtype
+  void* grad_z = nullptr;            // z's dtype, or null
+  void* grad_v = nullptr;            // v's dtype, or null
+  int64_t N = 0, C = 0;
+  int64_t sz = 0, sv = 0, szp = 0, sgz = 0, sgv = 0;
+  DType tz = DType::F32, tv = DType::F32;
+  // parameters (fparams / iparams of _spec.py)
+  double ts = 1, tt = 1, scale = 1, rho = 0, alpha = 1, beta = 0;
+  Kind kind = Kind::KL;
+  bool wttm = false, reverse = false, center = true, has_ce = true;
+  int64_t ignore_index = -100;
+};
+
+// One entry point per compiled ISA: processes rows [begin, end). Defined in kernel_<isa>.cpp.
+using RowsFn = void (*)(const KernelArgs&, int64_t begin, int64_t end);
+
+namespace DEFAULT { void run_rows(const KernelArgs&, int64_t, int64_t); }
+#if defined(__x86_64__) || defined(_M_X64)
+#define KDFAST_X86 1
+namespace AVX2 { void run_rows(const KernelArgs&, int64_t, int64_t); }
+namespace AVX512 { void run_rows(const KernelArgs&, int64_t, int64_t); }
+#endif
+
+}  // namespace kdfast

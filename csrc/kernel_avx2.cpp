@@ -1,0 +1,12 @@
+// The row kernel for AVX2 + FMA (x86-64). setup.py compiles this file alone with -mavx2 -mfma -mf16c
+// (ATen's own per-capability scheme); kdfast.cpp calls it only when the running CPU has AVX2.
+#include "kernel_api.h"
+#if defined(KDFAST_X86)
+#define CPU_CAPABILITY AVX2
+#define CPU_CAPABILITY_AVX2
+#include "row_kernel.h"
+
+namespace kdfast::AVX2 {
+void run_rows(const KernelArgs& args, int64_t begin, int64_t end) { run_rows_impl(args, begin, end); }
+}  // namespace kdfast::AVX2
+#endif

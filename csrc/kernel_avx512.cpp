@@ -1,0 +1,13 @@
+// The row kernel for AVX-512 F/BW/VL/DQ (x86-64, ATen's 16-lane Vectorized<float>). setup.py compiles
+// this file alone with -mavx512f -mavx512bw -mavx512vl -mavx512dq -mfma; kdfast.cpp calls it only when
+// the running CPU has them.
+#include "kernel_api.h"
+#if defined(KDFAST_X86)
+#define CPU_CAPABILITY AVX512
+#define CPU_CAPABILITY_AVX512
+#include "row_kernel.h"
+
+namespace kdfast::AVX512 {
+void run_rows(const KernelArgs& args, int64_t begin, int64_t end) { run_rows_impl(args, begin, end); }
+}  // namespace kdfast::AVX512
+#endif

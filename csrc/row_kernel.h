@@ -1,0 +1,426 @@
+// The fused row kernel of kdfast (CPU). Included once per ISA by kernel_<isa>.cpp, after that file has
+// defined CPU_CAPABILITY / CPU_CAPABILITY_<ISA> and switched the compiler target, so that everything in
+// here lives in the namespace kdfast::<ISA> and ATen's Vectorized<T> is the <ISA> implementation.
+//
+// Compiled once per ISA: kernel_<isa>.cpp defines CPU_CAPABILITY (DEFAULT, AVX2, AVX512) and setup.py
+// gives that file the matching -m flags, like ATen's own kernels.
+//
+// Structure (docs/kernel-math.md has the math):
+//   * `sweep` walks one row in blocks of kBlock vectors, upcasts z / v (and the retro mix with zp) to
+//     the accumulation type on load, hands the block to a per-pass lambda and stores the gradient the
+//     lambda produced, downcast once. The tail of the row (and, for DKD, the block holding the label
+//     column) goes through the same lambda on a padded copy with the dead lanes set to -inf: no
+//     per-element branch anywhere.
+//   * `Lse` is the online max / sum-of-exp of one stream, per lane, updated once per block: the rescale
+//     exp(m_old - m_new) costs one exp per block of kBlock vectors, not one per element.
+//   * one `row_<kind>` per loss kind: its passes (statistics, then gradient) as lambdas over `sweep`.
+//   * `rows<TZ, TV>` handles labels (ignored / out of range rows), weights, and dispatches on the kind.
+// A named loss (kd, ttm, wttm, retro_kd, ...) is only a choice of parameters of these kinds.
+#pragma once
+
+#include "kernel_api.h"
+
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <type_traits>
+
+namespace kdfast {
+namespace CPU_CAPABILITY {  // DEFAULT / AVX2 / AVX512: one copy per compiled ISA
+
+namespace vec = at::vec;
+using c10::BFloat16;
+using c10::Half;
+
+template <class A>
+using Vec = vec::Vectorized<A>;
+
+// Vectors per block: the online rescale costs one exp per stream per block.
+constexpr int kBlock = 4;
+
+template <class A>
+inline A lowest() { return std::numeric_limits<A>::lowest(); }
+template <class A>
+inline A ninf() { return -std::numeric_limits<A>::infinity(); }
+
+// exp: ATen's exp_u20 for float (a degree-5 polynomial after range reduction, <= 20 ulp, inputs below
+// ln(FLT_MIN) flush to 0, -inf -> 0); the accurate Sleef exp for double (gradcheck path).
+inline Vec<float> vexp(const Vec<float>& x) { return x.exp_u20(); }
+inline Vec<double> vexp(const Vec<double>& x) { return x.exp(); }
+
+// max(x, lowest): maps -inf to the most negative finite number so that 0 * (x - y) stays 0 where the
+// probability is 0 (guards 0 * inf without a blend); NaN propagates.
+template <class A>
+inline Vec<A> finite_floor(const Vec<A>& x) { return vec::clamp_min(x, Vec<A>(lowest<A>())); }
+
+// ---------------------------------------------------------------------------------------------------
+// loads / stores of one block (kBlock vectors), upcast to A on load, downcast on store
+template <class A, class T>
+inline void load_block(const T* p, Vec<A>* out) {
+  constexpr int W = Vec<A>::size();
+  if constexpr (std::is_same_v<T, A>) {
+    for (int k = 0; k < kBlock; ++k) out[k] = Vec<A>::loadu(p + k * W);
+  } else {
+    for (int k = 0; k < kBlock; ++k) vec::load_to_float<T>(p + k * W, out[k]);
+  }
+}
+template <class A, class T>
+inline void store_block(T* p, const Vec<A>* in) {
+  constexpr int W = Vec<A>::size();
+  if constexpr (std::is_same_v<T, A>) {
+    for (int k = 0; k < kBlock; ++k) in[k].store(p + k * W);
+  } else {
+    static_assert(kBlock % 2 == 0, "16-bit stores convert pairs of float vectors");
+    for (int k = 0; k < kBlock; k += 2) vec::convert_from_float<T>(in[k], in[k + 1]).store(p + k * W);
+  }
+}
+template <class A, class T>
+inline void load_partial(const T* p, int64_t n, Vec<A>* out) {
+  constexpr int W = Vec<A>::size();
+  alignas(64) A buf[kBlock * W];
+  for (int64_t j = 0; j < kBlock * W; ++j) buf[j] = j < n ? static_cast<A>(p[j]) : A(0);
+  for (int k = 0; k < kBlock; ++k) out[k] = Vec<A>::loadu(buf + k * W);
+}
+template <class A, class T>
+inline void store_partial(T* p, int64_t n, const Vec<A>* in) {
+  constexpr int W = Vec<A>::size();
+  alignas(64) A buf[kBlock * W];
+  for (int k = 0; k < kBlock; ++k) in[k].store(buf + k * W);
+  for (int64_t j = 0; j < n; ++j) p[j] = static_cast<T>(buf[j]);
+}
+
+// ---------------------------------------------------------------------------------------------------
+// one row of every tensor
+template <class TZ, class TV>
+struct Row {
+  const TZ* z;
+  const TV* v;
+  const TZ* zp;  // retro_kd past logits or null
+  TZ* gz;        // or null
+  TV* gv;        // or null
+  int64_t C;
+  double w_v, w_zp;  // teacher row = w_v * v + w_zp * zp (retro_kd); w_v = 1 without zp
+};
+
+// Lanes of a block for the lambdas: `live` (only in special blocks) is the mask of real columns.
+template <class A>
+struct Block {
+  Vec<A> z[kBlock], v[kBlock];   // upcast student / teacher (retro-mixed) values
+  Vec<A> gz[kBlock], gv[kBlock]; // gradients the lambda writes (stored by sweep when requested)
+  Vec<A> live[kBlock];           // all-ones bits on real columns (special blocks only)
+};
+
+// Walk a row. f(std::bool_constant<Special>, Block&, j0) is called once per block (j0 its first column); Special blocks are the
+// tail and the block holding `skip_col` (DKD's label column, or -1), on a padded copy whose dead lanes
+// (beyond C, and skip_col) hold -inf in z and v. When `store`, the block's gz / gv are written to the
+// row's non-null gradient pointers after the lambda ran, so gz may alias z (read before write).
+template <class A, class TZ, class TV, class F>
+inline void sweep(const Row<TZ, TV>& r, int64_t skip_col, bool store, F&& f) {
+  constexpr int W = Vec<A>::size();
+  constexpr int64_t B = int64_t(kBlock) * W;
+  const Vec<A> wv(static_cast<A>(r.w_v)), wzp(static_cast<A>(r.w_zp));
+  Block<A> b;
+  auto mix_zp = [&](auto special, int64_t j, int64_t n) {
+    if (r.zp) {  // uniform per call: retro_kd mixes the past student into the teacher row
+      Vec<A> p[kBlock];
+      if constexpr (decltype(special)::value) load_partial<A>(r.zp + j, n, p);
+      else load_block<A>(r.zp + j, p);
+      for (int k = 0; k < kBlock; ++k) b.v[k] = vec::fmadd(b.v[k], wv, p[k] * wzp);
+    }
+  };
+  int64_t j = 0;
+  for (; j + B <= r.C; j += B) {
+    if (skip_col >= j && skip_col < j + B) continue;  // one predictable compare per block
+    load_block<A>(r.z + j, b.z);
+    load_block<A>(r.v + j, b.v);
+    mix_zp(std::false_type{}, j, B);
+    f(std::false_type{}, b, j);
+    if (store) {
+      if (r.gz) store_block<A>(r.gz + j, b.gz);
+      if (r.gv) store_block<A>(r.gv + j, b.gv);
+    }
+  }
+  auto special_block = [&](int64_t j0) {
+    const int64_t n = std::min<int64_t>(B, r.C - j0);
+    load_partial<A>(r.z + j0, n, b.z);
+    load_partial<A>(r.v + j0, n, b.v);
+    mix_zp(std::true_type{}, j0, n);
+    const Vec<A> idx = Vec<A>::arange(A(0), A(1));
+    const Vec<A> nvec(static_cast<A>(n));
+    const Vec<A> skip(static_cast<A>(skip_col >= j0 && skip_col < j0 + n ? skip_col - j0 : -1));
+    const Vec<A> neg_inf(ninf<A>());
+    for (int k = 0; k < kBlock; ++k) {
+      const Vec<A> col = idx + Vec<A>(static_cast<A>(k * W));
+      b.live[k] = (col < nvec) & (col != skip);
+      b.z[k] = Vec<A>::blendv(neg_inf, b.z[k], b.live[k]);
+      b.v[k] = Vec<A>::blendv(neg_inf, b.v[k], b.live[k]);
+    }
+    f(std::true_type{}, b, j0);
+    if (store) {
+      if (r.gz) store_partial<A>(r.gz + j0, n, b.gz);
+      if (r.gv) store_partial<A>(r.gv + j0, n, b.gv);
+    }
+  };
+  if (skip_col >= 0 && skip_col < j) special_block(skip_col - skip_col % B);
+  if (j < r.C) special_block(j);
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Online log-sum-exp of one stream, per lane: m the running max, s the sum of exp(x - m).
+template <class A>
+struct Lse {
+  Vec<A> m{lowest<A>()}, s{A(0)};
+  // Add a block; e[k] = exp(x[k] - m_new); returns the rescale factor exp(m_old - m_new) so that other
+  // accumulators weighted by this stream's exponentials can be rescaled with it.
+  inline Vec<A> update(const Vec<A>* x, Vec<A>* e) {
+    Vec<A> bm = x[0];
+    for (int k = 1; k < kBlock; ++k) bm = vec::maximum(bm, x[k]);  // NaN-propagating
+    const Vec<A> mn = vec::maximum(m, bm);
+    // The rescale exp(m - mn) is 1 unless a lane's max moved, which after the first blocks of a row
+    // is rare: one compare + movemask saves an exp per block (a NaN max counts as moved).
+    constexpr int kAll = (1 << Vec<A>::size()) - 1;
+    const bool same = (mn != m).zero_mask() == kAll;
+    const Vec<A> r = same ? Vec<A>(A(1)) : vexp(m - mn);
+    m = mn;
+    Vec<A> acc = same ? s : s * r;
+    for (int k = 0; k < kBlock; ++k) {
+      e[k] = vexp(x[k] - mn);
+      acc = acc + e[k];
+    }
+    s = acc;
+    return r;
+  }
+};
+
+// Horizontal finish of a stream: M = max over lanes, S = sum_l s_l exp(m_l - M); lse = M + log S.
+struct LseTotal {
+  double M, S;
+  double lse() const { return M + std::log(S); }
+};
+template <class A>
+inline LseTotal total(const Lse<A>& o) {
+  constexpr int W = Vec<A>::size();
+  alignas(64) A m[W], s[W];
+  o.m.store(m);
+  o.s.store(s);
+  double M = m[0];
+  for (int l = 1; l < W; ++l) M = (std::isnan(M) || std::isnan(double(m[l]))) ? NAN : std::max(M, double(m[l]));
+  double S = 0;
+  for (int l = 0; l < W; ++l) S += double(s[l]) * std::exp(double(m[l]) - M);
+  return {M, S};
+}
+// sum over lanes of an accumulator kept at the scale of stream o (acc_l relative to exp(m_l)),
+// expressed at the scale of t.M
+template <class A>
+inline double rescaled_sum(const Vec<A>& acc, const Lse<A>& o, const LseTotal& t) {
+  constexpr int W = Vec<A>::size();
+  alignas(64) A a[W], m[W];
+  acc.store(a);
+  o.m.store(m);
+  double S = 0;
+  for (int l = 0; l < W; ++l) S += double(a[l]) * std::exp(double(m[l]) - t.M);
+  return S;
+}
+template <class A>
+inline double hsum(const Vec<A>& x) {
+  constexpr int W = Vec<A>::size();
+  alignas(64) A a[W];
+  x.store(a);
+  double S = 0;
+  for (int l = 0; l < W; ++l) S += a[l];
+  return S;
+}
+
+// log(exp(x) + exp(y)) without overflow
+inline double logaddexp(double x, double y) {
+  const double m = std::max(x, y);
+  if (m == -INFINITY) return -INFINITY;
+  return m + std::log1p(std::exp(-std::abs(x - y)));
+}
+
+// Per-row values every kind needs.
+struct RowInfo {
+  int64_t y;       // label, or -1 when there are no labels
+  bool ce;         // compute the CE term
+  double g_kd;     // grad_scale * kd_w_i
+  double g_ce;     // grad_scale * ce_w_i (0 without CE)
+  double zy, vy;   // student / (mixed) teacher logit at the label (0 without labels), read before any write
+};
+struct RowOut {
+  double D = 0, CE = 0;
+};
+
+template <class T>
+inline double at_label(const T* p, int64_t y) { return y >= 0 ? static_cast<double>(p[y]) : 0.0; }
+
+template <class T>
+inline void write_scalar(T* p, int64_t y, double x) { if (p) p[y] = static_cast<T>(x); }
+
+// ===================================================================================================
+// KL kind: D = s * KL(p || q) (or s * KL(q || p) when Rev), p = softmax(v / Tt), q = softmax(z / Ts).
+// kd, ttm, wttm (s = U), retro_kd (teacher row mixed with zp), jsd at beta in {0, 1}.
+// ===================================================================================================
+template <bool Rev, class A, class TZ, class TV>
+RowOut row_kl(const KernelArgs& P, const Row<TZ, TV>& r, const RowInfo& ri) {
+  const A its = A(1.0 / P.ts), itt = A(1.0 / P.tt);
+  const bool ce_sep = ri.ce && P.ts != 1.0;  // CE needs lse(z) at T = 1: its own stream unless Ts == 1
+  const bool wttm = P.wttm;
+  Lse<A> Sz, Sv, S1, Sv1;
+  Vec<A> W(A(0));
+  // Pass 1 (the only one for a forward-only call): both lse, and W = sum_j e_j (x_j - y_j) where
+  // e = exp(c - m_v), x - y = c - a (forward) or e = exp(a - m_z), x - y = a - c (Rev), giving the
+  // loss from statistics alone (both operands floored: a lane where both are -inf, padding or a
+  // column -inf in both rows, adds 0 * 0, not 0 * inf): KL(p||q) = sum_j p_j (c_j - a_j) - Lv + Lz = W / S - Lv + Lz.
+  sweep<A>(r, -1, false, [&](auto, Block<A>& b, int64_t) {
+    Vec<A> a[kBlock], c[kBlock], e[kBlock];
+    for (int k = 0; k < kBlock; ++k) {
+      a[k] = b.z[k] * Vec<A>(its);
+      c[k] = b.v[k] * Vec<A>(itt);
+    }
+    const Vec<A> rz = Sz.update(a, e);
+    if constexpr (Rev) {
+      Vec<A> w = W * rz;
+      for (int k = 0; k < kBlock; ++k) w = vec::fmadd(e[k], finite_floor(a[k]) - finite_floor(c[k]), w);
+      W = w;
+    }
+    const Vec<A> rv = Sv.update(c, e);
+    if constexpr (!Rev) {
+      Vec<A> w = W * rv;
+      for (int k = 0; k < kBlock; ++k) w = vec::fmadd(e[k], finite_floor(c[k]) - finite_floor(a[k]), w);
+      W = w;
+    }
+    if (ce_sep) S1.update(b.z, e);
+    if (wttm) Sv1.update(b.v, e);
+  });
+  const LseTotal tz = total(Sz), tv = total(Sv);
+  const double Lz = tz.lse(), Lv = tv.lse();
+  const double KL = Rev ? rescaled_sum(W, Sz, tz) / tz.S - Lz + Lv
+                        : rescaled_sum(W, Sv, tv) / tv.S - Lv + Lz;
+  // wttm: U = exp(lse(v/T) - lse(v)/T), a per-row constant (no gradient through it)
+  const double s = wttm ? std::exp(Lv - total(Sv1).lse() / P.tt) : P.scale;
+  const double L1 = ri.ce ? (ce_sep ? total(S1).lse() : Lz) : 0.0;
+  RowOut out{s * KL, ri.ce ? L1 - ri.zy : 0.0};
+  if (!r.gz && !r.gv) return out;
+
+  // Pass 2: gradients.  Forward:
+  //   dD/dz_j = (s/Ts)(q_j - p_j)                      [d log q_k / d a_j = delta_jk - q_j]
+  //   dD/dv_j = (s/Tt) p_j (log p_j - log q_j - KL)    [d p_k / d c_j = p_k(delta_jk - p_j)]
+  //          = (s/Tt) p_j (c_j - a_j + (Lz - Lv - KL))
+  // Rev (KL(q||p)): the same with the roles of (z, Ts) and (v, Tt) swapped.
+  // dCE/dz_j = softmax(z)_j - [j = y]: the softmax part here (= q_j when Ts == 1), the -1 below.
+  // Every constant (grad_scale, kd_w, s / T, retro's 1 - rho) is folded into one coefficient.
+  const A Az = A(ri.g_kd * s / P.ts), Av = A(ri.g_kd * s / P.tt * r.w_v);
+  const A Bq = A(ri.ce && !ce_sep ? ri.g_ce : 0.0);  // CE folded into the q coefficient (Ts == 1)
+  const A B1 = A(ce_sep ? ri.g_ce : 0.0);
+  const A nLz = A(-Lz), nLv = A(-Lv), nL1 = A(-L1);
+  const A K = A(Rev ? Lv - Lz - KL : Lz - Lv - KL);
+  sweep<A>(r, -1, true, [&](auto, Block<A>& b, int64_t) {
+    for (int k = 0; k < kBlock; ++k) {
+      const Vec<A> a = b.z[k] * Vec<A>(its), c = b.v[k] * Vec<A>(itt);
+      const Vec<A> q = vexp(a + Vec<A>(nLz)), p = vexp(c + Vec<A>(nLv));
+      Vec<A> gz, gv;
+      if constexpr (!Rev) {
+        gz = q * Vec<A>(Az + Bq) - p * Vec<A>(Az);
+        gv = p * Vec<A>(Av) * (finite_floor(c) - a + Vec<A>(K));
+      } else {
+        gz = q * Vec<A>(Az) * (finite_floor(a) - c + Vec<A>(K)) + q * Vec<A>(Bq);
+        gv = (p - q) * Vec<A>(Av);
+      }
+      if (ce_sep) gz = vec::fmadd(vexp(b.z[k] + Vec<A>(nL1)), Vec<A>(B1), gz);
+      b.gz[k] = gz;
+      b.gv[k] = gv;
+    }
+  });
+  if (ri.ce && r.gz) {  // the label column, recomputed in double from values read before any write
+    const double a = ri.zy / P.ts, c = ri.vy / P.tt;
+    const double q = std::exp(a - Lz), p = std::exp(c - Lv);
+    const double kl = Rev ? Az * q * (a - c + K) : Az * (q - p);
+    write_scalar(r.gz, ri.y, kl + ri.g_ce * (std::exp(ri.zy - L1) - 1.0));
+  }
+  return out;
+}
+
+#include "row_kernel_more.h"
+
+// ===================================================================================================
+// Row loop: labels, weights, ignored / invalid rows, kind dispatch.
+// ===================================================================================================
+template <class T>
+inline void fill_row(T* p, int64_t C, double x) {
+  if (!p) return;
+  const T t = static_cast<T>(x);
+  for (int64_t j = 0; j < C; ++j) p[j] = t;
+}
+
+template <class TZ, class TV>
+void rows(const KernelArgs& P, int64_t begin, int64_t end) {
+  using A = std::conditional_t<std::is_same_v<TZ, double>, double, float>;
+  const TZ* z = static_cast<const TZ*>(P.z);
+  const TV* v = static_cast<const TV*>(P.v);
+  const TZ* zp = static_cast<const TZ*>(P.zp);
+  TZ* gz = static_cast<TZ*>(P.grad_z);
+  TV* gv = static_cast<TV*>(P.grad_v);
+  const A* kd_w = static_cast<const A*>(P.kd_w);
+  const A* ce_w = static_cast<const A*>(P.ce_w);
+  A* d_out = static_cast<A*>(P.d_out);
+  A* ce_out = static_cast<A*>(P.ce_out);
+  const int64_t C = P.C;
+  for (int64_t i = begin; i < end; ++i) {
+    Row<TZ, TV> r{z + i * P.sz, v + i * P.sv, zp ? zp + i * P.szp : nullptr,
+                  gz ? gz + i * P.sgz : nullptr, gv ? gv + i * P.sgv : nullptr, C,
+                  zp ? 1.0 - P.rho : 1.0, zp ? P.rho : 0.0};
+    RowInfo ri{-1, false, P.grad_scale * double(kd_w[i]), 0.0, 0.0, 0.0};
+    if (P.labels) {
+      const int64_t y = P.labels[i];
+      if (y == P.ignore_index || y < 0 || y >= C) {  // ignored: zeros; out of range: NaN (never indexed)
+        const double x = y == P.ignore_index ? 0.0 : NAN;
+        d_out[i] = A(x);
+        ce_out[i] = A(x);
+        fill_row(r.gz, C, x);
+        fill_row(r.gv, C, x);
+        continue;
+      }
+      ri.y = y;
+      ri.ce = P.has_ce;
+      ri.g_ce = ri.ce ? P.grad_scale * double(ce_w[i]) : 0.0;
+      ri.zy = double(r.z[y]);
+      ri.vy = r.w_v * double(r.v[y]) + (zp ? r.w_zp * double(r.zp[y]) : 0.0);
+    }
+    RowOut o;
+    switch (P.kind) {
+      case Kind::KL: o = P.reverse ? row_kl<true, A>(P, r, ri) : row_kl<false, A>(P, r, ri); break;
+      case Kind::DKD: o = row_dkd<A>(P, r, ri); break;
+      case Kind::LM: o = row_lm<A>(P, r, ri); break;
+      case Kind::LS: o = row_ls<A>(P, r, ri); break;
+      case Kind::JSD: o = row_jsd<A>(P, r, ri); break;
+    }
+    d_out[i] = A(o.D);
+    ce_out[i] = A(o.CE);
+  }
+}
+
+// The ISA's entry point: dispatch on the dtypes (z and v independently among float / bf16 / fp16 with
+// float accumulation, or both double).
+inline void run_rows_impl(const KernelArgs& P, int64_t begin, int64_t end) {
+  auto with_v = [&](auto tz_tag) {
+    using TZ = decltype(tz_tag);
+    switch (P.tv) {
+      case DType::F32: return rows<TZ, float>(P, begin, end);
+      case DType::BF16: return rows<TZ, BFloat16>(P, begin, end);
+      case DType::F16: return rows<TZ, Half>(P, begin, end);
+      default: return;
+    }
+  };
+  switch (P.tz) {
+    case DType::F32: return with_v(float{});
+    case DType::BF16: return with_v(BFloat16{});
+    case DType::F16: return with_v(Half{});
+    case DType::F64: return rows<double, double>(P, begin, end);
+  }
+}
+
+}  // namespace CPU_CAPABILITY
+}  // namespace kdfast

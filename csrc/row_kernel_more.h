@@ -1,0 +1,308 @@
+// The other loss kinds of the row kernel: DKD, LM, LS, JSD. Included by row_kernel.h inside the ISA
+// namespace, after the shared machinery (sweep, Lse, Row, RowInfo) and the KL kind. Formulas and their
+// derivations: docs/kernel-math.md; each gradient is re-derived in a comment next to the code.
+#pragma once
+
+// Add `x` to lane `y - j0` of a block's vectors when column y lies in [j0, j0 + B): the `- [j = y]` of
+// the CE gradient. One scalar test per block; the store / reload happens in one block per row.
+template <class A>
+inline void add_at(Vec<A>* g, int64_t j0, int64_t y, A x) {
+  constexpr int W = Vec<A>::size();
+  if (y < j0 || y >= j0 + int64_t(kBlock) * W) return;
+  alignas(64) A buf[kBlock * W];
+  for (int k = 0; k < kBlock; ++k) g[k].store(buf + k * W);
+  buf[y - j0] += x;
+  for (int k = 0; k < kBlock; ++k) g[k] = Vec<A>::loadu(buf + k * W);
+}
+
+// Zero the padding lanes of a special block (z = v = -inf there), for sums of plain values.
+template <class A, class S>
+inline Vec<A> live_only(S, const Block<A>& b, int k, const Vec<A>& x) {
+  if constexpr (S::value) return Vec<A>::blendv(Vec<A>(A(0)), x, b.live[k]);
+  else return x;
+}
+
+inline double finite_or(double x, double fallback) { return std::isfinite(x) ? x : fallback; }
+inline double clamp_finite(double x) {
+  return std::isnan(x) ? x : std::min(std::max(x, -1e300), 1e300);
+}
+
+// ===================================================================================================
+// DKD: D = T^2 (alpha TCKD + beta NCKD), T = Ts = Tt, split at the label y (labels required, C >= 2).
+// Pass 1 runs over j != y (sweep masks column y to -inf): Lz\y, Lv\y and the one-pass NCKD statistic
+// W = sum_{j != y} exp(c_j - m_v)(c_j - a_j); the label column is added back in double.
+// ===================================================================================================
+template <class A, class TZ, class TV>
+RowOut row_dkd(const KernelArgs& P, const Row<TZ, TV>& r, const RowInfo& ri) {
+  const double T = P.ts;
+  const A iT = A(1.0 / T);
+  const int64_t y = ri.y;
+  const bool ce_sep = ri.ce && T != 1.0;
+  Lse<A> Sz, Sv, S1;
+  Vec<A> W(A(0));
+  sweep<A>(r, y, false, [&](auto, Block<A>& b, int64_t) {
+    Vec<A> a[kBlock], c[kBlock], e[kBlock];
+    for (int k = 0; k < kBlock; ++k) {
+      a[k] = b.z[k] * Vec<A>(iT);
+      c[k] = b.v[k] * Vec<A>(iT);
+    }
+    Sz.update(a, e);
+    const Vec<A> rv = Sv.update(c, e);
+    Vec<A> w = W * rv;
+    for (int k = 0; k < kBlock; ++k) w = vec::fmadd(e[k], finite_floor(c[k]) - finite_floor(a[k]), w);
+    W = w;
+    if (ce_sep) S1.update(b.z, e);
+  });
+  const LseTotal tz = total(Sz), tv = total(Sv);
+  const double Lzn = tz.lse(), Lvn = tv.lse();  // lse over j != y
+  const double ay = ri.zy / T, cy = ri.vy / T;
+  const double Lz = logaddexp(Lzn, ay), Lv = logaddexp(Lvn, cy);
+  // NCKD = KL(p_hat || q_hat) over j != y = sum p_hat (c - a) - Lv\y + Lz\y (0 if the teacher has no
+  // non-target mass)
+  const double NCKD = tv.S > 0 ? rescaled_sum(W, Sv, tv) / tv.S - Lvn + Lzn : 0.0;
+  const double lpy = cy - Lv, lqy = ay - Lz, l1py = Lvn - Lv, l1qy = Lzn - Lz;  // log p_y, log(1-p_y)..
+  const double py = std::exp(lpy), py1 = std::exp(l1py), qy = std::exp(lqy), qy1 = std::exp(l1qy);
+  const double TCKD = (py > 0 ? py * (lpy - lqy) : 0.0) + (py1 > 0 ? py1 * (l1py - l1qy) : 0.0);
+  const double L1 = ri.ce ? (ce_sep ? logaddexp(total(S1).lse(), ri.zy) : Lz) : 0.0;
+  RowOut out{T * T * (P.alpha * TCKD + P.beta * NCKD), ri.ce ? L1 - ri.zy : 0.0};
+  if (!r.gz && !r.gv) return out;
+
+  // Gradients (s = T^2, da/dz = 1/T: a factor T overall). With q_hat_j = exp(a_j - Lz\y),
+  // q_j = q_hat_j (1 - q_y), and TCKD = const - p_y a_y - (1 - p_y) Lz\y + Lz in a:
+  //   dD/dz_j = T g (alpha (q_j - (1 - p_y) q_hat_j) + beta (q_hat_j - p_hat_j))              j != y
+  //           = q_hat_j * T g (alpha (1 - q_y) - alpha (1 - p_y) + beta) - p_hat_j * T g beta
+  //   dD/dz_y = T g alpha (q_y - p_y)
+  // In c, TCKD's gradient is G p_y ([j = y] - p_j), G = log(p_y/q_y) - log((1-p_y)/(1-q_y)), and
+  // NCKD's is the KL-kind teacher gradient over j != y; with p_j = p_hat_j (1 - p_y):
+  //   dD/dv_j = p_hat_j * (T g beta (c_j - a_j + Lz\y - Lv\y - NCKD) - T g alpha G p_y (1 - p_y))  j != y
+  //   dD/dv_y = T g alpha G p_y (1 - p_y)
+  // plus CE: g_ce (softmax(z)_j - [j = y]); softmax(z)_j = q_j = q_hat_j (1 - q_y) when T == 1.
+  const double Tg = T * ri.g_kd, Tgv = Tg * r.w_v;
+  const double Gp = clamp_finite(py > 0 ? ((lpy - lqy) - (l1py - l1qy)) * py : 0.0);
+  const A Aq = A(Tg * (P.alpha * qy1 - P.alpha * py1 + P.beta) + (ri.ce && !ce_sep ? ri.g_ce * qy1 : 0.0));
+  const A Ap = A(Tg * P.beta);
+  const A Bv1 = A(Tgv * P.beta), Bv0 = A(Tgv * P.beta * (Lzn - Lvn - NCKD) - Tgv * P.alpha * Gp * py1);
+  const A B1 = A(ce_sep ? ri.g_ce : 0.0);
+  const A nLzn = A(-Lzn), nLvn = A(-Lvn), nL1 = A(-L1);
+  sweep<A>(r, y, true, [&](auto, Block<A>& b, int64_t) {
+    for (int k = 0; k < kBlock; ++k) {
+      const Vec<A> a = b.z[k] * Vec<A>(iT), c = b.v[k] * Vec<A>(iT);
+      const Vec<A> qh = vexp(a + Vec<A>(nLzn)), ph = vexp(c + Vec<A>(nLvn));
+      Vec<A> gz = qh * Vec<A>(Aq) - ph * Vec<A>(Ap);
+      if (ce_sep) gz = vec::fmadd(vexp(b.z[k] + Vec<A>(nL1)), Vec<A>(B1), gz);
+      b.gz[k] = gz;
+      // (p_hat * coefficient) first: a masked teacher column has p_hat = 0 and c = lowest, and
+      // 0 * (lowest * Bv1) would be 0 * -inf
+      b.gv[k] = vec::fmadd(ph * Vec<A>(Bv1), finite_floor(c) - finite_floor(a), ph * Vec<A>(Bv0));
+    }
+  });
+  // the label column (its lane in the block above held padding): recomputed in double
+  if (r.gz) write_scalar(r.gz, y, Tg * P.alpha * (qy - py) + (ri.ce ? ri.g_ce * (std::exp(ri.zy - L1) - 1.0) : 0.0));
+  if (r.gv) write_scalar(r.gv, y, Tgv * P.alpha * Gp * py1);
+  return out;
+}
+
+// ===================================================================================================
+// LM, logit matching: d = z - v, dbar = mean(d) (center) or 0, D = (1/2C) sum (d - dbar)^2.
+// Pass 1: dbar (and CE's lse); pass 2: D from the centred values (no cancellation) and the gradient.
+// ===================================================================================================
+template <class A, class TZ, class TV>
+RowOut row_lm(const KernelArgs& P, const Row<TZ, TV>& r, const RowInfo& ri) {
+  const int64_t C = r.C;
+  Lse<A> S1;
+  Vec<A> Sd(A(0));
+  if (P.center || ri.ce) {
+    sweep<A>(r, -1, false, [&](auto sp, Block<A>& b, int64_t) {
+      Vec<A> e[kBlock];
+      for (int k = 0; k < kBlock; ++k) Sd = Sd + live_only(sp, b, k, b.z[k] - b.v[k]);
+      if (ri.ce) S1.update(b.z, e);
+    });
+  }
+  const double dbar = P.center ? hsum(Sd) / double(C) : 0.0;
+  const double L1 = ri.ce ? total(S1).lse() : 0.0;
+  // dD/dz_j = (d_j - dbar) / C (the dbar term's own derivative sums to zero); dD/dv_j = -dD/dz_j;
+  // dCE/dz_j = exp(z_j - L1) - [j = y].
+  const A cz = A(ri.g_kd / double(C)), cv = A(-ri.g_kd / double(C) * r.w_v);
+  const A gce = A(ri.ce ? ri.g_ce : 0.0), nL1 = A(-L1), ndbar = A(-dbar);
+  const bool grads = r.gz || r.gv;
+  Vec<A> SS(A(0));
+  sweep<A>(r, -1, grads, [&](auto sp, Block<A>& b, int64_t j0) {
+    for (int k = 0; k < kBlock; ++k) {
+      const Vec<A> u = live_only(sp, b, k, b.z[k] - b.v[k] + Vec<A>(ndbar));
+      SS = vec::fmadd(u, u, SS);
+      if (grads) {
+        Vec<A> gz = u * Vec<A>(cz);
+        if (ri.ce) gz = vec::fmadd(vexp(b.z[k] + Vec<A>(nL1)), Vec<A>(gce), gz);
+        b.gz[k] = gz;
+        b.gv[k] = u * Vec<A>(cv);
+      }
+    }
+    if (grads && ri.ce) add_at(b.gz, j0, ri.y, A(-gce));
+  });
+  return {hsum(SS) / (2.0 * double(C)), ri.ce ? L1 - ri.zy : 0.0};
+}
+
+// ===================================================================================================
+// LS, logit standardisation: KD (s = T^2) on z' = (z - zbar) / (eps + sigma_z), v' likewise, sigma the
+// unbiased standard deviation, eps = 1e-7; T = Ts = Tt; C >= 2. Passes: 1 means (and CE's lse),
+// 2 variances, 3 the online lse / KL / sum(gamma u) statistics, 4 the gradient.
+// ===================================================================================================
+template <class A, class TZ, class TV>
+RowOut row_ls(const KernelArgs& P, const Row<TZ, TV>& r, const RowInfo& ri) {
+  const int64_t C = r.C;
+  const double T = P.ts, eps = 1e-7;
+  const bool gz_on = r.gz != nullptr, gv_on = r.gv != nullptr;
+  Lse<A> S1;
+  Vec<A> Sz(A(0)), Sv(A(0));
+  sweep<A>(r, -1, false, [&](auto sp, Block<A>& b, int64_t) {
+    Vec<A> e[kBlock];
+    for (int k = 0; k < kBlock; ++k) {
+      Sz = Sz + live_only(sp, b, k, b.z[k]);
+      Sv = Sv + live_only(sp, b, k, b.v[k]);
+    }
+    if (ri.ce) S1.update(b.z, e);
+  });
+  const double zbar = hsum(Sz) / double(C), vbar = hsum(Sv) / double(C);
+  const A nzbar = A(-zbar), nvbar = A(-vbar);
+  Vec<A> Qz(A(0)), Qv(A(0));
+  sweep<A>(r, -1, false, [&](auto sp, Block<A>& b, int64_t) {
+    for (int k = 0; k < kBlock; ++k) {
+      const Vec<A> uz = live_only(sp, b, k, b.z[k] + Vec<A>(nzbar));
+      const Vec<A> uv = live_only(sp, b, k, b.v[k] + Vec<A>(nvbar));
+      Qz = vec::fmadd(uz, uz, Qz);
+      Qv = vec::fmadd(uv, uv, Qv);
+    }
+  });
+  const double sz = std::sqrt(hsum(Qz) / double(C - 1)), sv = std::sqrt(hsum(Qv) / double(C - 1));
+  const double kz = eps + sz, kv = eps + sv;
+  const A iz = A(1.0 / (kz * T)), iv = A(1.0 / (kv * T));
+  // Pass 3, with a = u_z / (k_z T), c = u_v / (k_v T): the KL-kind statistics, plus
+  //   Qu = sum e^z u_z, Pu = sum e^v u_z     (student chain rule: sum_k gamma_k u_k)
+  //   PCu = sum e^v (c - a) u_v, PUv = sum e^v u_v   (teacher chain rule)
+  // each at the scale of its stream's running max (rescaled with it).
+  Lse<A> La, Lc;
+  Vec<A> Wk(A(0)), Qu(A(0)), Pu(A(0)), PCu(A(0)), PUv(A(0));
+  sweep<A>(r, -1, false, [&](auto sp, Block<A>& b, int64_t) {
+    Vec<A> a[kBlock], c[kBlock], uz[kBlock], uv[kBlock], e[kBlock];
+    for (int k = 0; k < kBlock; ++k) {
+      uz[k] = live_only(sp, b, k, b.z[k] + Vec<A>(nzbar));
+      uv[k] = live_only(sp, b, k, b.v[k] + Vec<A>(nvbar));
+      a[k] = uz[k] * Vec<A>(iz);
+      c[k] = uv[k] * Vec<A>(iv);
+      if constexpr (decltype(sp)::value) {  // padding lanes: -inf, so that they add exp(-inf) = 0
+        a[k] = Vec<A>::blendv(Vec<A>(ninf<A>()), a[k], b.live[k]);
+        c[k] = Vec<A>::blendv(Vec<A>(ninf<A>()), c[k], b.live[k]);
+      }
+    }
+    const Vec<A> ra = La.update(a, e);
+    Vec<A> qu = Qu * ra;
+    for (int k = 0; k < kBlock; ++k) qu = vec::fmadd(e[k], uz[k], qu);
+    Qu = qu;
+    const Vec<A> rc = Lc.update(c, e);
+    Vec<A> w = Wk * rc, pu = Pu * rc, pcu = PCu * rc, puv = PUv * rc;
+    for (int k = 0; k < kBlock; ++k) {
+      const Vec<A> d = finite_floor(c[k]) - finite_floor(a[k]);
+      w = vec::fmadd(e[k], d, w);
+      pu = vec::fmadd(e[k], uz[k], pu);
+      if (gv_on) {
+        pcu = vec::fmadd(e[k] * d, uv[k], pcu);
+        puv = vec::fmadd(e[k], uv[k], puv);
+      }
+    }
+    Wk = w, Pu = pu, PCu = pcu, PUv = puv;
+  });
+  const LseTotal ta = total(La), tc = total(Lc);
+  const double Lz = ta.lse(), Lv = tc.lse();
+  const double KL = rescaled_sum(Wk, Lc, tc) / tc.S - Lv + Lz;
+  const double L1 = ri.ce ? total(S1).lse() : 0.0;
+  RowOut out{T * T * KL, ri.ce ? L1 - ri.zy : 0.0};
+  if (!gz_on && !gv_on) return out;
+
+  // Student: gamma_j = dD/dz'_j = T (q_j - p_j), sum_j gamma_j = 0. With z' = u / k, k = eps + sigma,
+  // d sigma / d z_j = u_j / ((C-1) sigma) and d u_k / d z_j = delta_jk - 1/C (the -1/C term meets
+  // sum gamma = 0):  dD/dz_j = gamma_j / k - (sum_k gamma_k u_k) u_j / (k^2 (C-1) sigma).
+  // Teacher: the same chain with gamma^v_j = T p_j (c_j - a_j + Lz - Lv - KL) (sum = 0).
+  // A constant row (sigma = 0, u = 0) has no sigma term (its 0/0 is taken as 0).
+  const double Gz = T * (rescaled_sum(Qu, La, ta) / ta.S - rescaled_sum(Pu, Lc, tc) / tc.S);
+  const double K = Lz - Lv - KL;
+  const double Gv = T * (rescaled_sum(PCu, Lc, tc) / tc.S + K * rescaled_sum(PUv, Lc, tc) / tc.S);
+  const double g = ri.g_kd, gv = ri.g_kd * r.w_v;
+  const A cq = A(g * T / kz), cu = A(sz > 0 ? -g * Gz / (kz * kz * double(C - 1) * sz) : 0.0);
+  const A cp = A(gv * T / kv), cuv = A(sv > 0 ? -gv * Gv / (kv * kv * double(C - 1) * sv) : 0.0);
+  const A nLz = A(-Lz), nLv = A(-Lv), nL1 = A(-L1), gce = A(ri.ce ? ri.g_ce : 0.0), AK = A(K);
+  sweep<A>(r, -1, true, [&](auto, Block<A>& b, int64_t j0) {
+    for (int k = 0; k < kBlock; ++k) {
+      const Vec<A> uz = b.z[k] + Vec<A>(nzbar), uv = b.v[k] + Vec<A>(nvbar);
+      const Vec<A> a = uz * Vec<A>(iz), c = uv * Vec<A>(iv);
+      const Vec<A> q = vexp(a + Vec<A>(nLz)), p = vexp(c + Vec<A>(nLv));
+      Vec<A> gz = vec::fmadd(q - p, Vec<A>(cq), uz * Vec<A>(cu));
+      if (ri.ce) gz = vec::fmadd(vexp(b.z[k] + Vec<A>(nL1)), Vec<A>(gce), gz);
+      b.gz[k] = gz;
+      b.gv[k] = vec::fmadd(p * (finite_floor(c) - finite_floor(a) + Vec<A>(AK)), Vec<A>(cp), uv * Vec<A>(cuv));
+    }
+    if (ri.ce) add_at(b.gz, j0, ri.y, A(-gce));
+  });
+  return out;
+}
+
+// ===================================================================================================
+// JSD for 0 < beta < 1: m = beta p + (1 - beta) q, D = beta KL(p || m) + (1 - beta) KL(q || m),
+// T = Ts = Tt (no T^2). Pass 1 the two lse, pass 2 KLp and KLq, pass 3 the gradient.
+// ===================================================================================================
+template <class A, class TZ, class TV>
+RowOut row_jsd(const KernelArgs& P, const Row<TZ, TV>& r, const RowInfo& ri) {
+  const double T = P.ts, beta = P.beta;
+  const A iT = A(1.0 / T), Ab = A(beta), A1b = A(1.0 - beta);
+  const bool ce_sep = ri.ce && T != 1.0;
+  Lse<A> Sz, Sv, S1;
+  sweep<A>(r, -1, false, [&](auto, Block<A>& b, int64_t) {
+    Vec<A> a[kBlock], c[kBlock], e[kBlock];
+    for (int k = 0; k < kBlock; ++k) {
+      a[k] = b.z[k] * Vec<A>(iT);
+      c[k] = b.v[k] * Vec<A>(iT);
+    }
+    Sz.update(a, e);
+    Sv.update(c, e);
+    if (ce_sep) S1.update(b.z, e);
+  });
+  const double Lz = total(Sz).lse(), Lv = total(Sv).lse();
+  const double L1 = ri.ce ? (ce_sep ? total(S1).lse() : Lz) : 0.0;
+  const A nLz = A(-Lz), nLv = A(-Lv);
+  // per element: log q, log p, q, p, log m; zero probabilities contribute 0 (floors keep 0 * finite)
+  auto probs = [&](const Vec<A>& z, const Vec<A>& v, Vec<A>& lq, Vec<A>& lp, Vec<A>& q, Vec<A>& p, Vec<A>& lm) {
+    lq = finite_floor(vec::fmadd(z, Vec<A>(iT), Vec<A>(nLz)));
+    lp = finite_floor(vec::fmadd(v, Vec<A>(iT), Vec<A>(nLv)));
+    q = vexp(lq);
+    p = vexp(lp);
+    lm = finite_floor(vec::fmadd(p, Vec<A>(Ab), q * Vec<A>(A1b)).log());
+  };
+  Vec<A> Kp(A(0)), Kq(A(0));
+  sweep<A>(r, -1, false, [&](auto, Block<A>& b, int64_t) {
+    for (int k = 0; k < kBlock; ++k) {
+      Vec<A> lq, lp, q, p, lm;
+      probs(b.z[k], b.v[k], lq, lp, q, p, lm);
+      Kp = vec::fmadd(p, lp - lm, Kp);
+      Kq = vec::fmadd(q, lq - lm, Kq);
+    }
+  });
+  const double KLp = hsum(Kp), KLq = hsum(Kq);
+  RowOut out{beta * KLp + (1.0 - beta) * KLq, ri.ce ? L1 - ri.zy : 0.0};
+  if (!r.gz && !r.gv) return out;
+  // dD/dq_k = (1 - beta)(log q_k - log m_k) (the p/m and q/m terms cancel), then the softmax chain
+  // d q_k / d a_j = q_k (delta_jk - q_j), a = z / T:
+  //   dD/dz_j = (1/T)(1 - beta) q_j (log q_j - log m_j - KLq),  dD/dv_j = (1/T) beta p_j (log p_j - log m_j - KLp)
+  const A cz = A(ri.g_kd * (1.0 - beta) / T), cv = A(ri.g_kd * beta / T * r.w_v);
+  const A nKq = A(-KLq), nKp = A(-KLp), nL1 = A(-L1), gce = A(ri.ce ? ri.g_ce : 0.0);
+  sweep<A>(r, -1, true, [&](auto, Block<A>& b, int64_t j0) {
+    for (int k = 0; k < kBlock; ++k) {
+      Vec<A> lq, lp, q, p, lm;
+      probs(b.z[k], b.v[k], lq, lp, q, p, lm);
+      Vec<A> gz = q * (lq - lm + Vec<A>(nKq)) * Vec<A>(cz);
+      if (ri.ce) gz = vec::fmadd(ce_sep ? vexp(b.z[k] + Vec<A>(nL1)) : q, Vec<A>(gce), gz);
+      b.gz[k] = gz;
+      b.gv[k] = p * (lp - lm + Vec<A>(nKp)) * Vec<A>(cv);
+    }
+    if (ri.ce) add_at(b.gz, j0, ri.y, A(-gce));
+  });
+  return out;
+}
