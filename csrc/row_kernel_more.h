@@ -22,6 +22,36 @@ inline Vec<A> live_only(S, const Block<A>& b, int k, const Vec<A>& x) {
   else return x;
 }
 
+// A plain per-lane sum over a long row: the fp32 lanes are flushed into double lanes every kFlush
+// blocks, so the rounding error grows with kFlush * kBlock terms, not with C (a 131072-column row
+// adds 16K terms per lane). For the rescaled online sums (KL's W and friends) see Lse.
+template <class A>
+struct LongSum {
+  static constexpr int W = Vec<A>::size();
+  static constexpr int kFlush = 16;
+  Vec<A> part{A(0)};
+  double acc[W] = {};
+  int n = 0;
+  void fma(const Vec<A>& a, const Vec<A>& b) { part = vec::fmadd(a, b, part); }
+  void add(const Vec<A>& a) { part = part + a; }
+  void end_block() {
+    if (++n == kFlush) flush();
+  }
+  void flush() {
+    alignas(64) A t[W];
+    part.store(t);
+    for (int l = 0; l < W; ++l) acc[l] += double(t[l]);
+    part = Vec<A>(A(0));
+    n = 0;
+  }
+  double total() {
+    flush();
+    double s = 0;
+    for (int l = 0; l < W; ++l) s += acc[l];
+    return s;
+  }
+};
+
 inline double finite_or(double x, double fallback) { return std::isfinite(x) ? x : fallback; }
 inline double clamp_finite(double x) {
   return std::isnan(x) ? x : std::min(std::max(x, -1e300), 1e300);
@@ -110,26 +140,28 @@ template <class A, class TZ, class TV>
 RowOut row_lm(const KernelArgs& P, const Row<TZ, TV>& r, const RowInfo& ri) {
   const int64_t C = r.C;
   Lse<A> S1;
-  Vec<A> Sd(A(0));
+  LongSum<A> Sd;
   if (P.center || ri.ce) {
     sweep<A>(r, -1, false, [&](auto sp, Block<A>& b, int64_t) {
       Vec<A> e[kBlock];
-      for (int k = 0; k < kBlock; ++k) Sd = Sd + live_only(sp, b, k, b.z[k] - b.v[k]);
+      for (int k = 0; k < kBlock; ++k) Sd.add(live_only(sp, b, k, b.z[k] - b.v[k]));
+      Sd.end_block();
       if (ri.ce) S1.update(b.z, e);
     });
   }
-  const double dbar = P.center ? hsum(Sd) / double(C) : 0.0;
+  const double dbar = P.center ? Sd.total() / double(C) : 0.0;
   const double L1 = ri.ce ? total(S1).lse() : 0.0;
   // dD/dz_j = (d_j - dbar) / C (the dbar term's own derivative sums to zero); dD/dv_j = -dD/dz_j;
   // dCE/dz_j = exp(z_j - L1) - [j = y].
   const A cz = A(ri.g_kd / double(C)), cv = A(-ri.g_kd / double(C) * r.w_v);
   const A gce = A(ri.ce ? ri.g_ce : 0.0), nL1 = A(-L1), ndbar = A(-dbar);
   const bool grads = r.gz || r.gv;
-  Vec<A> SS(A(0));
+  LongSum<A> SS;
   sweep<A>(r, -1, grads, [&](auto sp, Block<A>& b, int64_t j0) {
+    SS.end_block();
     for (int k = 0; k < kBlock; ++k) {
       const Vec<A> u = live_only(sp, b, k, b.z[k] - b.v[k] + Vec<A>(ndbar));
-      SS = vec::fmadd(u, u, SS);
+      SS.fma(u, u);
       if (grads) {
         Vec<A> gz = u * Vec<A>(cz);
         if (ri.ce) gz = vec::fmadd(vexp(b.z[k] + Vec<A>(nL1)), Vec<A>(gce), gz);
@@ -139,7 +171,7 @@ RowOut row_lm(const KernelArgs& P, const Row<TZ, TV>& r, const RowInfo& ri) {
     }
     if (grads && ri.ce) add_at(b.gz, j0, ri.y, A(-gce));
   });
-  return {hsum(SS) / (2.0 * double(C)), ri.ce ? L1 - ri.zy : 0.0};
+  return {SS.total() / (2.0 * double(C)), ri.ce ? L1 - ri.zy : 0.0};
 }
 
 // ===================================================================================================
@@ -153,27 +185,31 @@ RowOut row_ls(const KernelArgs& P, const Row<TZ, TV>& r, const RowInfo& ri) {
   const double T = P.ts, eps = 1e-7;
   const bool gz_on = r.gz != nullptr, gv_on = r.gv != nullptr;
   Lse<A> S1;
-  Vec<A> Sz(A(0)), Sv(A(0));
+  LongSum<A> Sz, Sv;
   sweep<A>(r, -1, false, [&](auto sp, Block<A>& b, int64_t) {
     Vec<A> e[kBlock];
     for (int k = 0; k < kBlock; ++k) {
-      Sz = Sz + live_only(sp, b, k, b.z[k]);
-      Sv = Sv + live_only(sp, b, k, b.v[k]);
+      Sz.add(live_only(sp, b, k, b.z[k]));
+      Sv.add(live_only(sp, b, k, b.v[k]));
     }
+    Sz.end_block();
+    Sv.end_block();
     if (ri.ce) S1.update(b.z, e);
   });
-  const double zbar = hsum(Sz) / double(C), vbar = hsum(Sv) / double(C);
+  const double zbar = Sz.total() / double(C), vbar = Sv.total() / double(C);
   const A nzbar = A(-zbar), nvbar = A(-vbar);
-  Vec<A> Qz(A(0)), Qv(A(0));
+  LongSum<A> Qz, Qv;
   sweep<A>(r, -1, false, [&](auto sp, Block<A>& b, int64_t) {
     for (int k = 0; k < kBlock; ++k) {
       const Vec<A> uz = live_only(sp, b, k, b.z[k] + Vec<A>(nzbar));
       const Vec<A> uv = live_only(sp, b, k, b.v[k] + Vec<A>(nvbar));
-      Qz = vec::fmadd(uz, uz, Qz);
-      Qv = vec::fmadd(uv, uv, Qv);
+      Qz.fma(uz, uz);
+      Qv.fma(uv, uv);
     }
+    Qz.end_block();
+    Qv.end_block();
   });
-  const double sz = std::sqrt(hsum(Qz) / double(C - 1)), sv = std::sqrt(hsum(Qv) / double(C - 1));
+  const double sz = std::sqrt(Qz.total() / double(C - 1)), sv = std::sqrt(Qv.total() / double(C - 1));
   const double kz = eps + sz, kv = eps + sv;
   const A iz = A(1.0 / (kz * T)), iv = A(1.0 / (kv * T));
   // Pass 3, with a = u_z / (k_z T), c = u_v / (k_v T): the KL-kind statistics, plus
@@ -269,23 +305,26 @@ RowOut row_jsd(const KernelArgs& P, const Row<TZ, TV>& r, const RowInfo& ri) {
   const double L1 = ri.ce ? (ce_sep ? total(S1).lse() : Lz) : 0.0;
   const A nLz = A(-Lz), nLv = A(-Lv);
   // per element: log q, log p, q, p, log m; zero probabilities contribute 0 (floors keep 0 * finite)
-  auto probs = [&](const Vec<A>& z, const Vec<A>& v, Vec<A>& lq, Vec<A>& lp, Vec<A>& q, Vec<A>& p, Vec<A>& lm) {
+  auto probs = [&](const Vec<A>& z, const Vec<A>& v, Vec<A>& lq, Vec<A>& lp, Vec<A>& q, Vec<A>& p,
+                   Vec<A>& lm) {
     lq = finite_floor(vec::fmadd(z, Vec<A>(iT), Vec<A>(nLz)));
     lp = finite_floor(vec::fmadd(v, Vec<A>(iT), Vec<A>(nLv)));
     q = vexp(lq);
     p = vexp(lp);
     lm = finite_floor(vec::fmadd(p, Vec<A>(Ab), q * Vec<A>(A1b)).log());
   };
-  Vec<A> Kp(A(0)), Kq(A(0));
+  LongSum<A> Kp, Kq;
   sweep<A>(r, -1, false, [&](auto, Block<A>& b, int64_t) {
     for (int k = 0; k < kBlock; ++k) {
       Vec<A> lq, lp, q, p, lm;
       probs(b.z[k], b.v[k], lq, lp, q, p, lm);
-      Kp = vec::fmadd(p, lp - lm, Kp);
-      Kq = vec::fmadd(q, lq - lm, Kq);
+      Kp.fma(p, lp - lm);
+      Kq.fma(q, lq - lm);
     }
+    Kp.end_block();
+    Kq.end_block();
   });
-  const double KLp = hsum(Kp), KLq = hsum(Kq);
+  const double KLp = Kp.total(), KLq = Kq.total();
   RowOut out{beta * KLp + (1.0 - beta) * KLq, ri.ce ? L1 - ri.zy : 0.0};
   if (!r.gz && !r.gv) return out;
   // dD/dq_k = (1 - beta)(log q_k - log m_k) (the p/m and q/m terms cancel), then the softmax chain

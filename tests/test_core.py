@@ -3,8 +3,8 @@ import pytest
 import torch
 
 import kdfast
-from conftest import (BACKENDS, LOSSES, max_err, rand_labels, rand_logits, rand_weights, run_case,
-                      scale_of)
+from conftest import (BACKENDS, LOSSES, low_precision_bound, max_err, rand_labels, rand_logits,
+                      rand_weights, run_case, scale_of)
 
 # Shapes: (leading..., C). C = 1 and 3, C not a multiple of any vector width or block, several
 # leading dims, the odd 3-D shape and a long row on the CPU.
@@ -68,9 +68,8 @@ def test_low_precision_no_worse_than_eager(backend, name, dtype, gen):
     got, up = run_case(fused, z, v, labels, teacher_grad=True, backend=backend, gen=gen, **hyper)
     eager, _ = run_case(ref, z, v, labels, teacher_grad=True, upstream=up, **hyper)
     want = truth(name, z, v, labels, up, teacher_grad=True)
-    eps = torch.finfo(dtype).eps
     for key in want:
-        bound = 2 * max_err(eager[key], want[key]) + 4 * eps * scale_of(want[key])
+        bound = low_precision_bound(max_err(eager[key], want[key]), dtype, scale_of(want[key]))
         assert max_err(got[key], want[key]) <= bound, (key, max_err(got[key], want[key]), bound)
 
 

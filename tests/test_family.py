@@ -4,8 +4,8 @@ import pytest
 import torch
 
 import kdfast
-from conftest import (BACKENDS, max_err, rand_labels, rand_logits, rand_weights, run_case,
-                      scale_of)
+from conftest import (BACKENDS, low_precision_bound, max_err, rand_labels, rand_logits,
+                      rand_weights, run_case, scale_of)
 
 R = kdfast.reference
 FAMILY = {   # name -> (fused, reference, hyperparameters); retro's past logits are bound per case
@@ -66,9 +66,8 @@ def test_float64_matches_reference(backend, name, gen):
 def test_low_precision_no_worse_than_eager(backend, name, dtype, gen):
     shape = (8, 1031) if backend == "cpu" else (3, 300)
     got, want, eager = compare(backend, name, shape, dtype, gen, weights=False)
-    eps = torch.finfo(dtype).eps
     for key in want:
-        bound = 2 * max_err(eager[key], want[key]) + 4 * eps * scale_of(want[key])
+        bound = low_precision_bound(max_err(eager[key], want[key]), dtype, scale_of(want[key]))
         assert max_err(got[key], want[key]) <= bound, (key, max_err(got[key], want[key]), bound)
 
 
