@@ -20,19 +20,23 @@ namespace kdfast {
 namespace {
 
 RowsFn g_rows = &DEFAULT::run_rows;
+LogFn g_log = &DEFAULT::log_f32;
 std::string g_isa = "DEFAULT";
 
 // Chooses the kernel for `capability` (torch.backends.cpu.get_cpu_capability(): "DEFAULT", "AVX2",
 // "AVX512", ...; ATen's own choice, which honours ATEN_CPU_CAPABILITY). Returns the ISA now in use.
 std::string select_isa(const std::string& capability) {
   g_rows = &DEFAULT::run_rows;
+  g_log = &DEFAULT::log_f32;
   g_isa = "DEFAULT";
 #if defined(KDFAST_X86)
   if (capability == "AVX512") {
     g_rows = &AVX512::run_rows;
+    g_log = &AVX512::log_f32;
     g_isa = "AVX512";
   } else if (capability == "AVX2") {
     g_rows = &AVX2::run_rows;
+    g_log = &AVX2::log_f32;
     g_isa = "AVX2";
   }
 #endif
@@ -63,6 +67,50 @@ void check_vec(const at::Tensor& t, const char* name, int64_t N, at::ScalarType 
               "kdfast: ", name, " must be a contiguous (", N, ",) ", acc, " CPU tensor");
 }
 
+// Checks shared by both entry points; fills the student / label / weight / output fields of `a`.
+void check_common(KernelArgs& a, const at::Tensor& z, const std::optional<at::Tensor>& labels,
+                  const at::Tensor& kd_w, const at::Tensor& ce_w, const at::Tensor& grad_scale,
+                  const at::Tensor& d_out, const at::Tensor& ce_out, const std::optional<at::Tensor>& grad_z,
+                  at::ScalarType acc, int64_t N, int64_t C) {
+  check_vec(kd_w, "kd_w", N, acc);
+  check_vec(ce_w, "ce_w", N, acc);
+  check_vec(d_out, "d_out", N, acc);
+  check_vec(ce_out, "ce_out", N, acc);
+  TORCH_CHECK(grad_scale.numel() == 1 && grad_scale.device().is_cpu(), "kdfast: grad_scale must be one CPU value");
+  if (labels) {
+    TORCH_CHECK(labels->scalar_type() == at::kLong && labels->dim() == 1 && labels->size(0) == N &&
+                    labels->is_contiguous() && labels->device().is_cpu(),
+                "kdfast: labels must be a contiguous (N,) int64 CPU tensor");
+  }
+  if (grad_z) {
+    check_rows(*grad_z, "grad_z", N, C);
+    TORCH_CHECK(grad_z->scalar_type() == z.scalar_type(), "kdfast: grad_z must have z's dtype");
+  }
+  if (N == 0 || C == 0) return;
+  a.z = z.data_ptr();
+  a.labels = labels ? labels->data_ptr<int64_t>() : nullptr;
+  a.kd_w = kd_w.data_ptr();
+  a.ce_w = ce_w.data_ptr();
+  a.grad_scale = grad_scale.item<double>();  // a CPU tensor: no device sync
+  a.d_out = d_out.data_ptr();
+  a.ce_out = ce_out.data_ptr();
+  a.grad_z = grad_z ? grad_z->data_ptr() : nullptr;
+  a.N = N;
+  a.C = C;
+  a.sz = z.stride(0);
+  a.sgz = grad_z ? grad_z->stride(0) : 0;
+}
+
+// Runs the selected ISA's kernel over the rows with ATen's thread pool, without the GIL.
+void run(const KernelArgs& a) {
+  const RowsFn fn = g_rows;
+  // Rows are independent. A task should stream at least ~64K elements so that thread start-up stays
+  // small next to the work; one row of a large vocabulary is already that.
+  const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 16) / std::max<int64_t>(a.C, 1));
+  pybind11::gil_scoped_release no_gil;
+  at::parallel_for(0, a.N, grain, [&](int64_t begin, int64_t end) { fn(a, begin, end); });
+}
+
 // The backend contract of kdfast/_spec.py.
 void distill_forward(const at::Tensor& z, const at::Tensor& v, const std::optional<at::Tensor>& zp,
                      const std::optional<at::Tensor>& labels, const at::Tensor& kd_w, const at::Tensor& ce_w,
@@ -80,23 +128,10 @@ void distill_forward(const at::Tensor& z, const at::Tensor& v, const std::option
   TORCH_CHECK((a.tz == DType::F64) == (a.tv == DType::F64),
               "kdfast: float64 logits must not be mixed with another dtype");
   const at::ScalarType acc = a.tz == DType::F64 ? at::kDouble : at::kFloat;
-  check_vec(kd_w, "kd_w", N, acc);
-  check_vec(ce_w, "ce_w", N, acc);
-  check_vec(d_out, "d_out", N, acc);
-  check_vec(ce_out, "ce_out", N, acc);
-  TORCH_CHECK(grad_scale.numel() == 1 && grad_scale.device().is_cpu(), "kdfast: grad_scale must be one CPU value");
+  check_common(a, z, labels, kd_w, ce_w, grad_scale, d_out, ce_out, grad_z, acc, N, C);
   if (zp) {
     check_rows(*zp, "past student logits", N, C);
     TORCH_CHECK(zp->scalar_type() == z.scalar_type(), "kdfast: past student logits must have z's dtype");
-  }
-  if (labels) {
-    TORCH_CHECK(labels->scalar_type() == at::kLong && labels->dim() == 1 && labels->size(0) == N &&
-                    labels->is_contiguous() && labels->device().is_cpu(),
-                "kdfast: labels must be a contiguous (N,) int64 CPU tensor");
-  }
-  if (grad_z) {
-    check_rows(*grad_z, "grad_z", N, C);
-    TORCH_CHECK(grad_z->scalar_type() == z.scalar_type(), "kdfast: grad_z must have z's dtype");
   }
   if (grad_v) {
     check_rows(*grad_v, "grad_v", N, C);
@@ -104,38 +139,56 @@ void distill_forward(const at::Tensor& z, const at::Tensor& v, const std::option
   }
   if (N == 0 || C == 0) return;
 
-  a.z = z.data_ptr();
   a.v = v.data_ptr();
   a.zp = zp ? zp->data_ptr() : nullptr;
-  a.labels = labels ? labels->data_ptr<int64_t>() : nullptr;
-  a.kd_w = kd_w.data_ptr();
-  a.ce_w = ce_w.data_ptr();
-  a.grad_scale = grad_scale.item<double>();  // a CPU tensor: no device sync
-  a.d_out = d_out.data_ptr();
-  a.ce_out = ce_out.data_ptr();
-  a.grad_z = grad_z ? grad_z->data_ptr() : nullptr;
   a.grad_v = grad_v ? grad_v->data_ptr() : nullptr;
-  a.N = N;
-  a.C = C;
-  a.sz = z.stride(0);
   a.sv = v.stride(0);
   a.szp = zp ? zp->stride(0) : 0;
-  a.sgz = grad_z ? grad_z->stride(0) : 0;
   a.sgv = grad_v ? grad_v->stride(0) : 0;
   a.ts = fparams[0], a.tt = fparams[1], a.scale = fparams[2];
   a.rho = fparams[3], a.alpha = fparams[4], a.beta = fparams[5];
-  TORCH_CHECK(iparams[0] >= 0 && iparams[0] <= 4, "kdfast: unknown kernel kind ", iparams[0]);
+  TORCH_CHECK(iparams[0] >= 0 && iparams[0] <= 4, "kdfast: unknown kernel kind ", iparams[0], " for distill_forward");
   a.kind = static_cast<Kind>(iparams[0]);
   a.wttm = iparams[1] != 0, a.reverse = iparams[2] != 0, a.center = iparams[3] != 0;
   a.has_ce = iparams[4] != 0;
   a.ignore_index = iparams[5];
 
-  const RowsFn fn = g_rows;
-  // Rows are independent. A task should stream at least ~64K elements so that thread start-up stays
-  // small next to the work; one row of a large vocabulary is already that.
-  const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 16) / std::max<int64_t>(C, 1));
-  pybind11::gil_scoped_release no_gil;
-  at::parallel_for(0, N, grain, [&](int64_t begin, int64_t end) { fn(a, begin, end); });
+  run(a);
+}
+
+// The top-k (sparse teacher) form: the teacher is t_lp (N, k) log-probabilities in the accumulation
+// dtype and t_idx (N, k) int64 classes; fparams = [T, scale], iparams = [renormalize, has_ce,
+// ignore_index] (kdfast/topk.py).
+void topk_forward(const at::Tensor& z, const at::Tensor& t_lp, const at::Tensor& t_idx,
+                  const std::optional<at::Tensor>& labels, const at::Tensor& kd_w, const at::Tensor& ce_w,
+                  const at::Tensor& grad_scale, const at::Tensor& d_out, const at::Tensor& ce_out,
+                  const std::optional<at::Tensor>& grad_z, const std::vector<double>& fparams,
+                  const std::vector<int64_t>& iparams) {
+  TORCH_CHECK(fparams.size() == 2 && iparams.size() == 3, "kdfast: topk fparams / iparams must have 2 / 3 entries");
+  TORCH_CHECK(z.dim() == 2, "kdfast: student logits must be 2-D (N, C)");
+  const int64_t N = z.size(0), C = z.size(1);
+  check_rows(z, "student logits", N, C);
+  KernelArgs a;
+  a.tz = a.tv = dtype_of(z, "student logits");
+  const at::ScalarType acc = a.tz == DType::F64 ? at::kDouble : at::kFloat;
+  TORCH_CHECK(t_lp.dim() == 2 && t_lp.size(0) == N && t_lp.scalar_type() == acc && t_lp.stride(1) == 1 &&
+                  t_lp.device().is_cpu(),
+              "kdfast: teacher top-k log-probabilities must be a (N, k) ", acc, " CPU tensor with stride(1) == 1");
+  const int64_t K = t_lp.size(1);
+  TORCH_CHECK(t_idx.dim() == 2 && t_idx.size(0) == N && t_idx.size(1) == K && t_idx.scalar_type() == at::kLong &&
+                  (K <= 1 || t_idx.stride(1) == 1) && t_idx.device().is_cpu(),
+              "kdfast: teacher top-k indices must be a (N, k) int64 CPU tensor with stride(1) == 1");
+  check_common(a, z, labels, kd_w, ce_w, grad_scale, d_out, ce_out, grad_z, acc, N, C);
+  if (N == 0 || C == 0) return;
+  a.t_lp = t_lp.data_ptr();
+  a.t_idx = t_idx.data_ptr<int64_t>();
+  a.K = K;
+  a.stk = t_lp.stride(0);
+  a.sti = t_idx.stride(0);
+  a.ts = a.tt = fparams[0], a.scale = fparams[1];
+  a.kind = Kind::TOPK;
+  a.renormalize = iparams[0] != 0, a.has_ce = iparams[1] != 0, a.ignore_index = iparams[2];
+  run(a);
 }
 
 // Advise the kernel to back `t`'s memory with transparent huge pages (Linux, before its first touch):
@@ -154,6 +207,15 @@ bool advise_huge_pages(const at::Tensor& t) {
 #endif
 }
 
+// The selected ISA's vector log of a float32 tensor (for tests/test_cpu_isa.py's accuracy check).
+at::Tensor vec_log(const at::Tensor& x) {
+  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat, "kdfast: vec_log needs a float32 CPU tensor");
+  const at::Tensor xc = x.contiguous();
+  at::Tensor y = at::empty_like(xc);
+  g_log(xc.data_ptr<float>(), y.data_ptr<float>(), xc.numel());
+  return y;
+}
+
 }  // namespace
 }  // namespace kdfast
 
@@ -164,8 +226,14 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         pybind11::arg("kd_w"), pybind11::arg("ce_w"), pybind11::arg("grad_scale"), pybind11::arg("d_out"),
         pybind11::arg("ce_out"), pybind11::arg("grad_z"), pybind11::arg("grad_v"), pybind11::arg("fparams"),
         pybind11::arg("iparams"));
+  m.def("topk_forward", &kdfast::topk_forward, "Fused KD rows against a top-k teacher (see kdfast/topk.py)",
+        pybind11::arg("z"), pybind11::arg("t_lp"), pybind11::arg("t_idx"), pybind11::arg("labels"),
+        pybind11::arg("kd_w"), pybind11::arg("ce_w"), pybind11::arg("grad_scale"), pybind11::arg("d_out"),
+        pybind11::arg("ce_out"), pybind11::arg("grad_z"), pybind11::arg("fparams"), pybind11::arg("iparams"));
   m.def("select_isa", &kdfast::select_isa, "Pick the kernel ISA for a torch CPU capability name",
         pybind11::arg("capability"));
+  m.def("vec_log", &kdfast::vec_log, "The kernel's vector log (float32; for its accuracy test)",
+        pybind11::arg("x"));
   m.def("isa", [] { return kdfast::g_isa; }, "The ISA whose kernel runs now");
   m.def("advise_huge_pages", &kdfast::advise_huge_pages, "madvise(MADV_HUGEPAGE) a fresh CPU buffer",
         pybind11::arg("tensor"));

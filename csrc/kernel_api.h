@@ -6,12 +6,12 @@
 namespace kdfast {
 
 enum class DType : int { F32 = 0, BF16 = 1, F16 = 2, F64 = 3 };
-enum class Kind : int { KL = 0, DKD = 1, LM = 2, LS = 3, JSD = 4 };  // == kdfast/_spec.py Kind
+enum class Kind : int { KL = 0, DKD = 1, LM = 2, LS = 3, JSD = 4, TOPK = 5 };  // == kdfast/_spec.py Kind
 
 struct KernelArgs {
   // inputs (row r of x starts at x + r * s_x elements; stride(1) == 1)
   const void* z = nullptr;
-  const void* v = nullptr;
+  const void* v = nullptr;           // null for TOPK (the teacher is t_lp / t_idx)
   const void* zp = nullptr;          // retro_kd past student, z's dtype, or null
   const int64_t* labels = nullptr;   // (N,) or null
   const void* kd_w = nullptr;        // (N,) accumulation dtype
@@ -30,16 +30,23 @@ struct KernelArgs {
   Kind kind = Kind::KL;
   bool wttm = false, reverse = false, center = true, has_ce = true;
   int64_t ignore_index = -100;
+  // TOPK: the teacher's k log-probabilities (accumulation dtype) and their classes, row r at r * s_t
+  const void* t_lp = nullptr;
+  const int64_t* t_idx = nullptr;
+  int64_t K = 0, stk = 0, sti = 0;
+  bool renormalize = true;
 };
 
 // One entry point per compiled ISA: processes rows [begin, end). Defined in kernel_<isa>.cpp.
 using RowsFn = void (*)(const KernelArgs&, int64_t begin, int64_t end);
+// The kernel's vector log over n floats (exposed for its accuracy test only).
+using LogFn = void (*)(const float* x, float* y, int64_t n);
 
-namespace DEFAULT { void run_rows(const KernelArgs&, int64_t, int64_t); }
+namespace DEFAULT { void run_rows(const KernelArgs&, int64_t, int64_t); void log_f32(const float*, float*, int64_t); }
 #if defined(__x86_64__) || defined(_M_X64)
 #define KDFAST_X86 1
-namespace AVX2 { void run_rows(const KernelArgs&, int64_t, int64_t); }
-namespace AVX512 { void run_rows(const KernelArgs&, int64_t, int64_t); }
+namespace AVX2 { void run_rows(const KernelArgs&, int64_t, int64_t); void log_f32(const float*, float*, int64_t); }
+namespace AVX512 { void run_rows(const KernelArgs&, int64_t, int64_t); void log_f32(const float*, float*, int64_t); }
 #endif
 
 }  // namespace kdfast

@@ -8,4 +8,5 @@
 
 namespace kdfast::DEFAULT {
 void run_rows(const KernelArgs& args, int64_t begin, int64_t end) { run_rows_impl(args, begin, end); }
+void log_f32(const float* x, float* y, int64_t n) { log_f32_impl(x, y, n); }
 }  // namespace kdfast::DEFAULT

@@ -27,6 +27,7 @@
 #include <cstdint>
 #include <limits>
 #include <type_traits>
+#include <vector>
 
 namespace kdfast {
 namespace CPU_CAPABILITY {  // DEFAULT / AVX2 / AVX512: one copy per compiled ISA
@@ -50,6 +51,77 @@ inline A ninf() { return -std::numeric_limits<A>::infinity(); }
 // ln(FLT_MIN) flush to 0, -inf -> 0); the accurate Sleef exp for double (gradcheck path).
 inline Vec<float> vexp(const Vec<float>& x) { return x.exp_u20(); }
 inline Vec<double> vexp(const Vec<double>& x) { return x.exp(); }
+// log for float lanes: ATen's Vectorized<float>::log calls Sleef's out-of-line logf (a call per vector
+// through a dispatch pointer) which made JSD's per-element log m cost more than its four exps. Inline
+// here: x = 2^e * m, m in [sqrt(1/2), sqrt(2)), log m = 2 atanh(s), s = (m - 1) / (m + 1), |s| <= 0.1716,
+// 2 atanh(s) = 2s (1 + s^2/3 + s^4/5 + s^6/7 + s^8/9) + O(s^11/11) (truncation < 1e-9 relative), and
+// log x = e ln2 + log m with ln2 split in two so that e ln2 is exact. Measured <= 2 ulp over the normal
+// and subnormal range (tests/test_cpu_isa.py); 0 -> -inf, +inf -> +inf, negative / NaN -> NaN.
+#if defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512)
+#if defined(CPU_CAPABILITY_AVX2)
+using fvec = __m256;
+using ivec = __m256i;
+using fmask = __m256;
+#define KD_F(op) _mm256_##op##_ps
+#define KD_I(op) _mm256_##op##_si256
+#define KD_I32(op) _mm256_##op##_epi32
+#define KD_TOI(x) _mm256_castps_si256(x)
+#define KD_TOF(x) _mm256_castsi256_ps(x)
+#define KD_CMP(a, b, pred) _mm256_cmp_ps(a, b, pred)
+#define KD_BLEND(a, b, m) _mm256_blendv_ps(a, b, m)   // m ? b : a
+#else
+using fvec = __m512;
+using ivec = __m512i;
+using fmask = __mmask16;
+#define KD_F(op) _mm512_##op##_ps
+#define KD_I(op) _mm512_##op##_si512
+#define KD_I32(op) _mm512_##op##_epi32
+#define KD_TOI(x) _mm512_castps_si512(x)
+#define KD_TOF(x) _mm512_castsi512_ps(x)
+#define KD_CMP(a, b, pred) _mm512_cmp_ps_mask(a, b, pred)
+#define KD_BLEND(a, b, m) _mm512_mask_blend_ps(m, a, b)   // m ? b : a
+#endif
+inline Vec<float> vlog(const Vec<float>& xv) {
+  const fvec x = xv;
+  // subnormals: scale by 2^23 first (the exponent field is then that of a normal number)
+  const fmask sub = KD_CMP(x, KD_F(set1)(1.17549435e-38f), _CMP_LT_OQ);
+  const fvec xs = KD_BLEND(x, KD_F(mul)(x, KD_F(set1)(8388608.0f)), sub);
+  const fvec ebias = KD_BLEND(KD_F(set1)(127.0f), KD_F(set1)(150.0f), sub);
+  const ivec bits = KD_TOI(xs);
+  const fvec m0 = KD_TOF(KD_I(or)(KD_I(and)(bits, KD_I32(set1)(0x007fffff)), KD_I32(set1)(0x3f800000)));
+  fvec e = KD_F(sub)(KD_F(cvtepi32)(KD_I32(srli)(bits, 23)), ebias);
+  const fmask big = KD_CMP(m0, KD_F(set1)(1.41421356f), _CMP_GT_OQ);  // m in [1, 2): halve the top part
+  const fvec m = KD_BLEND(m0, KD_F(mul)(m0, KD_F(set1)(0.5f)), big);
+  e = KD_BLEND(e, KD_F(add)(e, KD_F(set1)(1.0f)), big);
+  const fvec one = KD_F(set1)(1.0f);
+  const fvec s = KD_F(div)(KD_F(sub)(m, one), KD_F(add)(m, one));
+  const fvec s2 = KD_F(mul)(s, s);
+  fvec P = KD_F(fmadd)(s2, KD_F(set1)(1.0f / 9.0f), KD_F(set1)(1.0f / 7.0f));
+  P = KD_F(fmadd)(s2, P, KD_F(set1)(1.0f / 5.0f));
+  P = KD_F(fmadd)(s2, P, KD_F(set1)(1.0f / 3.0f));
+  const fvec s2x = KD_F(add)(s, s);
+  const fvec logm = KD_F(fmadd)(KD_F(mul)(s2x, s2), P, s2x);
+  // e * ln2 = e * 0.693145751953125 (15 significant bits: exact for |e| < 2^9) + e * 1.42860677e-6
+  fvec r = KD_F(fmadd)(e, KD_F(set1)(1.42860677e-06f), logm);
+  r = KD_F(fmadd)(e, KD_F(set1)(0.693145751953125f), r);
+  // specials: x == 0 -> -inf, x == inf -> inf, x < 0 or NaN -> NaN
+  r = KD_BLEND(r, KD_F(set1)(-INFINITY), KD_CMP(x, KD_F(setzero)(), _CMP_EQ_OQ));
+  r = KD_BLEND(r, x, KD_CMP(x, KD_F(set1)(INFINITY), _CMP_EQ_OQ));
+  r = KD_BLEND(r, KD_F(set1)(NAN), KD_CMP(x, KD_F(setzero)(), _CMP_NGE_UQ));
+  return Vec<float>(r);
+}
+#undef KD_F
+#undef KD_I
+#undef KD_I32
+#undef KD_TOI
+#undef KD_TOF
+#undef KD_CMP
+#undef KD_BLEND
+#else
+inline Vec<float> vlog(const Vec<float>& x) { return x.log(); }  // portable: std::log per lane
+#endif
+inline Vec<double> vlog(const Vec<double>& x) { return x.log(); }
+
 // (Sleef's 1-ulp exp in the gradient sweeps was measured at 190 -> 275 ms for kd 4096 x 32000 fp32
 // fwd+bwd on the AVX2 dev machine, for fp32 gradients ~1.5x closer to float64: not worth it; the
 // tests bound the fp32 error with the 20-ulp term.)
@@ -137,8 +209,8 @@ inline void sweep(const Row<TZ, TV>& r, int64_t skip_col, bool store, F&& f) {
   int64_t j = 0;
   for (; j + B <= r.C; j += B) {
     if (skip_col >= j && skip_col < j + B) continue;  // one predictable compare per block
-    load_block<A>(r.z + j, b.z);
-    load_block<A>(r.v + j, b.v);
+    if (r.z) load_block<A>(r.z + j, b.z);  // (a sweep that only writes passes null)
+    if (r.v) load_block<A>(r.v + j, b.v);  // no teacher row for TOPK (uniform per call)
     mix_zp(std::false_type{}, j, B);
     f(std::false_type{}, b, j);
     if (store) {
@@ -148,8 +220,8 @@ inline void sweep(const Row<TZ, TV>& r, int64_t skip_col, bool store, F&& f) {
   }
   auto special_block = [&](int64_t j0) {
     const int64_t n = std::min<int64_t>(B, r.C - j0);
-    load_partial<A>(r.z + j0, n, b.z);
-    load_partial<A>(r.v + j0, n, b.v);
+    if (r.z) load_partial<A>(r.z + j0, n, b.z);
+    if (r.v) load_partial<A>(r.v + j0, n, b.v);
     mix_zp(std::true_type{}, j0, n);
     const Vec<A> idx = Vec<A>::arange(A(0), A(1));
     const Vec<A> nvec(static_cast<A>(n));
@@ -346,17 +418,18 @@ RowOut row_kl(const KernelArgs& P, const Row<TZ, TV>& r, const RowInfo& ri) {
   return out;
 }
 
-#include "row_kernel_more.h"
-
-// ===================================================================================================
-// Row loop: labels, weights, ignored / invalid rows, kind dispatch.
-// ===================================================================================================
 template <class T>
 inline void fill_row(T* p, int64_t C, double x) {
   if (!p) return;
   const T t = static_cast<T>(x);
   for (int64_t j = 0; j < C; ++j) p[j] = t;
 }
+
+#include "row_kernel_more.h"
+
+// ===================================================================================================
+// Row loop: labels, weights, ignored / invalid rows, kind dispatch.
+// ===================================================================================================
 
 template <class TZ, class TV>
 void rows(const KernelArgs& P, int64_t begin, int64_t end) {
@@ -372,7 +445,7 @@ void rows(const KernelArgs& P, int64_t begin, int64_t end) {
   A* ce_out = static_cast<A*>(P.ce_out);
   const int64_t C = P.C;
   for (int64_t i = begin; i < end; ++i) {
-    Row<TZ, TV> r{z + i * P.sz, v + i * P.sv, zp ? zp + i * P.szp : nullptr,
+    Row<TZ, TV> r{z + i * P.sz, v ? v + i * P.sv : nullptr, zp ? zp + i * P.szp : nullptr,
                   gz ? gz + i * P.sgz : nullptr, gv ? gv + i * P.sgv : nullptr, C,
                   zp ? 1.0 - P.rho : 1.0, zp ? P.rho : 0.0};
     RowInfo ri{-1, false, P.grad_scale * double(kd_w[i]), 0.0, 0.0, 0.0};
@@ -390,7 +463,7 @@ void rows(const KernelArgs& P, int64_t begin, int64_t end) {
       ri.ce = P.has_ce;
       ri.g_ce = ri.ce ? P.grad_scale * double(ce_w[i]) : 0.0;
       ri.zy = double(r.z[y]);
-      ri.vy = r.w_v * double(r.v[y]) + (zp ? r.w_zp * double(r.zp[y]) : 0.0);
+      ri.vy = v ? r.w_v * double(r.v[y]) + (zp ? r.w_zp * double(r.zp[y]) : 0.0) : 0.0;
     }
     RowOut o;
     switch (P.kind) {
@@ -399,10 +472,19 @@ void rows(const KernelArgs& P, int64_t begin, int64_t end) {
       case Kind::LM: o = row_lm<A>(P, r, ri); break;
       case Kind::LS: o = row_ls<A>(P, r, ri); break;
       case Kind::JSD: o = row_jsd<A>(P, r, ri); break;
+      case Kind::TOPK: o = row_topk<A>(P, r, ri, i); break;
     }
     d_out[i] = A(o.D);
     ce_out[i] = A(o.CE);
   }
+}
+
+// vlog over an array (the test hook behind kdfast._C.vec_log: the ulp test of tests/test_cpu_isa.py)
+inline void log_f32_impl(const float* x, float* y, int64_t n) {
+  constexpr int W = Vec<float>::size();
+  int64_t j = 0;
+  for (; j + W <= n; j += W) vlog(Vec<float>::loadu(x + j)).store(y + j);
+  if (j < n) vlog(Vec<float>::loadu(x + j, n - j)).store(y + j, n - j);
 }
 
 // The ISA's entry point: dispatch on the dtypes (z and v independently among float / bf16 / fp16 with

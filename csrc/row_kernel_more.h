@@ -281,67 +281,218 @@ RowOut row_ls(const KernelArgs& P, const Row<TZ, TV>& r, const RowInfo& ri) {
   return out;
 }
 
+// Per-thread scratch of at least n values of A, reused across rows and calls (JSD's per-element values
+// between its statistics sweep and its gradient sweep; one row's worth stays in L2 up to C ~ 32K).
+template <class A>
+inline A* scratch(int64_t n) {
+  thread_local std::vector<A> buf;
+  if (int64_t(buf.size()) < n) buf.resize(size_t(n));
+  return buf.data();
+}
+
 // ===================================================================================================
 // JSD for 0 < beta < 1: m = beta p + (1 - beta) q, D = beta KL(p || m) + (1 - beta) KL(q || m),
-// T = Ts = Tt (no T^2). Pass 1 the two lse, pass 2 KLp and KLq, pass 3 the gradient.
+// T = Ts = Tt (no T^2). Three sweeps, each element's exp and log computed once:
+//   1. the two online lse; each element's exp(a - m_run) and exp(c - m_run) (the running max of its
+//      lane at its block) go to a per-thread fp32 scratch row, the block's running maxima beside them;
+//   2. q = exp(a - m_run) * exp(m_run - Lz) (one exp per block and lane, not per element), p alike,
+//      log m, and the sums KLq, KLp (which the gradient needs); q, log q - log m (p, log p - log m)
+//      replace the exponentials in the scratch when a gradient is asked for;
+//   3. the gradient from the scratch alone (no load of z or v unless CE needs softmax(z) at T != 1).
 // ===================================================================================================
 template <class A, class TZ, class TV>
 RowOut row_jsd(const KernelArgs& P, const Row<TZ, TV>& r, const RowInfo& ri) {
+  constexpr int W = Vec<A>::size();
+  constexpr int64_t B = int64_t(kBlock) * W;
   const double T = P.ts, beta = P.beta;
   const A iT = A(1.0 / T), Ab = A(beta), A1b = A(1.0 - beta);
   const bool ce_sep = ri.ce && T != 1.0;
+  const bool gz_on = r.gz != nullptr, gv_on = r.gv != nullptr;
+  // scratch (rows padded to whole blocks): slots 0 / 1 hold exp(a - m_run) / exp(c - m_run) after
+  // sweep 1, then q, log q - log m (slots 0, 1) and p, log p - log m (slots 2, 3); then the maxima
+  const int64_t Cp = (r.C + B - 1) / B * B, nb = Cp / B;
+  A* const s0 = scratch<A>(4 * Cp + 2 * nb * W);
+  A* const s1 = s0 + Cp;
+  A* const s2 = s0 + 2 * Cp;
+  A* const s3 = s0 + 3 * Cp;
+  A* const mz = s0 + 4 * Cp;
+  A* const mv = mz + nb * W;
+  // (the lambdas work on local copies of their accumulators: the float stores into the scratch
+  // could alias them, which made the compiler reload every accumulator after every store)
   Lse<A> Sz, Sv, S1;
-  sweep<A>(r, -1, false, [&](auto, Block<A>& b, int64_t) {
-    Vec<A> a[kBlock], c[kBlock], e[kBlock];
+  sweep<A>(r, -1, false, [&](auto, Block<A>& b, int64_t j0) {
+    Vec<A> a[kBlock], c[kBlock], e[kBlock], f[kBlock];
     for (int k = 0; k < kBlock; ++k) {
       a[k] = b.z[k] * Vec<A>(iT);
       c[k] = b.v[k] * Vec<A>(iT);
     }
-    Sz.update(a, e);
-    Sv.update(c, e);
-    if (ce_sep) S1.update(b.z, e);
+    Lse<A> lz = Sz, lv = Sv;
+    lz.update(a, e);
+    lv.update(c, f);
+    if (ce_sep) {
+      Lse<A> l1 = S1;
+      Vec<A> g[kBlock];
+      l1.update(b.z, g);
+      S1 = l1;
+    }
+    Sz = lz;
+    Sv = lv;
+    for (int k = 0; k < kBlock; ++k) {
+      e[k].store(s0 + j0 + k * W);
+      f[k].store(s1 + j0 + k * W);
+    }
+    lz.m.store(mz + j0 / B * W);
+    lv.m.store(mv + j0 / B * W);
   });
   const double Lz = total(Sz).lse(), Lv = total(Sv).lse();
   const double L1 = ri.ce ? (ce_sep ? total(S1).lse() : Lz) : 0.0;
   const A nLz = A(-Lz), nLv = A(-Lv);
   // per element: log q, log p, q, p, log m; zero probabilities contribute 0 (floors keep 0 * finite)
-  auto probs = [&](const Vec<A>& z, const Vec<A>& v, Vec<A>& lq, Vec<A>& lp, Vec<A>& q, Vec<A>& p,
-                   Vec<A>& lm) {
-    lq = finite_floor(vec::fmadd(z, Vec<A>(iT), Vec<A>(nLz)));
-    lp = finite_floor(vec::fmadd(v, Vec<A>(iT), Vec<A>(nLv)));
-    q = vexp(lq);
-    p = vexp(lp);
-    lm = finite_floor(vec::fmadd(p, Vec<A>(Ab), q * Vec<A>(A1b)).log());
-  };
   LongSum<A> Kp, Kq;
-  sweep<A>(r, -1, false, [&](auto, Block<A>& b, int64_t) {
+  sweep<A>(r, -1, false, [&](auto, Block<A>& b, int64_t j0) {
+    const Vec<A> fz = vexp(Vec<A>::loadu(mz + j0 / B * W) + Vec<A>(nLz));
+    const Vec<A> fv = vexp(Vec<A>::loadu(mv + j0 / B * W) + Vec<A>(nLv));
+    Vec<A> q[kBlock], p[kBlock], hq[kBlock], hp[kBlock];
+    Vec<A> kp = Kp.part, kq = Kq.part;
     for (int k = 0; k < kBlock; ++k) {
-      Vec<A> lq, lp, q, p, lm;
-      probs(b.z[k], b.v[k], lq, lp, q, p, lm);
-      Kp.fma(p, lp - lm);
-      Kq.fma(q, lq - lm);
+      const int64_t o = j0 + k * W;
+      const Vec<A> lq = finite_floor(vec::fmadd(b.z[k], Vec<A>(iT), Vec<A>(nLz)));
+      const Vec<A> lp = finite_floor(vec::fmadd(b.v[k], Vec<A>(iT), Vec<A>(nLv)));
+      q[k] = Vec<A>::loadu(s0 + o) * fz;
+      p[k] = Vec<A>::loadu(s1 + o) * fv;
+      const Vec<A> lm = finite_floor(vlog(vec::fmadd(p[k], Vec<A>(Ab), q[k] * Vec<A>(A1b))));
+      hp[k] = lp - lm;
+      hq[k] = lq - lm;
+      kp = vec::fmadd(p[k], hp[k], kp);
+      kq = vec::fmadd(q[k], hq[k], kq);
     }
+    Kp.part = kp;
+    Kq.part = kq;
     Kp.end_block();
     Kq.end_block();
+    for (int k = 0; k < kBlock; ++k) {
+      const int64_t o = j0 + k * W;
+      q[k].store(s0 + o);
+      hq[k].store(s1 + o);
+      if (gv_on) {
+        p[k].store(s2 + o);
+        hp[k].store(s3 + o);
+      }
+    }
   });
   const double KLp = Kp.total(), KLq = Kq.total();
   RowOut out{beta * KLp + (1.0 - beta) * KLq, ri.ce ? L1 - ri.zy : 0.0};
-  if (!r.gz && !r.gv) return out;
+  if (!gz_on && !gv_on) return out;
   // dD/dq_k = (1 - beta)(log q_k - log m_k) (the p/m and q/m terms cancel), then the softmax chain
   // d q_k / d a_j = q_k (delta_jk - q_j), a = z / T:
   //   dD/dz_j = (1/T)(1 - beta) q_j (log q_j - log m_j - KLq),  dD/dv_j = (1/T) beta p_j (log p_j - log m_j - KLp)
+  // CE: g_ce (softmax(z)_j - [j = y]), softmax(z) = q when T == 1.
   const A cz = A(ri.g_kd * (1.0 - beta) / T), cv = A(ri.g_kd * beta / T * r.w_v);
   const A nKq = A(-KLq), nKp = A(-KLp), nL1 = A(-L1), gce = A(ri.ce ? ri.g_ce : 0.0);
-  sweep<A>(r, -1, true, [&](auto, Block<A>& b, int64_t j0) {
+  Row<TZ, TV> rg = r;  // writes only: no loads of z, v (z only for CE's softmax at T = 1)
+  rg.v = nullptr;
+  rg.zp = nullptr;
+  if (!(ce_sep && gz_on)) rg.z = nullptr;
+  sweep<A>(rg, -1, true, [&](auto, Block<A>& b, int64_t j0) {
     for (int k = 0; k < kBlock; ++k) {
-      Vec<A> lq, lp, q, p, lm;
-      probs(b.z[k], b.v[k], lq, lp, q, p, lm);
-      Vec<A> gz = q * (lq - lm + Vec<A>(nKq)) * Vec<A>(cz);
-      if (ri.ce) gz = vec::fmadd(ce_sep ? vexp(b.z[k] + Vec<A>(nL1)) : q, Vec<A>(gce), gz);
-      b.gz[k] = gz;
-      b.gv[k] = p * (lp - lm + Vec<A>(nKp)) * Vec<A>(cv);
+      const int64_t o = j0 + k * W;
+      if (gz_on) {
+        const Vec<A> q = Vec<A>::loadu(s0 + o), hq = Vec<A>::loadu(s1 + o);
+        Vec<A> gz = q * (hq + Vec<A>(nKq)) * Vec<A>(cz);
+        if (ri.ce) gz = vec::fmadd(ce_sep ? vexp(b.z[k] + Vec<A>(nL1)) : q, Vec<A>(gce), gz);
+        b.gz[k] = gz;
+      }
+      if (gv_on) {
+        const Vec<A> p = Vec<A>::loadu(s2 + o), hp = Vec<A>::loadu(s3 + o);
+        b.gv[k] = p * (hp + Vec<A>(nKp)) * Vec<A>(cv);
+      }
     }
-    if (ri.ce) add_at(b.gz, j0, ri.y, A(-gce));
+    if (ri.ce && gz_on) add_at(b.gz, j0, ri.y, A(-gce));
   });
+  return out;
+}
+
+// ===================================================================================================
+// TOPK: a sparse teacher given by k log-probabilities lp_k on classes i_k (no dense teacher row):
+// a = z / T, Lz = lse(a) over all C, q = softmax(a);
+//   log p_k = lp_k / T - lse_k(lp / T)  (renormalize: the teacher at temperature T on its k classes)
+//   log p_k = lp_k                      (as given; T == 1, checked in Python; sum_k p_k may be < 1)
+//   D = s * sum_k p_k (log p_k - a_{i_k} + Lz)    (terms with p_k = 0 are 0; s = T^2)
+// Pass 1 is the student's lse only; the k teacher terms are a gather. Classes must be distinct; one
+// outside [0, C) makes the row NaN (never read or written).
+// ===================================================================================================
+template <class A, class TZ, class TV>
+RowOut row_topk(const KernelArgs& P, const Row<TZ, TV>& r, const RowInfo& ri, int64_t i) {
+  const A* lp = static_cast<const A*>(P.t_lp) + i * P.stk;
+  const int64_t* idx = P.t_idx + i * P.sti;
+  const int64_t K = P.K, C = r.C;
+  const double T = P.ts;
+  const A iT = A(1.0 / T);
+  const bool ce_sep = ri.ce && T != 1.0;
+  for (int64_t k = 0; k < K; ++k) {
+    if (idx[k] < 0 || idx[k] >= C) {
+      fill_row(r.gz, C, NAN);
+      return {NAN, NAN};
+    }
+  }
+  Lse<A> Sz, S1;
+  sweep<A>(r, -1, false, [&](auto, Block<A>& b, int64_t) {
+    Vec<A> a[kBlock], e[kBlock];
+    for (int k = 0; k < kBlock; ++k) a[k] = b.z[k] * Vec<A>(iT);
+    Sz.update(a, e);
+    if (ce_sep) S1.update(b.z, e);
+  });
+  const double Lz = total(Sz).lse();
+  const double L1 = ri.ce ? (ce_sep ? total(S1).lse() : Lz) : 0.0;
+  double Lt = 0.0;  // lse_k(lp / T): max first, then the sum (k is small: plain double loops)
+  if (P.renormalize) {
+    double M = -INFINITY;
+    for (int64_t k = 0; k < K; ++k) M = std::max(M, double(lp[k]) / T);
+    double S = 0.0;
+    if (M > -INFINITY && std::isfinite(M)) {
+      for (int64_t k = 0; k < K; ++k) S += std::exp(double(lp[k]) / T - M);
+      Lt = M + std::log(S);
+    } else {
+      Lt = M;  // all -inf: no teacher mass (the row adds 0); +inf / NaN propagate
+    }
+  }
+  // the student at the k classes, read before the gradient sweep writes (grad_z may alias z)
+  double* zk = scratch<double>(2 * K);
+  double* pk = zk + K;
+  double Pm = 0.0, S = 0.0;  // P = sum_k p_k, S = sum_k p_k (log p_k - a_{i_k})
+  for (int64_t k = 0; k < K; ++k) {
+    zk[k] = double(r.z[idx[k]]);
+    // (-inf stays -inf: with no teacher mass in the row, Lt = -inf too, and p = 0 for every k)
+    const double l = P.renormalize && lp[k] != -INFINITY ? double(lp[k]) / T - Lt : double(lp[k]);
+    pk[k] = std::exp(l);
+    if (pk[k] > 0 || std::isnan(l)) {
+      Pm += pk[k];
+      S += pk[k] * (l - zk[k] / T);
+    }
+  }
+  const double s = P.scale;
+  RowOut out{s * (S + Pm * Lz), ri.ce ? L1 - ri.zy : 0.0};
+  if (!r.gz) return out;
+  // dD/da_j = s (P q_j - sum_k p_k [i_k = j]), a = z / T:  dD/dz_j = (s / T)(P q_j - p_j [j in top-k]);
+  // plus CE g_ce (softmax(z)_j - [j = y]), softmax(z) = q when T == 1. Dense part in the sweep, the
+  // label column and the k teacher columns rewritten after it, in double.
+  const double cp = ri.g_kd * s / T;
+  const A cq = A(cp * Pm + (ri.ce && !ce_sep ? ri.g_ce : 0.0));
+  const A B1 = A(ce_sep ? ri.g_ce : 0.0), nLz = A(-Lz), nL1 = A(-L1);
+  sweep<A>(r, -1, true, [&](auto, Block<A>& b, int64_t) {
+    for (int k = 0; k < kBlock; ++k) {
+      Vec<A> gz = vexp(vec::fmadd(b.z[k], Vec<A>(iT), Vec<A>(nLz))) * Vec<A>(cq);
+      if (ce_sep) gz = vec::fmadd(vexp(b.z[k] + Vec<A>(nL1)), Vec<A>(B1), gz);
+      b.gz[k] = gz;
+    }
+  });
+  auto dense = [&](double zj) {
+    return cp * Pm * std::exp(zj / T - Lz) + (ri.ce ? ri.g_ce * std::exp(zj - L1) : 0.0);
+  };
+  if (ri.ce) write_scalar(r.gz, ri.y, dense(ri.zy) - ri.g_ce);
+  for (int64_t k = 0; k < K; ++k) {
+    const double lab = ri.ce && idx[k] == ri.y ? ri.g_ce : 0.0;
+    write_scalar(r.gz, idx[k], dense(zk[k]) - cp * pk[k] - lab);
+  }
   return out;
 }

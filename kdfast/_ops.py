@@ -59,23 +59,32 @@ def distill(z: Tensor, v: Tensor, zp: Optional[Tensor], labels: Optional[Tensor]
     ``grad_z`` / ``grad_v`` are empty when not asked for. ``loss`` is a scalar, or per row for
     ``reduction="none"``.
     """
+    d, ce, grad_scale = _row_outputs(z, labels, kd_w, iparams[5], reduction)
+    grad_z = _grad_buffer(z) if need_grad_z else z.new_empty(0)
+    grad_v = _grad_buffer(v) if need_grad_v else v.new_empty(0)
+    _backend_fn(backend)(z, v, zp, labels, kd_w, ce_w, grad_scale, d, ce,
+                         grad_z if need_grad_z else None, grad_v if need_grad_v else None,
+                         fparams, iparams)
+    return _reduce(kd_w, d, ce_w, ce, reduction, grad_scale), d, ce, grad_z, grad_v, grad_scale
+
+
+def _row_outputs(z: Tensor, labels: Optional[Tensor], kd_w: Tensor, ignore_index: int, reduction: str):
+    """The per-row outputs (D_i, CE_i) and the gradient scale (1 / n_valid for "mean")."""
     n = z.shape[0]
     acc = kd_w.dtype
     d = torch.empty(n, dtype=acc, device=z.device)
     ce = torch.empty(n, dtype=acc, device=z.device)
-    grad_z = _grad_buffer(z) if need_grad_z else z.new_empty(0)
-    grad_v = _grad_buffer(v) if need_grad_v else v.new_empty(0)
     if reduction == "mean":   # 1 / n_valid as a device tensor: no host synchronisation
-        n_valid = (labels != iparams[5]).sum() if labels is not None else torch.tensor(n, device=z.device)
+        n_valid = (labels != ignore_index).sum() if labels is not None else torch.tensor(n, device=z.device)
         grad_scale = n_valid.to(acc).clamp_min(1).reciprocal().reshape(1)  # in acc: exact 1/n
     else:
         grad_scale = torch.ones(1, dtype=acc, device=z.device)
-    _backend_fn(backend)(z, v, zp, labels, kd_w, ce_w, grad_scale, d, ce,
-                         grad_z if need_grad_z else None, grad_v if need_grad_v else None,
-                         fparams, iparams)
+    return d, ce, grad_scale
+
+
+def _reduce(kd_w: Tensor, d: Tensor, ce_w: Tensor, ce: Tensor, reduction: str, grad_scale: Tensor) -> Tensor:
     rows = kd_w * d + ce_w * ce
-    loss = rows if reduction == "none" else rows.sum() * grad_scale[0]
-    return loss, d, ce, grad_z, grad_v, grad_scale
+    return rows if reduction == "none" else rows.sum() * grad_scale[0]
 
 
 @distill.register_fake
@@ -140,6 +149,50 @@ def _backward(ctx, g_loss, _gd, _gce, _ggz, _ggv, _gscale):
 
 
 distill.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ---------------------------------------------------------------------------------------------------
+# The top-k (sparse teacher) op: the same positional layout as ``distill`` with the teacher's (N, k)
+# log-probabilities in ``v``'s place and their int64 classes in ``zp``'s, so that the fake shapes,
+# the saved tensors and the backward are shared. The teacher gets no gradient (it is data).
+@torch.library.custom_op("kdfast::topk_distill", mutates_args=())
+def topk_distill(z: Tensor, t_lp: Tensor, t_idx: Tensor, labels: Optional[Tensor], kd_w: Tensor,
+                 ce_w: Tensor, fparams: list[float], iparams: list[int], reduction: str, backend: str,
+                 need_grad_z: bool, need_grad_v: bool, inplace_backward: bool = False
+                 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """``fparams = [T, scale]``, ``iparams = [renormalize, has_ce, ignore_index]``; returns
+    ``(loss, d, ce, grad_z, empty, grad_scale)``; see ``kdfast/topk.py``."""
+    d, ce, grad_scale = _row_outputs(z, labels, kd_w, iparams[2], reduction)
+    grad_z = _grad_buffer(z) if need_grad_z else z.new_empty(0)
+    _topk_backend_fn(backend)(z, t_lp, t_idx, labels, kd_w, ce_w, grad_scale, d, ce,
+                              grad_z if need_grad_z else None, fparams, iparams)
+    return (_reduce(kd_w, d, ce_w, ce, reduction, grad_scale), d, ce, grad_z, t_lp.new_empty(0),
+            grad_scale)
+
+
+@functools.lru_cache(maxsize=None)
+def _topk_backend_fn(name: str):
+    if name == "cpu":
+        from ._cpu import load
+        return load().topk_forward
+    if name == "triton":
+        from ._triton import topk_forward
+        return topk_forward
+    raise ValueError(f"unknown kernel backend {name!r}")
+
+
+@topk_distill.register_fake
+def _(z, t_lp, t_idx, labels, kd_w, ce_w, fparams, iparams, reduction, backend, need_grad_z,
+      need_grad_v, inplace_backward=False):
+    n = z.shape[0]
+    acc = kd_w.dtype
+    loss = z.new_empty(n if reduction == "none" else (), dtype=acc)
+    grad_z = torch.empty_like(z, memory_format=torch.contiguous_format) if need_grad_z else z.new_empty(0)
+    return (loss, z.new_empty(n, dtype=acc), z.new_empty(n, dtype=acc), grad_z, t_lp.new_empty(0),
+            z.new_empty(1, dtype=acc))
+
+
+topk_distill.register_autograd(_backward, setup_context=_setup_context)
 
 
 def run(z: Tensor, v: Tensor, zp: Optional[Tensor], labels: Optional[Tensor], kd_w: Tensor,

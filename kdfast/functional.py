@@ -30,11 +30,11 @@ import torch
 from torch import Tensor
 
 from . import _cpu, reference
-from ._ops import REDUCTIONS, acc_dtype, run
+from ._ops import REDUCTIONS, acc_dtype, run, topk_distill
 from ._spec import KernelParams, Kind
 
 __all__ = ["kd_loss", "ttm_loss", "wttm_loss", "dkd_loss", "logit_matching_loss", "ls_kd_loss",
-           "jsd_loss", "retro_kd_loss"]
+           "jsd_loss", "retro_kd_loss", "topk_kd_loss"]
 
 Weight = Union[float, Tensor]
 BACKENDS = ("auto", "cpu", "triton", "torch")
@@ -158,6 +158,22 @@ def _as_rows(x: Tensor, c: int) -> Tensor:
 
 
 # ----------------------------------------------------------------------------- the common path
+def _common_args(z, labels, ignore_index, reduction, kd_weight, ce_weight, acc, backend):
+    """Checks of the arguments every loss has; returns (labels, reduction, kd_w, ce_w, backend)."""
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+        raise ValueError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+    if reduction == "batchmean":
+        reduction = "mean"
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of 'mean', 'batchmean', 'sum', 'none', got {reduction!r}")
+    labels = _check_labels(labels, z, ignore_index)
+    lead = z.shape[:-1]
+    n = lead.numel()
+    kd_w = _rows_weight(kd_weight, "kd_weight", lead, n, acc, z.device)
+    ce_w = _rows_weight(ce_weight, "ce_weight", lead, n, acc, z.device)
+    return labels, reduction, kd_w, ce_w, _resolve_backend(backend, z.device)
+
+
 def _distill(params: KernelParams, ref: Callable[..., Tensor], hyper: dict, z, v, labels, *,
              kd_weight, ce_weight, ignore_index, reduction, backend, inplace_backward,
              zp=None) -> Tensor:
@@ -177,19 +193,11 @@ def _distill(params: KernelParams, ref: Callable[..., Tensor], hyper: dict, z, v
         _check_logits("past_student_logits", zp)
         if zp.device != z.device:
             raise ValueError(f"past_student_logits are on {zp.device}, student_logits on {z.device}")
-    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
-        raise ValueError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
-    if reduction == "batchmean":
-        reduction = "mean"
-    if reduction not in REDUCTIONS:
-        raise ValueError(f"reduction must be one of 'mean', 'batchmean', 'sum', 'none', got {reduction!r}")
-    labels = _check_labels(labels, z, ignore_index)
+    acc = acc_dtype(z.dtype, v.dtype)
+    labels, reduction, kd_w, ce_w, backend = _common_args(z, labels, ignore_index, reduction,
+                                                          kd_weight, ce_weight, acc, backend)
     lead, c = z.shape[:-1], z.shape[-1]
     n = lead.numel()
-    acc = acc_dtype(z.dtype, v.dtype)
-    kd_w = _rows_weight(kd_weight, "kd_weight", lead, n, acc, z.device)
-    ce_w = _rows_weight(ce_weight, "ce_weight", lead, n, acc, z.device)
-    backend = _resolve_backend(backend, z.device)
     if backend == "torch":
         extra = () if zp is None else (zp,)
         return ref(z, v, *extra, labels, **hyper, kd_weight=kd_weight, ce_weight=ce_weight,
@@ -374,3 +382,63 @@ def retro_kd_loss(student_logits: Tensor, teacher_logits: Tensor, past_student_l
                     kd_weight=kd_weight, ce_weight=ce_weight, ignore_index=ignore_index,
                     reduction=reduction, backend=backend, inplace_backward=inplace_backward,
                     zp=past_student_logits)
+
+
+@_declare
+def topk_kd_loss(student_logits: Tensor, teacher_topk_logprobs: Tensor, teacher_topk_indices: Tensor,
+                 labels: Optional[Tensor] = None, *, temperature: float = 1.0, renormalize: bool = True,
+                 kd_weight: Weight = 1.0, ce_weight: Weight = 1.0, ignore_index: int = -100,
+                 reduction: str = "mean", backend: str = "auto", inplace_backward: bool = False) -> Tensor:
+    """KD against a sparse teacher that kept only its top-k log-probabilities (offline teachers, k = 8..128):
+    ``T^2 * sum_k p_k (log p_k - log q_{i_k})`` per row, ``q = softmax(z / T)`` over all C classes.
+
+    - ``teacher_topk_logprobs``: ``(..., k)`` floats, the teacher's log-probabilities (or logits) on
+      the classes ``teacher_topk_indices`` (``(..., k)`` integers in ``[0, C)``, distinct within a
+      row; pad a short row with any unused class and ``-inf``).
+    - ``renormalize=True``: the teacher is ``softmax(logprobs / T)`` over its k classes.
+      ``renormalize=False``: ``p_k = exp(logprobs_k)`` as given (its mass may be below 1; only
+      ``temperature=1``); the loss is then the KL restricted to the k classes.
+
+    No dense teacher tensor is built: the kernel sweeps the student row (its log-sum-exp) and gathers
+    the k columns. The teacher gets no gradient (it is data). Equal to :func:`kd_loss` with the
+    teacher scattered into a row of ``-inf`` logits (``kdfast.reference.topk_kd_loss``).
+    """
+    t = _check_temperature(temperature)
+    if not isinstance(renormalize, bool):
+        raise ValueError(f"renormalize must be a bool, got {type(renormalize).__name__}")
+    if not renormalize and t != 1.0:
+        raise ValueError("renormalize=False takes the teacher's probabilities as given: temperature must be 1")
+    z, lp, idx = student_logits, teacher_topk_logprobs, teacher_topk_indices
+    _check_logits("student_logits", z)
+    _check_logits("teacher_topk_logprobs", lp)
+    if not isinstance(idx, Tensor) or idx.dtype.is_floating_point or idx.dtype.is_complex or idx.dtype == torch.bool:
+        raise ValueError("teacher_topk_indices must be an integer tensor")
+    if lp.shape[:-1] != z.shape[:-1] or idx.shape != lp.shape:
+        raise ValueError(f"teacher_topk_logprobs {tuple(lp.shape)} and teacher_topk_indices "
+                         f"{tuple(idx.shape)} must both be (..., k) with the student's leading shape "
+                         f"{tuple(z.shape[:-1])}")
+    if lp.device != z.device or idx.device != z.device:
+        raise ValueError("the teacher's top-k tensors must be on the student logits' device")
+    c = z.shape[-1]
+    if idx.device.type == "cpu" and idx.numel() and not torch.compiler.is_compiling():
+        if not bool(((idx >= 0) & (idx < c)).all()):   # CUDA: the kernel makes such a row NaN
+            raise ValueError(f"teacher_topk_indices must be in [0, {c})")
+    acc = acc_dtype(z.dtype, lp.dtype)
+    labels, reduction, kd_w, ce_w, backend = _common_args(z, labels, ignore_index, reduction,
+                                                          kd_weight, ce_weight, acc, backend)
+    if backend == "torch":
+        return reference.topk_kd_loss(z, lp.detach(), idx, labels, temperature=t, renormalize=renormalize,
+                                      kd_weight=kd_weight, ce_weight=ce_weight,
+                                      ignore_index=ignore_index, reduction=reduction)
+    lead, k = z.shape[:-1], lp.shape[-1]
+    n = lead.numel()
+    z2 = _as_rows(z, c).to(acc) if acc == torch.float64 else _as_rows(z, c)
+    lp2 = lp.detach().reshape(n, k).to(acc).contiguous()
+    idx2 = idx.reshape(n, k).to(torch.int64).contiguous()
+    y2 = None if labels is None else labels.reshape(n).to(torch.int64).contiguous()
+    has_ce = labels is not None and not (not isinstance(ce_weight, Tensor) and ce_weight == 0)
+    need_gz = torch.is_grad_enabled() and z2.requires_grad
+    loss = topk_distill(z2, lp2, idx2, y2, kd_w, ce_w, [t, t * t],
+                        [int(renormalize), int(has_ce), ignore_index], reduction, backend, need_gz,
+                        False, inplace_backward)[0]
+    return loss.view(lead) if reduction == "none" else loss

@@ -6,7 +6,7 @@ from torch import Tensor, nn
 from . import functional as F
 
 __all__ = ["KDLoss", "TTMLoss", "WTTMLoss", "DKDLoss", "LogitMatchingLoss", "LSKDLoss", "JSDLoss",
-           "RetroKDLoss"]
+           "RetroKDLoss", "TopKKDLoss"]
 
 
 class _DistillLoss(nn.Module):
@@ -119,3 +119,21 @@ class RetroKDLoss(_DistillLoss):
                 labels: Tensor | None = None) -> Tensor:
         return F.retro_kd_loss(student_logits, teacher_logits, past_student_logits, labels,
                                **self.hparams)
+
+
+class TopKKDLoss(_DistillLoss):
+    """Module form of :func:`kdfast.topk_kd_loss`:
+    ``forward(student, teacher_topk_logprobs, teacher_topk_indices, labels)``."""
+
+    _fn = staticmethod(F.topk_kd_loss)
+
+    def __init__(self, temperature=1.0, renormalize=True, kd_weight=1.0, ce_weight=1.0,
+                 ignore_index=-100, reduction="mean", backend="auto"):
+        super().__init__(temperature=temperature, renormalize=renormalize, kd_weight=kd_weight,
+                         ce_weight=ce_weight, ignore_index=ignore_index, reduction=reduction,
+                         backend=backend)
+
+    def forward(self, student_logits: Tensor, teacher_topk_logprobs: Tensor,
+                teacher_topk_indices: Tensor, labels: Tensor | None = None) -> Tensor:
+        return F.topk_kd_loss(student_logits, teacher_topk_logprobs, teacher_topk_indices, labels,
+                              **self.hparams)

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 __all__ = ["kd_loss", "ttm_loss", "wttm_loss", "dkd_loss", "logit_matching_loss", "ls_kd_loss",
-           "jsd_loss", "retro_kd_loss"]
+           "jsd_loss", "retro_kd_loss", "topk_kd_loss"]
 
 
 def _kl(log_p: Tensor, log_q: Tensor) -> Tensor:
@@ -149,3 +149,17 @@ def retro_kd_loss(student_logits, teacher_logits, past_student_logits, labels=No
     r = (1 - past_weight) * teacher_logits + past_weight * past_student_logits.detach()
     d = _kd_term(student_logits, r, temperature)
     return _finish(d, student_logits, labels, kd_weight, ce_weight, ignore_index, reduction)
+
+
+def topk_kd_loss(student_logits, teacher_topk_logprobs, teacher_topk_indices, labels=None, *,
+                 temperature=1.0, renormalize=True, kd_weight=1.0, ce_weight=1.0, ignore_index=-100,
+                 reduction="mean"):
+    """KD against a top-k teacher, densely: the k log-probabilities scattered into a row of -inf,
+    then T^2 * KL(p || softmax(z/T)) with p = softmax(row / T) (renormalize) or exp(row) (as given)."""
+    z = student_logits
+    dense = torch.full_like(z, float("-inf")).scatter(
+        -1, teacher_topk_indices.long(), teacher_topk_logprobs.to(z.dtype))
+    log_p = F.log_softmax(dense / temperature, dim=-1) if renormalize else dense
+    log_p = log_p.masked_fill(dense == float("-inf"), float("-inf"))  # a row of padding only: p = 0
+    d = temperature * temperature * _kl(log_p, F.log_softmax(z / temperature, dim=-1))
+    return _finish(d, z, labels, kd_weight, ce_weight, ignore_index, reduction)

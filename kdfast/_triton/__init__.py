@@ -14,8 +14,9 @@ import triton
 import triton.language as tl
 
 from .kernel import _distill_kernel
+from .topk import _topk_kernel
 
-__all__ = ["distill_forward", "block_size", "num_warps_for", "max_registers", "launch_config",
+__all__ = ["distill_forward", "topk_forward", "block_size", "num_warps_for", "max_registers", "launch_config",
            "MAX_BLOCK"]
 
 #: Upper bound of the column block. Register use grows with the elements each thread holds,
@@ -60,9 +61,16 @@ def max_registers(num_warps: int) -> int:
     return int(min(255, REGISTERS_PER_BLOCK // (32 * num_warps)))
 
 
-def launch_config(C: int, max_block: int | None = None) -> tuple[int, int]:
-    """(BLOCK, num_warps) for rows of ``C`` classes."""
-    b = block_size(C, max_block)
+#: Block cap for float64 rows: each element takes two registers, and ``python -m kdfast.inspect
+#: --dtypes fp64`` measured kd spilling ~1.2 KB per thread at BLOCK 8192 and dkd / jsd spilling at
+#: 4096; 1024 is spill-free for every kind (fp64 is the gradcheck path, not a speed path).
+MAX_BLOCK_FP64 = 1024
+
+
+def launch_config(C: int, max_block: int | None = None, fp64: bool = False) -> tuple[int, int]:
+    """(BLOCK, num_warps) for rows of ``C`` classes (``fp64``: float64 rows)."""
+    cap = MAX_BLOCK if max_block is None else max_block
+    b = block_size(C, min(cap, MAX_BLOCK_FP64) if fp64 else cap)
     return b, num_warps_for(b)
 
 
@@ -83,7 +91,7 @@ def distill_forward(z, v, zp, labels, kd_w, ce_w, grad_scale, d_out, ce_out, gra
     has_ce = bool(has_ce) and has_labels
     # CE's lse(z) equals the student lse at Ts when Ts == 1 (a Python float: no host sync)
     ce_shared = has_ce and kind in (0, 1, 4) and ts == 1.0
-    block, num_warps = launch_config(C)
+    block, num_warps = launch_config(C, fp64=z.dtype == torch.float64)
     acc = tl.float64 if z.dtype == torch.float64 else tl.float32
     dummy = d_out  # stands in for absent tensors (never read or written: constexpr flags)
     hi_lo = [_split(x) for x in (ts, tt, scale, rho, alpha, beta)]
@@ -99,4 +107,33 @@ def distill_forward(z, v, zp, labels, kd_w, ce_w, grad_scale, d_out, ce_out, gra
         WTTM=bool(wttm) and kind == 0, REVERSE=bool(reverse) and kind == 0, HAS_ZP=zp is not None,
         CENTER=bool(center) and kind == 2, NEED_GZ=grad_z is not None, NEED_GV=grad_v is not None,
         ACC=acc, BLOCK=block, num_warps=num_warps, maxnreg=max_registers(num_warps),
+    )
+
+
+def topk_forward(z, t_lp, t_idx, labels, kd_w, ce_w, grad_scale, d_out, ce_out, grad_z, fparams,
+                 iparams) -> None:
+    """The top-k teacher form (``kdfast._ops.topk_distill``): ``t_lp`` (N, k) accumulation-dtype
+    log-probabilities, ``t_idx`` (N, k) int64 classes; ``fparams = [T, scale]``,
+    ``iparams = [renormalize, has_ce, ignore_index]``."""
+    N, C = z.shape
+    if N == 0:
+        return
+    renorm, has_ce, ignore_index = (int(x) for x in iparams)
+    t, scale = (float(x) for x in fparams)
+    has_labels = labels is not None
+    has_ce = bool(has_ce) and has_labels
+    block, num_warps = launch_config(C, fp64=z.dtype == torch.float64)
+    K = t_lp.shape[1]
+    dummy = d_out
+    (t_hi, t_lo), (s_hi, s_lo) = _split(t), _split(scale)
+    _topk_kernel[(N,)](
+        z, t_lp, t_idx, labels if has_labels else dummy, kd_w, ce_w, grad_scale, d_out, ce_out,
+        grad_z if grad_z is not None else dummy,
+        C, K, z.stride(0), t_lp.stride(0), t_idx.stride(0),
+        grad_z.stride(0) if grad_z is not None else 0,
+        t_hi, t_lo, s_hi, s_lo, ignore_index,
+        HAS_LABELS=has_labels, HAS_CE=has_ce, CE_SHARED=has_ce and t == 1.0, RENORM=bool(renorm),
+        NEED_GZ=grad_z is not None, ACC=tl.float64 if z.dtype == torch.float64 else tl.float32,
+        BLOCK=block, KBLOCK=max(16, triton.next_power_of_2(max(K, 1))), num_warps=num_warps,
+        maxnreg=max_registers(num_warps),
     )

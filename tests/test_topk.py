@@ -1,0 +1,176 @@
+"""topk_kd_loss (a sparse teacher of k log-probabilities) on every fused backend against the dense
+reference that scatters the teacher into a row of -inf logits."""
+import pytest
+import torch
+
+import kdfast
+from conftest import BACKENDS, low_precision_bound, max_err, rand_labels, rand_logits, scale_of
+
+R = kdfast.reference
+
+
+def sparse_teacher(lead, c, k, gen, dtype=torch.float64, pad=0):
+    """(log-probabilities, classes) of a random teacher's top-k; the last ``pad`` entries of each row
+    are padding (-inf) on unused classes."""
+    v = rand_logits((*lead, c), gen=gen)
+    lp, idx = torch.log_softmax(v, -1).topk(k, dim=-1)
+    if pad:
+        lp[..., k - pad:] = float("-inf")
+    # shuffle the k entries so the classes are not sorted by probability
+    perm = torch.argsort(torch.rand(lp.shape, generator=gen), dim=-1)
+    return lp.gather(-1, perm).to(dtype), idx.gather(-1, perm)
+
+
+def run(fn, z, lp, idx, labels, *, weights=None, upstream=None, gen=None, **kw):
+    z = z.detach().requires_grad_(True)
+    kd_w = ce_w = 1.0
+    if weights is not None:
+        kd_w, ce_w = (w.detach().clone().requires_grad_(True) for w in weights)
+    loss = fn(z, lp, idx, labels, kd_weight=kd_w, ce_weight=ce_w, reduction="none", **kw)
+    if upstream is None:
+        upstream = torch.randn(loss.shape, generator=gen, dtype=torch.float64)
+    loss.backward(upstream.to(loss.dtype))
+    out = {"loss": loss.detach().double(), "z": z.grad.double()}
+    if weights is not None:   # without labels the reference never touches ce_weight: grad None = 0
+        out["kd_w"], out["ce_w"] = (torch.zeros_like(w.double()) if w.grad is None else w.grad.double()
+                                    for w in (kd_w, ce_w))
+    return out, upstream
+
+
+CASES = [   # (shape, k, pad, hyperparameters)
+    ((1, 1), 1, 0, {}),
+    ((5, 3), 2, 0, {"temperature": 2.0}),
+    ((4, 37), 8, 3, {"temperature": 1.5}),
+    ((2, 3, 300), 16, 0, {}),
+    ((3, 300), 16, 0, {"renormalize": False}),
+    ((6, 1031), 64, 5, {"temperature": 4.0}),
+]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", range(len(CASES)))
+@pytest.mark.parametrize("with_labels", [True, False])
+def test_float64_matches_dense_reference(backend, case, with_labels, gen):
+    shape, k, pad, hyper = CASES[case]
+    lead, c = shape[:-1], shape[-1]
+    z = rand_logits(shape, gen=gen)
+    lp, idx = sparse_teacher(lead, c, k, gen, pad=pad)
+    labels = rand_labels(lead, c, gen=gen) if with_labels else None
+    if with_labels and c > 2:   # a label among the teacher's classes, and one outside them
+        labels.view(-1)[0] = idx.reshape(-1, k)[0, 0]
+    w = tuple(torch.rand(lead, generator=gen, dtype=torch.float64) + 0.5 for _ in range(2))
+    got, up = run(kdfast.topk_kd_loss, z, lp, idx, labels, weights=w, gen=gen, backend=backend, **hyper)
+    want, _ = run(R.topk_kd_loss, z, lp, idx, labels, weights=w, upstream=up, **hyper)
+    for key in want:
+        tol = 1e-10 * max(1.0, scale_of(want[key])) * (1 + c ** 0.5)
+        assert max_err(got[key], want[key]) <= tol, (shape, key, max_err(got[key], want[key]))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_low_precision_no_worse_than_eager(backend, dtype, gen):
+    shape = (8, 1031) if backend == "cpu" else (3, 300)
+    lead, c = shape[:-1], shape[-1]
+    z = rand_logits(shape, gen=gen).to(dtype)
+    lp, idx = sparse_teacher(lead, c, 32, gen)
+    labels = rand_labels(lead, c, gen=gen)
+    kw = {"temperature": 2.0}
+    got, up = run(kdfast.topk_kd_loss, z, lp.to(dtype), idx, labels, gen=gen, backend=backend, **kw)
+    want, _ = run(R.topk_kd_loss, z.double(), lp.to(dtype).double(), idx, labels, upstream=up, **kw)
+    eager, _ = run(R.topk_kd_loss, z, lp.to(dtype), idx, labels, upstream=up, **kw)
+    for key in want:
+        bound = low_precision_bound(max_err(eager[key], want[key]), dtype, scale_of(want[key]))
+        assert max_err(got[key], want[key]) <= bound, (key, max_err(got[key], want[key]), bound)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_matches_kd_on_the_scattered_teacher(backend, gen):
+    """k = C: the sparse teacher is the whole teacher, and the loss is kd_loss's."""
+    z, v = rand_logits((4, 50), gen=gen), rand_logits((4, 50), gen=gen)
+    lp, idx = torch.log_softmax(v, -1).topk(50, dim=-1)
+    y = rand_labels((4,), 50, gen=gen)
+    a = kdfast.topk_kd_loss(z, lp, idx, y, temperature=3.0, backend=backend)
+    b = kdfast.kd_loss(z, v, y, temperature=3.0, backend=backend)
+    assert abs(a.item() - b.item()) <= 1e-10 * max(1.0, abs(b.item()))
+
+
+def test_gradcheck_cpu():
+    g = torch.Generator().manual_seed(0)
+    z = rand_logits((3, 11), gen=g).requires_grad_()
+    lp, idx = sparse_teacher((3,), 11, 4, g, pad=1)
+    y = torch.tensor([idx[0, 0].item(), 5, -100])
+    kd_w = (torch.rand(3, dtype=torch.float64, generator=g) + 0.5).requires_grad_()
+    for t in (1.0, 2.5):
+        assert torch.autograd.gradcheck(
+            lambda a, w: kdfast.topk_kd_loss(a, lp, idx, y, temperature=t, kd_weight=w, backend="cpu"),
+            (z, kd_w))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_extremes_empty_and_all_padding(backend, gen):
+    # +-1e4 logits, a row whose teacher entries are all -inf (no mass: D = 0), an empty batch
+    z = rand_logits((3, 40), gen=gen) * 3e3
+    lp, idx = sparse_teacher((3,), 40, 6, gen)
+    lp[1] = float("-inf")
+    got, up = run(kdfast.topk_kd_loss, z, lp, idx, None, gen=gen, backend=backend, temperature=2.0)
+    want, _ = run(R.topk_kd_loss, z, lp, idx, None, upstream=up, temperature=2.0)
+    assert torch.isfinite(got["loss"]).all() and torch.isfinite(got["z"]).all()
+    for key in want:
+        assert max_err(got[key], want[key]) <= 1e-9 * max(1.0, scale_of(want[key]))
+    assert got["loss"][1] == 0
+    e = kdfast.topk_kd_loss(torch.zeros(0, 7, requires_grad=True), torch.zeros(0, 3),
+                            torch.zeros(0, 3, dtype=torch.long), backend=backend)
+    e.backward()
+    assert e.item() == 0.0
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_inplace_backward(backend, gen):
+    z = rand_logits((4, 70), gen=gen)
+    lp, idx = sparse_teacher((4,), 70, 5, gen)
+    y = rand_labels((4,), 70, gen=gen)
+    a, b = z.clone().requires_grad_(), z.clone().requires_grad_()
+    kdfast.topk_kd_loss(a, lp, idx, y, backend=backend).backward(torch.tensor(0.7, dtype=torch.float64))
+    kdfast.topk_kd_loss(b, lp, idx, y, backend=backend, inplace_backward=True).backward(
+        torch.tensor(0.7, dtype=torch.float64))
+    assert torch.equal(a.grad, b.grad)
+
+
+def test_errors():
+    z = torch.randn(2, 5)
+    lp, idx = torch.randn(2, 3), torch.tensor([[0, 1, 2], [2, 3, 5]])
+    with pytest.raises(ValueError, match=r"in \[0, 5\)"):
+        kdfast.topk_kd_loss(z, lp, idx, backend="cpu")
+    with pytest.raises(ValueError, match="temperature must be 1"):
+        kdfast.topk_kd_loss(z, lp, idx.clamp_max(4), temperature=2.0, renormalize=False)
+    with pytest.raises(ValueError, match="integer"):
+        kdfast.topk_kd_loss(z, lp, idx.float())
+    with pytest.raises(ValueError, match="leading shape"):
+        kdfast.topk_kd_loss(z, lp[:1], idx[:1])
+
+
+def test_triton_bad_class_makes_the_row_nan():
+    """On CUDA the indices are not read on the host: a class outside [0, C) makes its row NaN."""
+    from kdfast._ops import topk_distill
+    z = torch.randn(2, 5)
+    lp = torch.log_softmax(torch.randn(2, 3), -1)
+    idx = torch.tensor([[0, 1, 2], [2, 3, 9]])
+    ones = torch.ones(2)
+    out = topk_distill(z, lp, idx, None, ones, ones, [1.0, 1.0], [1, 0, -100], "none", "triton", True, False)
+    loss, grad = out[0], out[3]
+    assert torch.isfinite(loss[0]) and torch.isnan(loss[1])
+    assert torch.isfinite(grad[0]).all() and torch.isnan(grad[1]).all()
+
+
+def test_compile_fullgraph():
+    z = torch.randn(4, 33, requires_grad=True)
+    lp, idx = torch.log_softmax(torch.randn(4, 33), -1).topk(5, -1)
+    f = torch.compile(lambda a: kdfast.topk_kd_loss(a, lp, idx, temperature=2.0, backend="cpu"),
+                      fullgraph=True, backend="eager")
+    got = f(z)
+    got.backward()
+    g1 = z.grad.clone()
+    z.grad = None
+    want = kdfast.topk_kd_loss(z, lp, idx, temperature=2.0, backend="cpu")
+    want.backward()
+    assert torch.allclose(got, want) and torch.allclose(g1, z.grad)
