@@ -3,15 +3,34 @@
 Compiles ``kdfast._triton.kernel._distill_kernel`` for every loss kind x a representative set of
 ``tl.constexpr`` combinations (input dtype, NEED_GZ / NEED_GV, HAS_CE, BLOCK with the ``num_warps``
 the launcher picks for it, up to the largest block ``MAX_BLOCK``) for sm_80 and sm_90a, with no GPU:
-``triton.compile(ASTSource(...), target=GPUTarget("cuda", cc, 32))`` emits PTX, then the ptxas that
-Triton itself uses for that architecture (bundled under ``triton/backends/nvidia/bin``) assembles
-it with ``-v``; its report gives registers per thread and spill stores / loads. Prints a table and
-exits non-zero when any configuration spills or cannot launch (registers x threads > 64K).
+``triton.compile(ASTSource(...), target=GPUTarget("cuda", cc, 32))`` emits PTX and the cubin Triton
+would launch. Per configuration it reports
 
-Options: ``--arch 80 90`` (compute capabilities), ``--blocks 1024 16384``, ``--quick`` (only the largest
-block, both gradients and CE on: the highest register pressure of each kind), ``--jobs N`` (parallel compiles), ``--json FILE``.
-Triton must not run in interpreter mode here: ``TRITON_INTERPRET`` is ignored (removed) for the
-compile (run this module in a fresh process when the tests set it).
+* registers and spills: the ``-v`` report of the ptxas run in which Triton builds the cubin (the
+  bundled ptxas it picks for the architecture, with its own flags), and the bundled ``cuobjdump
+  --dump-resource-usage`` of that cubin (REG, STACK, LOCAL: spilled registers land in STACK);
+* shared memory: the dynamic shared memory Triton requests at launch (``metadata.shared``: the
+  cross-warp reduction scratch) plus any static shared memory of the cubin;
+* global memory access width, from the PTX: the loads inside the column loops (the row sweeps of
+  z / v / zp) and the gradient stores, by bits per instruction. 128-bit is ``ld.global.v4.b32``
+  for every 32- and 16-bit dtype (fp32: 4 elements, bf16 / fp16: 8 elements packed in 4 x b32)
+  and ``v2.b64`` for fp64; narrower accesses mean the compiler could not prove 16-byte alignment.
+
+The specialisation is the one a real launch gets (``triton.runtime.jit``): pointers divisible by 16
+(fresh CUDA allocations are), and each integer argument marked divisible by 16 exactly when its
+value is, for a row-contiguous call with ``--classes C`` columns (C and the row strides are C;
+absent tensors pass stride 0). The default C = 32000 is 16-aligned; a C that is not a multiple of
+16 (e.g. 1000) shows what such calls get. Prints a table and exits non-zero when any configuration
+spills, cannot launch (registers x threads > 64K), or, with 16-aligned C, streams the rows with
+loads narrower than 128 bits.
+
+Options: ``--arch 80 90`` (compute capabilities), ``--blocks 1024 8192``, ``--dtypes fp32 bf16``,
+``--losses kd dkd``, ``--classes 32000 1000``, ``--quick`` (only the largest block, both gradients
+and CE on: the highest register pressure of each kind), ``--jobs N`` (parallel compiles),
+``--json FILE``. Works with Triton 3.6 and 3.9 (same ``ASTSource`` / ``GPUTarget`` /
+``triton.compile`` signatures). Triton must not run in interpreter mode here: run as a script it
+removes ``TRITON_INTERPRET`` before importing triton (run it in a fresh process when the tests set
+it; ``compile_one`` called in an interpreter-mode process is not supported).
 """
 from __future__ import annotations
 
@@ -25,10 +44,17 @@ import subprocess
 import sys
 import tempfile
 
-# The AOT compile needs the real (non-interpreted) JIT: drop the interpreter flag before triton is
-# imported in this process (and in worker processes, which inherit the environment).
-os.environ.pop("TRITON_INTERPRET", None)
+if __name__ == "__main__":
+    # The AOT compile needs the real (non-interpreted) JIT: drop the interpreter flag before triton
+    # is imported in this process (worker processes inherit the environment). Only when run as a
+    # script: a test process importing the helpers below keeps its interpreter mode.
+    os.environ.pop("TRITON_INTERPRET", None)
+    # Triton 3.9 warns once per process that the fp-fusion default will change; fusion (what real
+    # launches get today) is what is inspected.
+    os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
 
+#: the class count of the modelled call when none is given: a multiple of 16
+DEFAULT_CLASSES = 32000
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,7 +63,7 @@ class Combo:
 
     name: str          # the loss it stands for
     kind: int          # kdfast._spec.Kind
-    dtype: str         # "fp32" | "bf16" | "fp16" (student and teacher)
+    dtype: str         # "fp32" | "bf16" | "fp16" | "fp64" (student and teacher)
     block: int
     need_gz: bool = True
     need_gv: bool = False
@@ -49,11 +75,12 @@ class Combo:
     has_zp: bool = False
     center: bool = False
     num_warps: int | None = None   # None: what the launcher picks for ``block``
+    classes: int = DEFAULT_CLASSES  # C of the modelled call: decides the integer specialisation
 
     def label(self) -> str:
         flags = "".join([("Z" if self.need_gz else "-"), ("V" if self.need_gv else "-"),
                          ("C" if self.has_ce else "-")])
-        return f"{self.name:9s} {self.dtype:4s} {flags} B={self.block:<5d}"
+        return f"{self.name:9s} {self.dtype:4s} {flags} B={self.block:<5d} C={self.classes:<6d}"
 
 
 # name -> (kind, flags): the flag sets distill_forward passes for each named loss
@@ -67,34 +94,62 @@ _LOSSES = {
     "lm": (2, {"center": True}),
     "ls_kd": (3, {}),
     "jsd": (4, {}),
+    "topk": (5, {}),   # kdfast._triton.topk._topk_kernel (k = 64 teacher entries)
 }
 
+#: float64 rows launch with at most this block (mirrors kdfast._triton.MAX_BLOCK_FP64)
+MAX_BLOCK_FP64 = 1024
 
-def combos(blocks=(1024, 4096, 16384), dtypes=("fp32", "bf16"), quick=False) -> list[Combo]:
+#: k of the modelled top-k teacher
+TOPK_K = 64
+
+
+def combos(blocks=(1024, 4096, 8192), dtypes=("fp32", "bf16"), quick=False, losses=None,
+           classes=(DEFAULT_CLASSES,)) -> list[Combo]:
     out = []
+    grads = [(True, True)] if quick else [(True, False), (True, True)]
+    ces = [True] if quick else [True, False]
     for name, (kind, flags) in _LOSSES.items():
-        for dtype in dtypes:
-            for block in blocks:
-                grads = [(True, True)] if quick else [(True, False), (True, True)]
-                ces = [True] if quick else [True, False]
-                for need_gz, need_gv in grads:
-                    for ce in ces:
-                        f = dict(flags)
-                        if not ce:
-                            f["ce_shared"] = False
-                        out.append(Combo(name, kind, dtype, block, need_gz, need_gv, labels=ce,
-                                         has_ce=ce, **f))
+        if losses and name not in losses:
+            continue
+        for ncls in classes:
+            for dtype in dtypes:
+                for block in blocks:
+                    if dtype == "fp64" and block > MAX_BLOCK_FP64:
+                        continue   # the launcher never uses it (kdfast._triton.MAX_BLOCK_FP64)
+                    for need_gz, need_gv in grads:
+                        for ce in ces:
+                            f = dict(flags)
+                            if not ce:
+                                f["ce_shared"] = False
+                            out.append(Combo(name, kind, dtype, block, need_gz, need_gv, labels=ce,
+                                             has_ce=ce, classes=ncls, **f))
     return out
 
 
+def _jit_int_spec(value: int) -> str:
+    """How ``triton.runtime.jit`` specialises an int argument (3.6 and 3.9 alike): 1 becomes a
+    constexpr, a multiple of 16 is marked ``tt.divisibility = 16`` ("D"), anything else nothing.
+    There is no intermediate level: C = 1000 (a multiple of 8) gets no divisibility at all."""
+    if value == 1:
+        return "constexpr"
+    return "D" if value % 16 == 0 else ""
+
+
 def _signature(c: Combo):
-    """(signature, constexprs, attrs) for ASTSource, as a real launch with aligned tensors and a
-    class count that is a multiple of 16 would specialise them."""
+    """(kernel, signature, constexprs, attrs) for ASTSource: the specialisation a real launch of
+    ``distill_forward`` gets with freshly allocated (16-byte aligned) row-contiguous tensors of
+    ``c.classes`` columns. Pointers are "D"; C and the row strides are "D" iff C % 16 == 0; the
+    strides of absent tensors are 0 ("D"); ignore_index (-100) is not."""
     import triton.language as tl
 
     from kdfast._triton.kernel import _distill_kernel
 
-    acc = "fp32"
+    if c.classes < 2:
+        raise ValueError("--classes must be >= 2 (C = 1 is a constexpr specialisation)")
+    if c.kind == 5:
+        return _topk_signature(c)
+    acc = "fp64" if c.dtype == "fp64" else "fp32"
     p = "*" + c.dtype
     sig = {
         "z_ptr": p, "v_ptr": p, "zp_ptr": p, "lab_ptr": "*i64" if c.labels else "*" + acc,
@@ -111,27 +166,66 @@ def _signature(c: Combo):
     constexprs = dict(
         KIND=c.kind, HAS_LABELS=c.labels, HAS_CE=c.has_ce and c.labels, CE_SHARED=c.ce_shared,
         WTTM=c.wttm, REVERSE=c.reverse, HAS_ZP=c.has_zp, CENTER=c.center, NEED_GZ=c.need_gz,
-        NEED_GV=c.need_gv, ACC=tl.float32, BLOCK=c.block)
+        NEED_GV=c.need_gv, ACC=tl.float64 if acc == "fp64" else tl.float32, BLOCK=c.block)
     for k in constexprs:
         sig[k] = "constexpr"
     names = _distill_kernel.arg_names
     assert set(sig) == set(names), set(sig) ^ set(names)
     sig = {k: sig[k] for k in names}
-    aligned = [k for k in names if k.endswith("_ptr") or k in ("C", "stride_z", "stride_v",
-                                                               "stride_zp", "stride_gz", "stride_gv")]
+    ints = {"C": c.classes, "stride_z": c.classes, "stride_v": c.classes,
+            "stride_zp": c.classes if c.has_zp else 0,
+            "stride_gz": c.classes if c.need_gz else 0,
+            "stride_gv": c.classes if c.need_gv else 0, "ignore_index": -100}
+    aligned = [k for k in names if k.endswith("_ptr") or _jit_int_spec(ints.get(k, 1)) == "D"]
     attrs = {(names.index(k),): [["tt.divisibility", 16]] for k in aligned}
     return _distill_kernel, sig, constexprs, attrs
 
 
+def _topk_signature(c: Combo):
+    """The specialisation ``kdfast._triton.topk_forward`` launches (teacher: (N, k) fp32/fp64
+    log-probabilities and int64 classes, k = TOPK_K)."""
+    import triton
+    import triton.language as tl
+
+    from kdfast._triton.topk import _topk_kernel
+
+    acc = "fp64" if c.dtype == "fp64" else "fp32"
+    p = "*" + c.dtype
+    sig = {"z_ptr": p, "lp_ptr": "*" + acc, "idx_ptr": "*i64",
+           "lab_ptr": "*i64" if c.labels else "*" + acc, "kdw_ptr": "*" + acc, "cew_ptr": "*" + acc,
+           "gs_ptr": "*" + acc, "d_ptr": "*" + acc, "ce_ptr": "*" + acc,
+           "gz_ptr": p if c.need_gz else "*" + acc, "C": "i32", "K": "i32", "stride_z": "i32",
+           "stride_lp": "i32", "stride_idx": "i32", "stride_gz": "i32",
+           "t_hi": "fp32", "t_lo": "fp32", "scale_hi": "fp32", "scale_lo": "fp32", "ignore_index": "i32"}
+    constexprs = dict(HAS_LABELS=c.labels, HAS_CE=c.has_ce and c.labels, CE_SHARED=False, RENORM=True,
+                      NEED_GZ=c.need_gz, ACC=tl.float64 if acc == "fp64" else tl.float32,
+                      BLOCK=c.block, KBLOCK=max(16, triton.next_power_of_2(TOPK_K)))
+    for k in constexprs:
+        sig[k] = "constexpr"
+    names = _topk_kernel.arg_names
+    assert set(sig) == set(names), set(sig) ^ set(names)
+    sig = {k: sig[k] for k in names}
+    ints = {"C": c.classes, "K": TOPK_K, "stride_z": c.classes, "stride_lp": TOPK_K,
+            "stride_idx": TOPK_K, "stride_gz": c.classes if c.need_gz else 0, "ignore_index": -100}
+    aligned = [k for k in names if k.endswith("_ptr") or _jit_int_spec(ints.get(k, 1)) == "D"]
+    attrs = {(names.index(k),): [["tt.divisibility", 16]] for k in aligned}
+    return _topk_kernel, sig, constexprs, attrs
+
+
+def _bin_dir() -> str:
+    import triton
+    return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+
+
 def ptxas_tool(cc: int) -> str:
-    """The ptxas Triton itself runs for this architecture (bundled; CUDA 12.x for sm_80, the
-    newer ``ptxas-blackwell`` for sm_90+, the only bundled one accepting its PTX version there)."""
+    """The ptxas Triton itself runs for this architecture: 3.9's ``get_ptxas`` picks the bundled
+    ``ptxas-blackwell`` for sm_90+ (its PTX 9.x is rejected by the older plain ``ptxas``), 3.6's
+    picks plain ``ptxas`` below sm_100 (its PTX is 8.x)."""
     try:
         from triton.backends.nvidia.compiler import get_ptxas
         return get_ptxas(cc).path
     except Exception:  # noqa: BLE001 - other triton versions: the bundled binary by name
-        import triton
-        base = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+        base = _bin_dir()
         name = "ptxas-blackwell" if cc >= 90 and os.path.exists(os.path.join(base, "ptxas-blackwell")) \
             else "ptxas"
         return os.path.join(base, name)
@@ -150,9 +244,119 @@ def parse_ptxas(log: str) -> dict:
             "spill_st": max(s[1] for s in sp), "spill_ld": max(s[2] for s in sp)}
 
 
-def compile_one(c: Combo, cc: int) -> dict:
-    """AOT-compile one combination for compute capability ``cc``; ptxas -v on its PTX."""
+_RE_RES = re.compile(r"Function (\S+):\s*\n\s*(REG:.*)")
+
+
+def parse_resource_usage(text: str) -> dict:
+    """``cuobjdump --dump-resource-usage`` of a one-kernel cubin -> {"REG": .., "LOCAL": .., ...}."""
+    m = _RE_RES.search(text)
+    if not m:
+        raise RuntimeError(f"unexpected cuobjdump output:\n{text}")
+    out = {}
+    for item in m.group(2).split():
+        k, _, v = item.partition(":")
+        if v.isdigit():
+            out[k] = int(v)
+    return out
+
+
+def cubin_resources(cubin: bytes, workdir: str) -> dict:
+    path = os.path.join(workdir, "triton.cubin")
+    with open(path, "wb") as f:
+        f.write(cubin)
+    r = subprocess.run([os.path.join(_bin_dir(), "cuobjdump"), "--dump-resource-usage", path],
+                       capture_output=True, text=True)
+    if r.returncode != 0:
+        raise RuntimeError(f"cuobjdump failed:\n{r.stderr}")
+    return parse_resource_usage(r.stdout)
+
+
+# ld / st of global memory, optionally predicated: "@%p3 ld.global.L1::evict_last.v4.b32 {...}"
+_RE_GMEM = re.compile(r"^\s*(?:@!?%\w+\s+)?(ld|st)\.global((?:\.[\w:]+)+)\s", re.M)
+_RE_LABEL = re.compile(r"^(\$L__BB\d+_\d+):", re.M)
+_RE_BRA = re.compile(r"\bbra(?:\.uni)?\s+(\$L__BB\d+_\d+)\s*;")
+
+
+def access_bits(suffixes: str) -> int:
+    """Bits moved per thread by one ld/st given its suffixes (".v4.b32" -> 128, ".b16" -> 16)."""
+    vec, bits = 1, None
+    for part in suffixes.strip(".").split("."):
+        m = re.fullmatch(r"v(\d+)", part)
+        if m:
+            vec = int(m.group(1))
+            continue
+        m = re.fullmatch(r"(?:b|s|u|f|bf)(\d+)", part)
+        if m:
+            bits = int(m.group(1))
+    if bits is None:
+        raise ValueError(f"no element type in {suffixes!r}")
+    return vec * bits
+
+
+def global_accesses(ptx: str) -> dict:
+    """Global loads / stores of a PTX kernel by width in bits, split into those inside loops (the
+    column sweeps over the row: the bulk traffic) and the rest (per-row scalars: label, weights,
+    grad scale, z[y], the loss outputs). A loop is the line span from a label to a backward branch
+    to it. Returns {"ld_loop": {bits: n}, "ld_other": .., "st_loop": .., "st_other": ..}."""
+    labels = {m.group(1): ptx.count("\n", 0, m.start()) for m in _RE_LABEL.finditer(ptx)}
+    loops = []
+    for m in _RE_BRA.finditer(ptx):
+        line = ptx.count("\n", 0, m.start())
+        start = labels.get(m.group(1))
+        if start is not None and start < line:
+            loops.append((start, line))
+    out = {"ld_loop": {}, "ld_other": {}, "st_loop": {}, "st_other": {}}
+    for m in _RE_GMEM.finditer(ptx):
+        line = ptx.count("\n", 0, m.start())
+        where = "loop" if any(a <= line <= b for a, b in loops) else "other"
+        d = out[f"{m.group(1)}_{where}"]
+        bits = access_bits(m.group(2))
+        d[bits] = d.get(bits, 0) + 1
+    return out
+
+
+def _widths(d: dict) -> str:
+    """{128: 16, 32: 2} -> "16x128 2x32" (widest first); "-" when empty."""
+    return " ".join(f"{n}x{b}" for b, n in sorted(d.items(), reverse=True)) or "-"
+
+
+def all_128(d: dict) -> bool:
+    """True iff there are accesses and every one moves 128 bits."""
+    return bool(d) and set(d) == {128}
+
+
+def _triton_compile(src, target, options):
+    """``triton.compile`` with Triton's own ptxas log captured: (kernel, log or None).
+
+    Triton assembles the cubin itself (3.9 adds ``-lineinfo --regAllocOptLevel=2``, which change
+    the register allocation) and prints that ptxas's ``-v`` report when
+    ``knobs.nvidia.dump_ptxas_log`` is set; ``always_compile`` bypasses the cache so the report
+    is always produced. Both knobs exist in Triton 3.6 and 3.9."""
+    import contextlib
+    import io
+
     import triton
+    knobs = getattr(triton, "knobs", None)
+    saved = []
+    for group, name in (("nvidia", "dump_ptxas_log"), ("compilation", "always_compile")):
+        g = getattr(knobs, group, None)
+        if g is not None and hasattr(g, name):
+            saved.append((g, name, getattr(g, name)))
+            setattr(g, name, True)
+    buf = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(buf):
+            k = triton.compile(src, target=target, options=options)
+    finally:
+        for g, name, v in saved:
+            setattr(g, name, v)
+    log = buf.getvalue()
+    return k, (log if _RE_REGS.search(log) else None)
+
+
+def compile_one(c: Combo, cc: int) -> dict:
+    """AOT-compile one combination for compute capability ``cc``: Triton's ptxas -v report of the
+    cubin it builds, cuobjdump's resource usage of that cubin, access widths from the PTX."""
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
@@ -162,20 +366,32 @@ def compile_one(c: Combo, cc: int) -> dict:
     target = GPUTarget("cuda", cc, 32)
     nw = c.num_warps or num_warps_for(c.block)
     src = ASTSource(fn=fn, signature=sig, constexprs=constexprs, attrs=attrs)
-    k = triton.compile(src, target=target, options={"num_warps": nw, "maxnreg": max_registers(nw)})
+    k, log = _triton_compile(src, target, {"num_warps": nw, "maxnreg": max_registers(nw)})
     ptx = k.asm["ptx"]
     arch = f"sm_{cc}a" if cc >= 90 else f"sm_{cc}"
     with tempfile.TemporaryDirectory() as d:
-        path = os.path.join(d, "k.ptx")
-        with open(path, "w") as f:
-            f.write(ptx)
-        r = subprocess.run([ptxas_tool(cc), "-v", f"--gpu-name={arch}", path, "-o",
-                            os.path.join(d, "k.cubin")], capture_output=True, text=True)
-    if r.returncode != 0:
-        raise RuntimeError(f"ptxas failed for {c.label()} {arch}:\n{r.stderr}")
-    res = parse_ptxas(r.stderr + r.stdout)
+        source = "triton"
+        if log is None:  # no captured report (another Triton): re-assemble with the same ptxas
+            source = "re-assembled"
+            path = os.path.join(d, "k.ptx")
+            with open(path, "w") as f:
+                f.write(ptx)
+            r = subprocess.run([ptxas_tool(cc), "-lineinfo", "-v", f"--gpu-name={arch}", path,
+                                "-o", os.path.join(d, "k.cubin")], capture_output=True, text=True)
+            if r.returncode != 0:
+                raise RuntimeError(f"ptxas failed for {c.label()} {arch}:\n{r.stderr}")
+            log = r.stderr + r.stdout
+        cub = cubin_resources(k.asm["cubin"], d)
+    res = parse_ptxas(log)
+    if source == "re-assembled":   # its flags may differ from Triton's: the cubin's count rules
+        res["regs"] = cub.get("REG", res["regs"])
+    acc = global_accesses(ptx)
+    smem_dyn = int(getattr(k.metadata, "shared", 0) or 0)
     res.update(arch=arch, num_warps=nw, combo=dataclasses.asdict(c), label=c.label(),
-               fits=res["regs"] * 32 * nw <= REGISTERS_PER_BLOCK)
+               ptxas_report=source, fits=res["regs"] * 32 * nw <= REGISTERS_PER_BLOCK,
+               cubin=cub, smem_dynamic=smem_dyn, smem_static=cub.get("SHARED", 0),
+               aligned_spec=c.classes % 16 == 0, ld128=all_128(acc["ld_loop"]),
+               st128=all_128(acc["st_loop"]) if acc["st_loop"] else None, **acc)
     return res
 
 
@@ -184,7 +400,8 @@ def _job(args):
     try:
         return compile_one(c, cc)
     except Exception as e:  # noqa: BLE001 - reported in the table, fails the run
-        return {"label": c.label(), "arch": f"sm_{cc}", "error": f"{type(e).__name__}: {e}"}
+        return {"label": c.label(), "arch": f"sm_{cc}", "combo": dataclasses.asdict(c),
+                "error": f"{type(e).__name__}: {e}"}
 
 
 def run(cs: list[Combo], archs=(80, 90), jobs: int | None = None) -> list[dict]:
@@ -197,41 +414,84 @@ def run(cs: list[Combo], archs=(80, 90), jobs: int | None = None) -> list[dict]:
         return list(ex.map(_job, work))
 
 
+def spills(r: dict) -> bool:
+    """ptxas reports spill bytes, or the cubin has a stack frame or local memory (ptxas puts
+    spilled registers in the stack frame: cuobjdump's STACK, LOCAL stays 0)."""
+    cub = r["cubin"]
+    return (r["spill_st"] > 0 or r["spill_ld"] > 0 or r["stack"] > 0
+            or cub.get("STACK", 0) > 0 or cub.get("LOCAL", 0) > 0)
+
+
+def narrow(r: dict) -> bool:
+    """Row loads (or gradient stores) narrower than 128 bits where the call is 16-aligned."""
+    return r["aligned_spec"] and (not r["ld128"] or r["st128"] is False)
+
+
 def bad(r: dict) -> bool:
-    return "error" in r or r["spill_st"] > 0 or r["spill_ld"] > 0 or not r["fits"] or r["regs"] > 255
+    return ("error" in r or spills(r) or not r["fits"] or r["regs"] > 255
+            or r["cubin"].get("REG", r["regs"]) != r["regs"] or narrow(r))
 
 
 def table(results: list[dict]) -> str:
-    lines = [f"{'kernel (Z/V grads, C = CE)':30s} {'arch':7s} {'warps':>5s} {'regs':>5s} "
-             f"{'stack':>6s} {'spill st':>9s} {'spill ld':>9s}"]
+    lines = [f"{'kernel (Z/V grads, C = CE)':38s} {'arch':7s} {'warps':>5s} {'regs':>4s} "
+             f"{'spill st/ld':>11s} {'stk/loc':>7s} {'smem dyn+st':>11s}  {'row loads (n x bits)':22s} "
+             f"{'grad stores':12s} {'128b':4s}"]
     for r in results:
         if "error" in r:
-            lines.append(f"{r['label']:30s} {r['arch']:7s} ERROR {r['error'].splitlines()[0][:120]}")
+            lines.append(f"{r['label']:38s} {r['arch']:7s} ERROR {r['error'].splitlines()[0][:120]}")
             continue
-        flag = "" if not bad(r) else "   <-- SPILLS" if r["spill_st"] or r["spill_ld"] else "   <-- TOO MANY"
-        lines.append(f"{r['label']:30s} {r['arch']:7s} {r['num_warps']:5d} {r['regs']:5d} "
-                     f"{r['stack']:6d} {r['spill_st']:9d} {r['spill_ld']:9d}{flag}")
+        flag = ("   <-- SPILLS" if spills(r) else "   <-- TOO MANY REGISTERS" if not r["fits"]
+                else "   <-- NARROW LOADS" if narrow(r) else "   <-- ptxas/cubin REG differ"
+                if bad(r) else "")
+        wide = "yes" if r["ld128"] and r["st128"] is not False else "no"
+        stk = f"{r['cubin'].get('STACK', 0)}/{r['cubin'].get('LOCAL', 0)}"
+        smem = f"{r['smem_dynamic']}+{r['smem_static']}"
+        lines.append(f"{r['label']:38s} {r['arch']:7s} {r['num_warps']:5d} {r['regs']:4d} "
+                     f"{r['spill_st']:>5d}/{r['spill_ld']:<5d} {stk:>7s} {smem:>11s}  "
+                     f"{_widths(r['ld_loop']):22s} {_widths(r['st_loop']):12s} {wide:4s}{flag}")
     return "\n".join(lines)
+
+
+LEGEND = """\
+regs: registers per thread, from the -v report of the ptxas run that built Triton's cubin (equal to
+  cuobjdump's REG of that cubin); spill st/ld: bytes; stk/loc: STACK / LOCAL bytes per thread of
+  the cubin (spilled registers land in the stack frame).
+smem: shared bytes per program, dynamic (Triton's launch request: cross-warp reduction scratch) +
+  static SHARED of the cubin (1024 in every sm_90a cubin although the PTX declares only the
+  dynamic array: added by ptxas for sm_90, origin not established here).
+row loads: global loads inside the column loops (every pass, every input) as count x bits per
+  thread; grad stores likewise; 128b: all of them 128-bit (fp32 / bf16 / fp16: ld.global.v4.b32,
+  fp64: v2.b64). Per-row scalar loads (label, weights, z[y]) are outside the loops, not counted."""
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m kdfast.inspect", description=__doc__.split("\n")[0])
     ap.add_argument("--arch", type=int, nargs="+", default=[80, 90])
     ap.add_argument("--blocks", type=int, nargs="+", default=None)
-    ap.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"])
+    ap.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"],
+                    choices=["fp32", "bf16", "fp16", "fp64"])
+    ap.add_argument("--losses", nargs="+", default=None, choices=sorted(_LOSSES))
+    ap.add_argument("--classes", type=int, nargs="+", default=[DEFAULT_CLASSES],
+                    help="C of the modelled call (decides the divisibility specialisation)")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--jobs", type=int, default=None)
     ap.add_argument("--json", default=None)
     a = ap.parse_args(argv)
+    import triton
+
     from kdfast._triton import MAX_BLOCK
     blocks = a.blocks or ([MAX_BLOCK] if a.quick else sorted({1024, 4096, MAX_BLOCK}))
-    results = run(combos(blocks, a.dtypes, a.quick), a.arch, a.jobs)
+    results = run(combos(blocks, a.dtypes, a.quick, a.losses, a.classes), a.arch, a.jobs)
+    print(f"triton {triton.__version__}; ptxas: "
+          + ", ".join(f"sm_{cc}: {os.path.basename(ptxas_tool(cc))}" for cc in a.arch))
     print(table(results))
+    print(LEGEND)
     if a.json:
         with open(a.json, "w") as f:
             json.dump(results, f, indent=1)
     n_bad = sum(bad(r) for r in results)
-    print(f"\n{len(results)} configurations, {n_bad} with errors, spills or over the register file")
+    print(f"\n{len(results)} configurations, {n_bad} with errors, spills, over the register file "
+          "or (16-aligned C) narrower than 128-bit row loads")
     return 1 if n_bad else 0
 
 
