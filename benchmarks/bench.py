@@ -27,10 +27,15 @@ C++ extension is not built) and the report says so loudly.
 
 Timing: CPU: after warm-up, ``reps`` rounds in which every implementation of the case runs one
 block of calls (>= 20 ms; the order rotates each round), medians per implementation: the ratios are
-measured side by side in one process. CUDA: ``triton.testing.do_bench`` (median; it clears the L2
-cache before every timed call). torch.compile's compile time is excluded from the timing and
-recorded as ``compile_s``. Each fused measurement also records the relative error fused vs eager of
-the loss and of the gradient on the benchmarked inputs.
+measured side by side in one process. CUDA: ``triton.testing.do_bench`` (warm-up, then the median
+of per-call CUDA-event times; it flushes L2 before every timed call) over copies of the inputs used
+in turn (:func:`rotation_count`: together >= 2x L2); every fwd+bwd case is also timed ``fwd`` and
+``bwd`` (backward alone: ``loss.backward(retain_graph=True)`` on one forward graph); each record
+carries ``GBs`` = :func:`bytes_moved` / time and ``copy_frac`` = that over the device-to-device copy
+bandwidth measured at the start (1 GiB ``copy_``, do_bench median); peak memory is
+``torch.cuda.max_memory_allocated`` in a fresh process. torch.compile's compile time is excluded
+from the timing and recorded as ``compile_s``. Each fused measurement also records the relative
+error fused vs eager of the loss and of the gradient on the benchmarked inputs.
 """
 from __future__ import annotations
 
@@ -65,7 +70,9 @@ LOSSES = {
     "ls_kd": (False, False),
     "jsd": (False, False),
     "retro_kd": (False, True),
+    "topk_kd": (False, False),   # the teacher as its top-TOPK_K log-probabilities and classes
 }
+TOPK_K = 64
 
 # used by --check and by custom sweeps (--losses/--shapes/--dtypes); the default and --quick sweeps
 # are the explicit plans default_plan() / quick_plan() below
@@ -104,6 +111,10 @@ def make_inputs(loss: str, n: int, c: int, dtype, device, labels: bool, seed: in
     v = (2 * torch.randn(n, c, generator=g)).to(dtype=dtype, device=device)
     need_labels, past = LOSSES[loss]
     extra = []
+    if loss == "topk_kd":   # (z, teacher top-k log-probabilities, their classes[, labels])
+        lp, idx = torch.log_softmax(v.float(), -1).topk(min(TOPK_K, c), dim=-1)
+        v = lp.to(dtype)
+        extra.append(idx)
     if past:
         extra.append((2 * torch.randn(n, c, generator=g)).to(dtype=dtype, device=device))
     if need_labels or labels:
@@ -111,8 +122,12 @@ def make_inputs(loss: str, n: int, c: int, dtype, device, labels: bool, seed: in
     return z, v, tuple(extra)
 
 
-def _compiled(fn):
+def _compiled(fn, fresh: bool = False):
+    """torch.compile of ``fn``. ``fresh``: drop everything compiled so far first (the ``bwd`` mode
+    needs a graph compiled without donated buffers, see :func:`make_call`)."""
     import torch._dynamo
+    if fresh:
+        torch._dynamo.reset()
     cfg = torch._dynamo.config
     for knob in ("recompile_limit", "cache_size_limit", "accumulated_recompile_limit"):
         if hasattr(cfg, knob):
@@ -121,7 +136,28 @@ def _compiled(fn):
 
 
 def make_call(fn, mode: str, z, v, extra):
-    """A zero-argument callable doing one measured step. mode: fwdbwd | fwd | fwdbwd_tgrad."""
+    """A zero-argument callable doing one measured step. mode: fwdbwd | fwd | fwdbwd_tgrad | bwd
+    (bwd: the CUDA sweep only; the forward runs once here, each step is
+    ``loss.backward(retain_graph=True)`` on that graph, ``z.grad`` reset to None first)."""
+    if mode == "bwd":
+        zr = z.detach().requires_grad_(True)
+        # torch.compile's backward frees ("donates") saved buffers and then refuses
+        # retain_graph=True; a graph compiled here without that is timed instead (run_case passes
+        # a freshly reset torch.compile for this mode: a cached graph would keep its donations)
+        import contextlib
+        try:
+            import torch._functorch.config as fc
+            no_donate = fc.patch(donated_buffer=False)
+        except (ImportError, AttributeError):   # older torch: no donated buffers
+            no_donate = contextlib.nullcontext()
+        with no_donate:
+            loss = fn(zr, v.detach(), *extra)
+
+        def step():
+            zr.grad = None
+            loss.backward(retain_graph=True)
+            return loss
+        return step, [zr]
     if mode == "fwd":
         z0, v0 = z.detach(), v.detach()
 
@@ -161,9 +197,86 @@ def time_cpu(step, nthreads: int, budget_s: float, min_reps: int, max_reps: int,
 
 
 def time_cuda(step, leaves) -> dict:
+    """``triton.testing.do_bench``: warm-up (25 ms of calls), then timed calls for ~200 ms, each
+    preceded by an L2 flush and ``grad = None`` on ``leaves`` (outside the timed region); the
+    median and quartiles of the per-call CUDA-event times."""
     from triton.testing import do_bench
     ts = do_bench(step, warmup=25, rep=200, grad_to_none=leaves or None, return_mode="all")
     return _summary([t / 1e3 for t in ts], 1)
+
+
+def rotation_count(bytes_per_set: int, l2_bytes: int, free_bytes: int, lo: int = 2,
+                   hi: int = 32) -> int:
+    """How many input sets the CUDA timing rotates through: enough that consecutive calls never
+    find their inputs in L2 (together >= 2x the L2 size), at least ``lo``, at most ``hi``, and no
+    more than fit a quarter of the free memory with room for gradients and saved activations
+    (4x a set each)."""
+    b = max(int(bytes_per_set), 1)
+    want = max(lo, math.ceil(2 * l2_bytes / b))
+    fit = int(free_bytes // (4 * 4 * b))
+    return int(max(1, min(hi, want, fit)))
+
+
+def rotating(steps):
+    """One step that calls ``steps`` in turn (input set i on call i mod len(steps))."""
+    state = {"i": 0}
+
+    def step():
+        i = state["i"]
+        state["i"] = (i + 1) % len(steps)
+        return steps[i]()
+    return step
+
+
+def time_cuda_rotated(fn, mode, z, v, extra) -> dict:
+    """time_cuda over ``rotation_count`` copies of the inputs, used in turn (the first set is the
+    one the correctness check used): no call finds its inputs in L2 or in the previous call's
+    freshly written cache lines, on top of do_bench's L2 flush."""
+    tensors = [z, v, *extra]
+    per_set = sum(t.numel() * t.element_size() for t in tensors)
+    props = torch.cuda.get_device_properties(z.device)
+    free, _ = torch.cuda.mem_get_info(z.device)
+    n = rotation_count(per_set, getattr(props, "L2_cache_size", 50 << 20), free)
+    sets = [(z, v, tuple(extra))] + [(z.clone(), v.clone(), tuple(e.clone() for e in extra))
+                                     for _ in range(n - 1)]
+    calls = [make_call(fn, mode, *s) for s in sets]
+    leaves = [t for _, ls in calls for t in ls]
+    step = rotating([c for c, _ in calls])
+    for _ in range(n):     # every set once (lazy work, autotuning, allocator growth)
+        step()
+    torch.cuda.synchronize()
+    rec = time_cuda(step, leaves)
+    rec["rotation_sets"] = n
+    del calls, leaves, step, sets
+    return rec
+
+
+def bytes_moved(mode: str, loss: str, n: int, c: int, dtype) -> int:
+    """The DRAM traffic a single fused pass needs for ``mode`` (the achieved-bandwidth numerator):
+    read the logits (z, v, and zp for retro_kd), write one gradient per input that requires grad;
+    ``bwd`` alone: read the saved gradient, write ``z.grad`` (what a backward separate from the
+    forward must move at least). Labels and per-row outputs are negligible and not counted."""
+    el = n * c * torch.empty((), dtype=dtype).element_size()
+    inputs = 3 if LOSSES[loss][1] else 1 if loss == "topk_kd" else 2   # topk: the teacher is (N, k)
+    per_mode = {"fwd": inputs, "fwdbwd": inputs + 1, "fwdbwd_tgrad": inputs + 2, "bwd": 2}
+    return per_mode[mode] * el
+
+
+def cuda_plan(plan: list) -> list:
+    """The CUDA sweep: every fwd+bwd case is also timed forward-only and backward-only (GPU calls
+    take milliseconds), with the same implementations and no extra peak-memory run."""
+    have = {(cs["mode"], cs["loss"], cs["N"], cs["C"], cs["dtype"]) for cs in plan}
+    out = []
+    for cs in plan:
+        out.append(cs)
+        if cs["mode"] != "fwdbwd":
+            continue
+        for mode in ("fwd", "bwd"):
+            key = (mode, cs["loss"], cs["N"], cs["C"], cs["dtype"])
+            if key not in have:
+                have.add(key)
+                out.append(dict(cs, mode=mode, mem=False))
+    return out
 
 
 def _summary(times_s, number) -> dict:
@@ -467,6 +580,11 @@ def default_plan() -> list:
              _case("fwdbwd", "jsd", 512, 131072, "bf16", reps=3, impls=eager_only)]
     plan += [_case("fwd", "kd", 8192, 1000, "fp32"), _case("fwdbwd_tgrad", "kd", 8192, 1000, "fp32"),
              _case("fwd", "kd", n, c, "fp32", reps=3, impls=eager_only)]
+    # every loss against torch.compile of its reference at the LLM-vocabulary shape (eager: the kd
+    # headline above; ~10 s a call), and the top-k teacher against its dense eager reference
+    plan += [_case("fwdbwd", loss, n, c, "fp32", reps=3, impls=("fused", "compile"))
+             for loss in LOSSES if loss not in ("kd", "topk_kd")]
+    plan += [_case("fwdbwd", "topk_kd", n, c, "fp32", reps=3, mem=True, impls=eager_only)]
     return plan
 
 
@@ -506,14 +624,14 @@ def run_case(cs, fns, device, threads, cfg, labels_flag, fused_be) -> list:
     labels = labels_flag or LOSSES[loss][0]
     z, v, extra = make_inputs(loss, n, c, dtype, device, labels_flag)
     impls = [i for i in cs["impls"] if i in cfg["impls"]]
-    recs, steps, t1, vals, grads = {}, {}, {}, {}, {}
+    recs, steps, t1, vals, grads, callables = {}, {}, {}, {}, {}, {}
     for impl in impls:
         rec = dict(mode=mode, loss=loss, impl=impl, N=n, C=c, dtype=dt, labels=labels)
         if impl == "fused":
             rec["backend"] = fused_be
         recs[impl] = rec
         try:
-            fn = _compiled(fns["eager"]) if impl == "compile" else fns[impl]
+            fn = _compiled(fns["eager"], fresh=mode == "bwd") if impl == "compile" else fns[impl]
             step, leaves = make_call(fn, mode, z, v, extra)
             _sync(device)
             t0 = time.perf_counter()
@@ -531,6 +649,7 @@ def run_case(cs, fns, device, threads, cfg, labels_flag, fused_be) -> list:
             if leaves and impl in ("fused", "eager"):
                 grads[impl] = [x.grad for x in leaves]
             steps[impl], t1[impl] = (step, leaves), t
+            callables[impl] = fn
         except Exception as e:  # noqa: BLE001
             rec["error"] = f"{type(e).__name__}: {e}"[:500]
             print(f"\n# error: {mode} {loss} {n}x{c} {dt} {impl}: {rec['error']}", file=sys.stderr)
@@ -548,8 +667,22 @@ def run_case(cs, fns, device, threads, cfg, labels_flag, fused_be) -> list:
                   f"err {err:.2e}, grad rel err {gerr}", file=sys.stderr)
     del grads, vals
     if device == "cuda":
-        for impl, (step, leaves) in steps.items():
-            recs[impl].update(time_cuda(step, leaves))
+        moved = bytes_moved(mode, loss, n, c, dtype)
+        for impl in steps:
+            try:
+                recs[impl].update(time_cuda_rotated(callables[impl], mode, z, v, extra))
+            except Exception as e:  # noqa: BLE001 - e.g. out of memory for the rotated sets
+                recs[impl]["error"] = f"{type(e).__name__}: {e}"[:500]
+                print(f"\n# error timing {mode} {loss} {n}x{c} {dt} {impl}: {recs[impl]['error']}",
+                      file=sys.stderr)
+                torch.cuda.empty_cache()
+                continue
+            if mode == "bwd":   # the graph (and any compile) was built outside the timed step
+                recs[impl].pop("compile_s", None)
+            gbs = moved / (recs[impl]["ms"] / 1e3) / 1e9
+            recs[impl].update(bytes_moved=moved, GBs=gbs)
+            if cfg.get("copy_GBs"):
+                recs[impl]["copy_frac"] = gbs / cfg["copy_GBs"]
     elif steps:
         number = {i: max(1, math.ceil(0.02 / max(t1[i], 1e-6))) for i in steps}
         per_round = sum(t1[i] * number[i] for i in steps)
@@ -566,7 +699,7 @@ def run_case(cs, fns, device, threads, cfg, labels_flag, fused_be) -> list:
                 times[impl].append((time.perf_counter() - t0) / number[impl])
         for impl in steps:
             recs[impl].update(_summary(times[impl], number[impl]))
-    del steps, z, v, extra
+    del steps, callables, z, v, extra
     if device == "cuda":
         torch.cuda.empty_cache()
     return list(recs.values())
@@ -594,6 +727,11 @@ def sweep(args) -> tuple[list, dict]:
     plan = [cs for cs in plan if cs["loss"] not in skipped]
     if skipped:
         print(f"# skipped (not in kdfast yet): {', '.join(skipped)}", file=sys.stderr)
+    if device == "cuda":
+        plan = cuda_plan(plan)
+        # measured first: every timed record carries its achieved bandwidth as a fraction of it
+        info["copy_bandwidth_GBs"] = cfg["copy_GBs"] = copy_bandwidth(device) / 1e9
+        info["l2_bytes"] = getattr(torch.cuda.get_device_properties(0), "L2_cache_size", None)
     if args.no_extra:
         plan = [cs for cs in plan if cs["mode"] == "fwdbwd"]
     mem_cases = [] if args.no_mem else [
@@ -642,9 +780,7 @@ def sweep(args) -> tuple[list, dict]:
     info["loadavg_end"] = os.getloadavg()
     info["args"] = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
                     if k not in ("merge", "plan")}
-    if device == "cuda":
-        info["copy_bandwidth_GBs"] = copy_bandwidth(device) / 1e9
-    elif not args.no_mem:
+    if device != "cuda" and not args.no_mem:
         info["mem_calibration"] = calibrate_mem(threads)
     return out, {key: info}
 
