@@ -6,9 +6,16 @@ VPY    := $(VENV)/bin/python
 DEPS   := $(VENV)/.deps-installed
 BUILT  := $(VENV)/.ext-built
 # torch 2.13.0 (CPU) comes from this machine's disk; every other pin admits it.
-PKGS   := torch==2.13.0 triton==3.9.0 ninja pybind11 pytest pytest-benchmark numpy matplotlib
+PKGS   := torch==2.13.0 triton==3.9.0 ninja pybind11 pytest pytest-benchmark numpy matplotlib \
+          scikit-learn
+# examples/imagenet_distill.py needs torchvision, which does not import beside torch 2.13.0: its
+# smoke test gets a venv of its own with the newest pair on this machine's disk.
+VVENV  := .venv-vision
+VVPY   := $(VVENV)/bin/python
+VPKGS  := torch==2.14.1 torchvision==0.29.1 ninja pybind11 setuptools wheel numpy
+VSRC   := build/vision-src
 
-.PHONY: all build test bench bench-quick inspect clean
+.PHONY: all build test bench bench-quick inspect vision-smoke clean
 
 all: test
 
@@ -34,6 +41,24 @@ bench-quick: $(BUILT)
 
 inspect: $(BUILT)
 	$(VPY) -m kdfast.inspect
+
+# kdfast built into .venv-vision (non-editable) from a copy of the sources in $(VSRC), so its build
+# directory and extension never touch build/ or kdfast/_C*.so of the main .venv.
+$(VVENV)/.ext-built: setup.py pyproject.toml $(wildcard csrc/*) $(wildcard kdfast/*.py kdfast/*/*.py)
+	test -x $(VVPY) || $(PYTHON) -m venv $(VVENV)
+	$(VVPY) -m pip install -q $(VPKGS)
+	rm -rf $(VSRC)/csrc $(VSRC)/kdfast && mkdir -p $(VSRC)
+	tar -c --exclude='*.so' --exclude=__pycache__ setup.py pyproject.toml README.md csrc kdfast | tar -x -C $(VSRC)
+	cd $(VSRC) && ../../$(VVPY) -m pip install -q --no-build-isolation --no-deps .
+	touch $@
+
+# FakeData, a few steps: the fused kd in float32 (--amp auto on a CPU without native bf16), then dkd
+# under bf16 autocast (slow on such a CPU, hence the smaller size). One torch thread and one loader
+# worker: on a shared 2-core machine a second OpenMP thread spins on a busy core (30x slower steps).
+SMOKE  := $(VVPY) examples/imagenet_distill.py --fake-data --threads 1 --workers 1
+vision-smoke: $(VVENV)/.ext-built
+	$(SMOKE) --image-size 64 --batch-size 32 --steps 3 --loss kd --backend auto
+	$(SMOKE) --image-size 32 --batch-size 16 --steps 2 --loss dkd --backend auto --amp bf16
 
 clean:
 	rm -rf build *.egg-info kdfast/*.so $(BUILT)

@@ -65,7 +65,8 @@ setup(
     packages=find_packages(include=["kdfast", "kdfast.*"]),
     python_requires=">=3.10",
     install_requires=["torch>=2.4"],
-    extras_require={"gpu": ["triton>=3.2"], "test": ["pytest", "pytest-benchmark", "numpy"]},
+    extras_require={"gpu": ["triton>=3.2"], "test": ["pytest", "pytest-benchmark", "numpy"],
+                    "vision": ["torchvision"]},
     ext_modules=[
         CppExtension(
             "kdfast._C",
