@@ -156,8 +156,8 @@ def _signature(c: Combo):
         "kdw_ptr": "*" + acc, "cew_ptr": "*" + acc, "gs_ptr": "*" + acc,
         "d_ptr": "*" + acc, "ce_ptr": "*" + acc,
         "gz_ptr": p if c.need_gz else "*" + acc, "gv_ptr": p if c.need_gv else "*" + acc,
-        "C": "i32", "stride_z": "i32", "stride_v": "i32", "stride_zp": "i32",
-        "stride_gz": "i32", "stride_gv": "i32",
+        "C_vec": "i32", "stride_z_vec": "i32", "stride_v_vec": "i32", "stride_zp_vec": "i32",
+        "stride_gz_vec": "i32", "stride_gv_vec": "i32",
     }
     for part in ("hi", "lo"):
         for f in ("ts", "tt", "scale", "rho", "alpha", "beta"):
@@ -166,19 +166,37 @@ def _signature(c: Combo):
     constexprs = dict(
         KIND=c.kind, HAS_LABELS=c.labels, HAS_CE=c.has_ce and c.labels, CE_SHARED=c.ce_shared,
         WTTM=c.wttm, REVERSE=c.reverse, HAS_ZP=c.has_zp, CENTER=c.center, NEED_GZ=c.need_gz,
-        NEED_GV=c.need_gv, ACC=tl.float64 if acc == "fp64" else tl.float32, BLOCK=c.block)
+        NEED_GV=c.need_gv, ACC=tl.float64 if acc == "fp64" else tl.float32, BLOCK=c.block,
+        VEC=_vec(c))
     for k in constexprs:
         sig[k] = "constexpr"
     names = _distill_kernel.arg_names
     assert set(sig) == set(names), set(sig) ^ set(names)
     sig = {k: sig[k] for k in names}
-    ints = {"C": c.classes, "stride_z": c.classes, "stride_v": c.classes,
-            "stride_zp": c.classes if c.has_zp else 0,
-            "stride_gz": c.classes if c.need_gz else 0,
-            "stride_gv": c.classes if c.need_gv else 0, "ignore_index": -100}
+    cv = c.classes // _vec(c)   # C and the row strides in VEC units, as the launcher passes them
+    ints = {"C_vec": cv, "stride_z_vec": cv, "stride_v_vec": cv,
+            "stride_zp_vec": cv if c.has_zp else 0,
+            "stride_gz_vec": cv if c.need_gz else 0,
+            "stride_gv_vec": cv if c.need_gv else 0, "ignore_index": -100}
     aligned = [k for k in names if k.endswith("_ptr") or _jit_int_spec(ints.get(k, 1)) == "D"]
     attrs = {(names.index(k),): [["tt.divisibility", 16]] for k in aligned}
     return _distill_kernel, sig, constexprs, attrs
+
+
+def _vec(c: Combo) -> int:
+    """The VEC ``kdfast._triton.vec_for`` picks for contiguous rows of ``c.classes`` columns."""
+    vec = 16 // {"fp32": 4, "bf16": 2, "fp16": 2, "fp64": 8}[c.dtype]
+    while vec > 1 and c.classes % vec:
+        vec //= 2
+    return vec
+
+
+def _aligned(c: Combo) -> bool:
+    """Rows start 16-byte aligned in the modelled call: the distill kernel's VEC reaches 16 bytes
+    (C a multiple of 4 fp32 / 8 bf16 / 2 fp64 elements); the top-k kernel (no VEC) needs C % 16 == 0."""
+    if c.kind == 5:
+        return c.classes % 16 == 0
+    return _vec(c) * {"fp32": 4, "bf16": 2, "fp16": 2, "fp64": 8}[c.dtype] == 16
 
 
 def _topk_signature(c: Combo):
@@ -390,7 +408,7 @@ def compile_one(c: Combo, cc: int) -> dict:
     res.update(arch=arch, num_warps=nw, combo=dataclasses.asdict(c), label=c.label(),
                ptxas_report=source, fits=res["regs"] * 32 * nw <= REGISTERS_PER_BLOCK,
                cubin=cub, smem_dynamic=smem_dyn, smem_static=cub.get("SHARED", 0),
-               aligned_spec=c.classes % 16 == 0, ld128=all_128(acc["ld_loop"]),
+               aligned_spec=_aligned(c), ld128=all_128(acc["ld_loop"]),
                st128=all_128(acc["st_loop"]) if acc["st_loop"] else None, **acc)
     return res
 

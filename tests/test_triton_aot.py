@@ -74,13 +74,28 @@ def test_aot_compile_no_spills_128bit(tmp_path):
 
 
 @needs_ptxas
-def test_128bit_check_fails_without_alignment(tmp_path):
-    """The 128-bit assertion can fail: C = 1000 (not a multiple of 16, so the JIT marks neither C nor
-    the row strides divisible) at the block the launcher picks for it gets scalar loads."""
+def test_128bit_rows_at_c_1000(tmp_path):
+    """C = 1000 (ImageNet; not a multiple of 16, so Triton's JIT marks nothing divisible): the
+    launcher passes C and the strides in VEC units (VEC = 4 fp32, 8 bf16), and the row traffic is
+    128-bit all the same."""
     from kdfast._triton import launch_config
     block, _ = launch_config(1000)
     results, r = _inspect(tmp_path, "--quick", "--arch", "80", "--losses", "kd", "dkd",
                           "--dtypes", "fp32", "bf16", "--classes", "1000", "--blocks", str(block))
+    assert len(results) == 4 and all("error" not in res for res in results), results
+    assert all(res["aligned_spec"] for res in results)
+    _assert_128bit(results)
+    assert r.returncode == 0
+
+
+@needs_ptxas
+def test_128bit_check_fails_without_alignment(tmp_path):
+    """The 128-bit assertion can fail: C = 1001 (odd: VEC = 1, nothing divisible) at the block the
+    launcher picks for it gets scalar loads."""
+    from kdfast._triton import launch_config
+    block, _ = launch_config(1001)
+    results, r = _inspect(tmp_path, "--quick", "--arch", "80", "--losses", "kd", "dkd",
+                          "--dtypes", "fp32", "bf16", "--classes", "1001", "--blocks", str(block))
     assert len(results) == 4 and all("error" not in res for res in results), results
     for res in results:
         bits = {"fp32": 32, "bf16": 16}[res["combo"]["dtype"]]

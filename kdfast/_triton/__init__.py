@@ -74,6 +74,18 @@ def launch_config(C: int, max_block: int | None = None, fp64: bool = False) -> t
     return b, num_warps_for(b)
 
 
+def vec_for(C: int, tensors) -> int:
+    """The largest VEC (elements per 16 bytes of the narrowest dtype, halved as needed) dividing C
+    and the row stride of every (N, C) tensor given (strides of single-row tensors are never used):
+    the kernels take C and the strides in VEC units, so the compiler can emit 128-bit accesses
+    whenever the rows are 16-byte aligned."""
+    vec = 16 // min(t.element_size() for t in tensors)
+    strides = [t.stride(0) for t in tensors if t.shape[0] > 1]
+    while vec > 1 and (C % vec or any(s % vec for s in strides)):
+        vec //= 2
+    return vec
+
+
 def _split(x: float) -> tuple[float, float]:
     """x = hi + lo with hi the nearest float32: fp64 kernels rebuild x to ~48 bits."""
     hi = float(np.float32(x))
@@ -95,18 +107,21 @@ def distill_forward(z, v, zp, labels, kd_w, ce_w, grad_scale, d_out, ce_out, gra
     acc = tl.float64 if z.dtype == torch.float64 else tl.float32
     dummy = d_out  # stands in for absent tensors (never read or written: constexpr flags)
     hi_lo = [_split(x) for x in (ts, tt, scale, rho, alpha, beta)]
+    rows = [t for t in (z, v, zp, grad_z, grad_v) if t is not None]
+    vec = vec_for(C, rows)
     _distill_kernel[(N,)](
         z, v, zp if zp is not None else z, labels if has_labels else dummy, kd_w, ce_w, grad_scale,
         d_out, ce_out,
         grad_z if grad_z is not None else dummy, grad_v if grad_v is not None else dummy,
-        C, z.stride(0), v.stride(0), zp.stride(0) if zp is not None else 0,
-        grad_z.stride(0) if grad_z is not None else 0, grad_v.stride(0) if grad_v is not None else 0,
+        C // vec, z.stride(0) // vec, v.stride(0) // vec, zp.stride(0) // vec if zp is not None else 0,
+        grad_z.stride(0) // vec if grad_z is not None else 0,
+        grad_v.stride(0) // vec if grad_v is not None else 0,
         *[h for h, _ in hi_lo], *[lo for _, lo in hi_lo],
         ignore_index,
         KIND=kind, HAS_LABELS=has_labels, HAS_CE=has_ce, CE_SHARED=ce_shared,
         WTTM=bool(wttm) and kind == 0, REVERSE=bool(reverse) and kind == 0, HAS_ZP=zp is not None,
         CENTER=bool(center) and kind == 2, NEED_GZ=grad_z is not None, NEED_GV=grad_v is not None,
-        ACC=acc, BLOCK=block, num_warps=num_warps, maxnreg=max_registers(num_warps),
+        ACC=acc, BLOCK=block, VEC=vec, num_warps=num_warps, maxnreg=max_registers(num_warps),
     )
 
 

@@ -67,7 +67,8 @@ def _finish(x, ignored, bad):
 def _distill_kernel(
     z_ptr, v_ptr, zp_ptr, lab_ptr, kdw_ptr, cew_ptr, gs_ptr,
     d_ptr, ce_ptr, gz_ptr, gv_ptr,
-    C, stride_z, stride_v, stride_zp, stride_gz, stride_gv,
+    # C and the row strides in units of VEC elements (see below)
+    C_vec, stride_z_vec, stride_v_vec, stride_zp_vec, stride_gz_vec, stride_gv_vec,
     # fparams split into an fp32 head and remainder (hi + lo == the Python float to ~48 bits), so the
     # fp64 path gets fp64 parameters while the fp32 path just uses hi (+ lo rounds back to hi).
     ts_hi, tt_hi, scale_hi, rho_hi, alpha_hi, beta_hi,
@@ -85,7 +86,18 @@ def _distill_kernel(
     NEED_GV: tl.constexpr,
     ACC: tl.constexpr,        # accumulation dtype: tl.float32 or tl.float64
     BLOCK: tl.constexpr,
+    VEC: tl.constexpr,        # C and every row stride are multiples of VEC (the launcher's choice)
 ):
+    # Multiplying back by the constexpr VEC tells the compiler that every row starts 16 bytes
+    # aligned (VEC = 16 bytes / element size when C and the strides allow it): 128-bit loads and
+    # stores for any such C (C = 1000 included), which Triton's own specialisation only infers for
+    # multiples of 16. VEC = 1 otherwise.
+    C = C_vec * VEC
+    stride_z = stride_z_vec * VEC
+    stride_v = stride_v_vec * VEC
+    stride_zp = stride_zp_vec * VEC
+    stride_gz = stride_gz_vec * VEC
+    stride_gv = stride_gv_vec * VEC
     row = tl.program_id(0).to(tl.int64)
     z_row = z_ptr + row * stride_z
     v_row = v_ptr + row * stride_v
