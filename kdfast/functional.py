@@ -214,12 +214,21 @@ def _distill(params: KernelParams, ref: Callable[..., Tensor], hyper: dict, z, v
     return loss.view(lead) if reduction == "none" else loss
 
 
+def _vocab_parallel(method: str, args: dict) -> Tensor:
+    """The loss on vocabulary-sharded logits (:mod:`kdfast.vocab_parallel`); ``args``: the loss's
+    parameters (its ``locals()`` before anything else is assigned)."""
+    from . import vocab_parallel   # lazy: vocab_parallel imports this module
+    return vocab_parallel.METHODS[method](**args)
+
+
 _COMMON_DOC = """
     Common arguments (see :mod:`kdfast.functional`): ``labels`` (adds ``ce_weight * CE``),
     ``kd_weight``, ``ce_weight`` (floats or tensors broadcastable to the leading shape, with
     gradients), ``ignore_index``, ``reduction`` ("mean"/"batchmean", "sum", "none"), ``backend``
     ("auto", "cpu", "triton", "torch") and ``inplace_backward`` (scale the saved gradient in place in
     backward: saves one (N, C) buffer, forbids a second backward through the graph).
+    ``process_group`` (with ``vocab_start`` / ``vocab_size`` for uneven shards): the logits are this
+    rank's shard of the vocabulary (tensor parallelism); see :mod:`kdfast.vocab_parallel`.
 """
 
 
@@ -233,13 +242,17 @@ def _declare(f):
 def kd_loss(student_logits: Tensor, teacher_logits: Tensor, labels: Optional[Tensor] = None, *,
             temperature: float = 4.0, kd_weight: Weight = 1.0, ce_weight: Weight = 1.0,
             ignore_index: int = -100, reduction: str = "mean", backend: str = "auto",
-            inplace_backward: bool = False) -> Tensor:
+            inplace_backward: bool = False,
+            process_group=None, vocab_start: Optional[int] = None,
+            vocab_size: Optional[int] = None) -> Tensor:
     """Hinton et al. (2015): ``T^2 * KL(softmax(v/T) || softmax(z/T))`` per row, plus CE with labels.
 
     Example::
 
         loss = kdfast.kd_loss(student(x), teacher(x).detach(), y, temperature=4.0)
     """
+    if process_group is not None:   # logits sharded along the vocabulary (docs/vocab-parallel.md)
+        return _vocab_parallel("kd", locals())
     t = _check_temperature(temperature)
     return _distill(KernelParams(Kind.KL, t, t, t * t), reference.kd_loss, {"temperature": t},
                     student_logits, teacher_logits, labels, kd_weight=kd_weight,
@@ -251,12 +264,16 @@ def kd_loss(student_logits: Tensor, teacher_logits: Tensor, labels: Optional[Ten
 def ttm_loss(student_logits: Tensor, teacher_logits: Tensor, labels: Optional[Tensor] = None, *,
              temperature: float = 2.0, kd_weight: Weight = 1.0, ce_weight: Weight = 1.0,
              ignore_index: int = -100, reduction: str = "mean", backend: str = "auto",
-             inplace_backward: bool = False) -> Tensor:
+             inplace_backward: bool = False,
+             process_group=None, vocab_start: Optional[int] = None,
+             vocab_size: Optional[int] = None) -> Tensor:
     """Transformed teacher matching (Zheng & Yang, 2024): ``KL(softmax(v/T) || softmax(z))``.
 
     The temperature acts on the teacher only and there is no ``T^2``. The default ``T = 2``
     (``gamma = 1/T = 0.5``) sits in the middle of the range the paper tunes (gamma in 0.1-0.8).
     """
+    if process_group is not None:   # logits sharded along the vocabulary (docs/vocab-parallel.md)
+        return _vocab_parallel("ttm", locals())
     t = _check_temperature(temperature)
     return _distill(KernelParams(Kind.KL, 1.0, t, 1.0), reference.ttm_loss, {"temperature": t},
                     student_logits, teacher_logits, labels, kd_weight=kd_weight,
@@ -268,11 +285,15 @@ def ttm_loss(student_logits: Tensor, teacher_logits: Tensor, labels: Optional[Te
 def wttm_loss(student_logits: Tensor, teacher_logits: Tensor, labels: Optional[Tensor] = None, *,
               temperature: float = 2.0, kd_weight: Weight = 1.0, ce_weight: Weight = 1.0,
               ignore_index: int = -100, reduction: str = "mean", backend: str = "auto",
-              inplace_backward: bool = False) -> Tensor:
+              inplace_backward: bool = False,
+              process_group=None, vocab_start: Optional[int] = None,
+              vocab_size: Optional[int] = None) -> Tensor:
     """Weighted TTM (Zheng & Yang, 2024): ``U * KL(softmax(v/T) || softmax(z))`` per row with
     ``U = sum_j softmax(v)_j^(1/T)`` (a constant: no gradient flows through it). Default ``T = 2``
     as for :func:`ttm_loss`.
     """
+    if process_group is not None:   # logits sharded along the vocabulary (docs/vocab-parallel.md)
+        return _vocab_parallel("wttm", locals())
     t = _check_temperature(temperature)
     return _distill(KernelParams(Kind.KL, 1.0, t, 1.0, wttm=True), reference.wttm_loss,
                     {"temperature": t}, student_logits, teacher_logits, labels,
@@ -289,11 +310,15 @@ def _check_classes(z: Tensor, least: int, what: str) -> None:
 def dkd_loss(student_logits: Tensor, teacher_logits: Tensor, labels: Tensor, *,
              temperature: float = 4.0, alpha: float = 1.0, beta: float = 8.0,
              kd_weight: Weight = 1.0, ce_weight: Weight = 1.0, ignore_index: int = -100,
-             reduction: str = "mean", backend: str = "auto", inplace_backward: bool = False) -> Tensor:
+             reduction: str = "mean", backend: str = "auto", inplace_backward: bool = False,
+             process_group=None, vocab_start: Optional[int] = None,
+             vocab_size: Optional[int] = None) -> Tensor:
     """Decoupled KD (Zhao et al., 2022): ``T^2 (alpha * TCKD + beta * NCKD)`` per row, where TCKD is the
     KL of the binary target / non-target split and NCKD the KL among the non-target classes.
     Needs labels and C >= 2. Defaults as in mdistiller (T = 4, alpha = 1, beta = 8).
     """
+    if process_group is not None:   # logits sharded along the vocabulary (docs/vocab-parallel.md)
+        return _vocab_parallel("dkd", locals())
     t = _check_temperature(temperature)
     a, b = _check_finite(alpha, "alpha"), _check_finite(beta, "beta")
     if labels is None:
@@ -310,9 +335,13 @@ def logit_matching_loss(student_logits: Tensor, teacher_logits: Tensor,
                         labels: Optional[Tensor] = None, *, center: bool = True,
                         kd_weight: Weight = 1.0, ce_weight: Weight = 1.0, ignore_index: int = -100,
                         reduction: str = "mean", backend: str = "auto",
-                        inplace_backward: bool = False) -> Tensor:
+                        inplace_backward: bool = False,
+                        process_group=None, vocab_start: Optional[int] = None,
+                        vocab_size: Optional[int] = None) -> Tensor:
     """Logit matching, the T -> infinity limit of KD: ``(1/2C) ||(z - mean z) - (v - mean v)||^2``
     per row (``center=False``: ``(1/2C) ||z - v||^2``)."""
+    if process_group is not None:   # logits sharded along the vocabulary (docs/vocab-parallel.md)
+        return _vocab_parallel("logit_matching", locals())
     if not isinstance(center, bool):
         raise ValueError(f"center must be a bool, got {type(center).__name__}")
     return _distill(KernelParams(Kind.LM, center=center), reference.logit_matching_loss,
@@ -325,11 +354,15 @@ def logit_matching_loss(student_logits: Tensor, teacher_logits: Tensor,
 def ls_kd_loss(student_logits: Tensor, teacher_logits: Tensor, labels: Optional[Tensor] = None, *,
                temperature: float = 2.0, kd_weight: Weight = 1.0, ce_weight: Weight = 1.0,
                ignore_index: int = -100, reduction: str = "mean", backend: str = "auto",
-               inplace_backward: bool = False) -> Tensor:
+               inplace_backward: bool = False,
+               process_group=None, vocab_start: Optional[int] = None,
+               vocab_size: Optional[int] = None) -> Tensor:
     """KD on standardised logits (Sun et al., 2024): each row becomes ``(x - mean) / (1e-7 + std)``
     (unbiased std) before ``T^2 KL`` at temperature T; the gradient flows through the student's mean
     and std. Needs C >= 2.
     """
+    if process_group is not None:   # logits sharded along the vocabulary (docs/vocab-parallel.md)
+        return _vocab_parallel("ls_kd", locals())
     t = _check_temperature(temperature)
     _check_classes(student_logits, 2, "ls_kd_loss")
     return _distill(KernelParams(Kind.LS, t, t, t * t), reference.ls_kd_loss, {"temperature": t},
@@ -342,12 +375,16 @@ def ls_kd_loss(student_logits: Tensor, teacher_logits: Tensor, labels: Optional[
 def jsd_loss(student_logits: Tensor, teacher_logits: Tensor, labels: Optional[Tensor] = None, *,
              beta: float = 0.5, temperature: float = 1.0, kd_weight: Weight = 1.0,
              ce_weight: Weight = 1.0, ignore_index: int = -100, reduction: str = "mean",
-             backend: str = "auto", inplace_backward: bool = False) -> Tensor:
+             backend: str = "auto", inplace_backward: bool = False,
+             process_group=None, vocab_start: Optional[int] = None,
+             vocab_size: Optional[int] = None) -> Tensor:
     """Generalised Jensen-Shannon divergence (GKD, Agarwal et al., 2023):
     ``beta KL(p || m) + (1 - beta) KL(q || m)``, ``m = beta p + (1 - beta) q``, ``p`` the teacher's and
     ``q`` the student's softmax at T (no T^2). Exactly forward KL ``KL(p || q)`` at beta = 0 and
     reverse KL ``KL(q || p)`` at beta = 1 (as TRL's ``generalized_jsd_loss``).
     """
+    if process_group is not None:   # logits sharded along the vocabulary (docs/vocab-parallel.md)
+        return _vocab_parallel("jsd", locals())
     t = _check_temperature(temperature)
     b = _check_unit(beta, "beta")
     if b == 0.0:
@@ -367,12 +404,16 @@ def retro_kd_loss(student_logits: Tensor, teacher_logits: Tensor, past_student_l
                   labels: Optional[Tensor] = None, *, temperature: float = 4.0,
                   past_weight: float = 0.5, kd_weight: Weight = 1.0, ce_weight: Weight = 1.0,
                   ignore_index: int = -100, reduction: str = "mean", backend: str = "auto",
-                  inplace_backward: bool = False) -> Tensor:
+                  inplace_backward: bool = False,
+                  process_group=None, vocab_start: Optional[int] = None,
+                  vocab_size: Optional[int] = None) -> Tensor:
     """RetroKD (Jandial et al., 2023): KD towards ``r = (1 - rho) v + rho z_past``, ``z_past`` the
     logits of a past state of the student (a constant; see :class:`kdfast.PastLogits` for a cache),
     ``rho = past_weight`` in [0, 1]. The teacher's gradient, when it requires grad, is
     ``(1 - rho)`` times the gradient with respect to ``r``.
     """
+    if process_group is not None:   # logits sharded along the vocabulary (docs/vocab-parallel.md)
+        return _vocab_parallel("retro_kd", locals())
     t = _check_temperature(temperature)
     rho = _check_unit(past_weight, "past_weight")
     if not isinstance(past_student_logits, Tensor):
