@@ -34,6 +34,8 @@ test: $(BUILT)
 	TRITON_INTERPRET=1 $(VPY) -m pytest -q tests
 
 bench: $(BUILT)
+	$(VPY) -m benchmarks.bench_fused_linear --json benchmarks/fused_linear.json
+	$(VPY) -m benchmarks.bench_vocab_parallel --json benchmarks/vocab_parallel.json
 	$(VPY) -m benchmarks.bench
 
 bench-quick: $(BUILT)

@@ -198,7 +198,7 @@ def run(quick: bool = False, reps: int | None = None, memory: bool = True) -> li
 def _table(rows):
     shape, nan = rows[0], float("nan")
     out = [f"N={shape['N']} H={shape['H']} V={shape['V']} fp32, {shape['threads']} threads, "
-           f"{shape['machine']}; load avg {shape['load_avg_before_after']}",
+           f"{shape['machine']}; load avg {shape['load_avg_before_after']}", "",
            "| variant | ms median | ms min | vs eager | vs logits+kdfast | peak extra MiB | "
            "mem vs eager | mem vs logits+kdfast | rel err (loss, gh, gW) |",
            "|---|--:|--:|--:|--:|--:|--:|--:|---|"]

@@ -259,6 +259,22 @@ def write_report(results: dict, out_dir: Path = HERE, plots: bool = True):
               "fused/compile | fused/add |", "|---|---|--:|--:|--:|--:|--:|--:|--:|"] + head + [""]
     for dev in devs:
         L += section(dev, results["machines"].get(dev, {}), idx, out_dir, _slug(dev), plots)
+    fl = out_dir / "fused_linear.json"   # written by `python -m benchmarks.bench_fused_linear --json`
+    if fl.exists():
+        from .bench_fused_linear import _table
+        L += ["", "## Fused linear + distillation (`kdfast.fused_linear_distill_loss`)", "",
+              "One fwd+bwd of the student head under kd (T = 2), teacher from hidden states + head; "
+              "from `benchmarks/fused_linear.json` (`python -m benchmarks.bench_fused_linear`).", "",
+              _table(json.loads(fl.read_text())), ""]
+    vp = out_dir / "vocab_parallel.json"   # `python -m benchmarks.bench_vocab_parallel --json`
+    if vp.exists():
+        from .bench_vocab_parallel import _table as _vp_table
+        L += ["", "## Vocabulary-parallel kd (`process_group=`)", "",
+              "The logits split along the vocabulary over gloo ranks on this machine (each rank one "
+              "thread), against the single-process losses; from `benchmarks/vocab_parallel.json` "
+              "(`python -m benchmarks.bench_vocab_parallel`). The vocabulary-parallel path is eager "
+              "torch per shard, not the fused kernel.", "",
+              _vp_table(json.loads(vp.read_text())), ""]
     (out_dir / "RESULTS.md").write_text("\n".join(L))
 
 
