@@ -78,7 +78,21 @@ def _check_finite(x: float, name: str) -> float:
     return float(x)
 
 
-def _check_labels(labels, z: Tensor, ignore_index: int) -> Optional[Tensor]:
+def _check_reduction(ignore_index, reduction: str) -> str:
+    """``ignore_index`` an int, ``reduction`` one of REDUCTIONS (``"batchmean"`` -> ``"mean"``)."""
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+        raise ValueError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+    if reduction == "batchmean":
+        reduction = "mean"
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of 'mean', 'batchmean', 'sum', 'none', got {reduction!r}")
+    return reduction
+
+
+def _check_labels(labels, z: Tensor, ignore_index: int, num_classes: Optional[int] = None,
+                  what: str = "") -> Optional[Tensor]:
+    """Labels shaped like the leading dims of ``z``, in [0, num_classes) (default: z's last dim)
+    or ``ignore_index``; ``what`` qualifies the class ids in the error (e.g. "global class ids")."""
     if labels is None:
         return None
     if not isinstance(labels, Tensor):
@@ -94,11 +108,12 @@ def _check_labels(labels, z: Tensor, ignore_index: int) -> Optional[Tensor]:
     # masks a bad label and makes its row NaN) and while torch.compile traces (no data-dependent
     # Python branching in a graph).
     if labels.device.type == "cpu" and labels.numel() and not torch.compiler.is_compiling():
-        c = z.shape[-1]
+        c = z.shape[-1] if num_classes is None else num_classes
         ok = ((labels >= 0) & (labels < c)) | (labels == ignore_index)
         if not bool(ok.all()):
             bad = labels[~ok][0].item()
-            raise ValueError(f"labels must be in [0, {c}) or ignore_index={ignore_index}, got {bad}")
+            raise ValueError(f"labels must be {what + ' ' if what else ''}in [0, {c}) or "
+                             f"ignore_index={ignore_index}, got {bad}")
     return labels
 
 
@@ -160,12 +175,7 @@ def _as_rows(x: Tensor, c: int) -> Tensor:
 # ----------------------------------------------------------------------------- the common path
 def _common_args(z, labels, ignore_index, reduction, kd_weight, ce_weight, acc, backend):
     """Checks of the arguments every loss has; returns (labels, reduction, kd_w, ce_w, backend)."""
-    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
-        raise ValueError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
-    if reduction == "batchmean":
-        reduction = "mean"
-    if reduction not in REDUCTIONS:
-        raise ValueError(f"reduction must be one of 'mean', 'batchmean', 'sum', 'none', got {reduction!r}")
+    reduction = _check_reduction(ignore_index, reduction)
     labels = _check_labels(labels, z, ignore_index)
     lead = z.shape[:-1]
     n = lead.numel()

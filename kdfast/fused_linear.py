@@ -47,10 +47,10 @@ from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
 from . import _cpu, reference
-from ._ops import REDUCTIONS, _backend_fn
+from ._ops import _backend_fn
 from ._spec import KernelParams, Kind
-from .functional import (_check_finite, _check_labels, _check_temperature, _check_unit,
-                         _resolve_backend, _rows_weight)
+from .functional import (_check_finite, _check_labels, _check_reduction, _check_temperature,
+                         _check_unit, _resolve_backend, _rows_weight)
 
 __all__ = ["fused_linear_distill_loss", "FusedLinearDistillLoss", "default_chunk_size", "METHODS",
            "DEFAULT_MEMORY_BUDGET"]
@@ -411,12 +411,7 @@ def fused_linear_distill_loss(
                              f"{tuple(b.shape)} {b.dtype}")
     if w.device != h.device or (b is not None and b.device != h.device):
         raise ValueError("student_hidden, student_weight and student_bias must be on one device")
-    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
-        raise ValueError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
-    reduction = "mean" if reduction == "batchmean" else reduction
-    if reduction not in REDUCTIONS:
-        raise ValueError("reduction must be one of 'mean', 'batchmean', 'sum', 'none', "
-                         f"got {reduction!r}")
+    reduction = _check_reduction(ignore_index, reduction)
     for name, x in (("chunk_size", chunk_size), ("memory_budget", memory_budget)):
         if x is not None and (isinstance(x, bool) or not isinstance(x, int) or x < 1):
             raise ValueError(f"{name} must be a positive int or None, got {x!r}")

@@ -68,7 +68,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from . import functional as _F
-from ._ops import REDUCTIONS, _scaled, acc_dtype
+from ._ops import _scaled, acc_dtype
 from ._spec import KernelParams, Kind
 
 __all__ = ["vocab_parallel_loss", "shard_bounds", "kd_loss", "ttm_loss", "wttm_loss", "dkd_loss",
@@ -121,28 +121,6 @@ def _layout(process_group, c_local: int, vocab_start, vocab_size) -> tuple[int, 
         raise ValueError(f"the shard [{vocab_start}, {vocab_start + c_local}) is not inside "
                          f"[0, vocab_size={vocab_size})")
     return rank, world, vocab_start, vocab_size
-
-
-def _check_labels(labels, z: Tensor, vocab_size: int, ignore_index: int) -> Optional[Tensor]:
-    """Global class ids: the leading shape of the shard, in [0, vocab_size) or ignore_index."""
-    if labels is None:
-        return None
-    if not isinstance(labels, Tensor):
-        raise ValueError(f"labels must be a torch.Tensor or None, got {type(labels).__name__}")
-    if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
-        raise ValueError(f"labels must be an integer tensor, got {labels.dtype}")
-    if labels.shape != z.shape[:-1]:
-        raise ValueError(f"labels must have the leading shape of the logits {tuple(z.shape[:-1])}, "
-                         f"got {tuple(labels.shape)}")
-    if labels.device != z.device:
-        raise ValueError(f"labels are on {labels.device}, the logits on {z.device}")
-    if labels.device.type == "cpu" and labels.numel():
-        ok = ((labels >= 0) & (labels < vocab_size)) | (labels == ignore_index)
-        if not bool(ok.all()):
-            bad = labels[~ok][0].item()
-            raise ValueError(f"labels must be global class ids in [0, {vocab_size}) or "
-                             f"ignore_index={ignore_index}, got {bad}")
-    return labels
 
 
 # ----------------------------------------------------------------------------- the per-call state
@@ -664,17 +642,12 @@ def _run(params: KernelParams, z, v, labels, *, process_group, vocab_start, voca
             raise ValueError(f"past_student_logits are on {zp.device}, student_logits on {z.device}")
     if backend not in _F.BACKENDS:
         raise ValueError(f"backend must be one of {_F.BACKENDS}, got {backend!r}")
-    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
-        raise ValueError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
-    if reduction == "batchmean":
-        reduction = "mean"
-    if reduction not in REDUCTIONS:
-        raise ValueError(f"reduction must be one of 'mean', 'batchmean', 'sum', 'none', got {reduction!r}")
+    reduction = _F._check_reduction(ignore_index, reduction)
     lead, cl = z.shape[:-1], z.shape[-1]
     layout = _layout(process_group, cl, vocab_start, vocab_size)
     if layout[3] < min_classes:
         raise ValueError(f"{what} needs at least {min_classes} classes, the vocabulary has {layout[3]}")
-    labels = _check_labels(labels, z, layout[3], ignore_index)
+    labels = _F._check_labels(labels, z, ignore_index, layout[3], "global class ids")
     n = lead.numel()
     acc = acc_dtype(z.dtype, v.dtype)
     kd_w = _F._rows_weight(kd_weight, "kd_weight", lead, n, acc, z.device)
