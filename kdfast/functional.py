@@ -172,6 +172,59 @@ def _as_rows(x: Tensor, c: int) -> Tensor:
     return x2 if x2.stride(-1) == 1 or c == 1 else x2.contiguous()
 
 
+# ----------------------------------------------------------------------------- the declarations
+# Each named loss is a choice of kernel parameters: one builder per loss, from its hyperparameters
+# (their defaults are the loss's), checking them. The functional losses below, fused_linear and
+# vocab_parallel all take their parameters from here.
+def _kd(temperature=4.0):
+    t = _check_temperature(temperature)
+    return KernelParams(Kind.KL, t, t, t * t)
+
+
+def _ttm(temperature=2.0):
+    t = _check_temperature(temperature)
+    return KernelParams(Kind.KL, 1.0, t, 1.0)
+
+
+def _wttm(temperature=2.0):
+    t = _check_temperature(temperature)
+    return KernelParams(Kind.KL, 1.0, t, 1.0, wttm=True)
+
+
+def _dkd(temperature=4.0, alpha=1.0, beta=8.0):
+    t = _check_temperature(temperature)
+    return KernelParams(Kind.DKD, t, t, t * t, alpha=_check_finite(alpha, "alpha"),
+                        beta=_check_finite(beta, "beta"))
+
+
+def _logit_matching(center=True):
+    if not isinstance(center, bool):
+        raise ValueError(f"center must be a bool, got {type(center).__name__}")
+    return KernelParams(Kind.LM, center=center)
+
+
+def _ls_kd(temperature=2.0):
+    t = _check_temperature(temperature)
+    return KernelParams(Kind.LS, t, t, t * t)
+
+
+def _jsd(beta=0.5, temperature=1.0):
+    t, b = _check_temperature(temperature), _check_unit(beta, "beta")
+    if b in (0.0, 1.0):   # exactly forward / reverse KL
+        return KernelParams(Kind.KL, t, t, 1.0, reverse=b == 1.0)
+    return KernelParams(Kind.JSD, t, t, 1.0, beta=b)
+
+
+def _retro_kd(temperature=4.0, past_weight=0.5):
+    t = _check_temperature(temperature)
+    return KernelParams(Kind.KL, t, t, t * t, rho=_check_unit(past_weight, "past_weight"))
+
+
+#: method name -> builder of its KernelParams (keyword arguments: the loss's hyperparameters)
+METHODS = {"kd": _kd, "ttm": _ttm, "wttm": _wttm, "dkd": _dkd, "logit_matching": _logit_matching,
+           "ls_kd": _ls_kd, "jsd": _jsd, "retro_kd": _retro_kd}
+
+
 # ----------------------------------------------------------------------------- the common path
 def _common_args(z, labels, ignore_index, reduction, kd_weight, ce_weight, acc, backend):
     """Checks of the arguments every loss has; returns (labels, reduction, kd_w, ce_w, backend)."""
@@ -186,9 +239,18 @@ def _common_args(z, labels, ignore_index, reduction, kd_weight, ce_weight, acc, 
 
 def _distill(params: KernelParams, ref: Callable[..., Tensor], hyper: dict, z, v, labels, *,
              kd_weight, ce_weight, ignore_index, reduction, backend, inplace_backward,
-             zp=None) -> Tensor:
+             zp=None, tp=None, min_classes: int = 1, what: str = "") -> Tensor:
     """Check the arguments, pick the backend, call the fused op (or ``ref``, the eager reference,
-    with ``hyper`` as its loss hyperparameters)."""
+    with ``hyper`` as its loss hyperparameters). ``tp = (process_group, vocab_start, vocab_size)``
+    with a group: the logits are vocabulary shards (:func:`kdfast.vocab_parallel._run`; the global
+    vocabulary needs ``min_classes`` classes)."""
+    if tp is not None and tp[0] is not None:
+        from . import vocab_parallel   # lazy: vocab_parallel imports this module
+        return vocab_parallel._run(params, z, v, labels, process_group=tp[0], vocab_start=tp[1],
+                                   vocab_size=tp[2], kd_weight=kd_weight, ce_weight=ce_weight,
+                                   ignore_index=ignore_index, reduction=reduction, backend=backend,
+                                   inplace_backward=inplace_backward, zp=zp,
+                                   min_classes=min_classes, what=what)
     _check_logits("student_logits", z)
     _check_logits("teacher_logits", v)
     if v.shape != z.shape:
@@ -224,13 +286,6 @@ def _distill(params: KernelParams, ref: Callable[..., Tensor], hyper: dict, z, v
     return loss.view(lead) if reduction == "none" else loss
 
 
-def _vocab_parallel(method: str, args: dict) -> Tensor:
-    """The loss on vocabulary-sharded logits (:mod:`kdfast.vocab_parallel`); ``args``: the loss's
-    parameters (its ``locals()`` before anything else is assigned)."""
-    from . import vocab_parallel   # lazy: vocab_parallel imports this module
-    return vocab_parallel.METHODS[method](**args)
-
-
 _COMMON_DOC = """
     Common arguments (see :mod:`kdfast.functional`): ``labels`` (adds ``ce_weight * CE``),
     ``kd_weight``, ``ce_weight`` (floats or tensors broadcastable to the leading shape, with
@@ -261,13 +316,11 @@ def kd_loss(student_logits: Tensor, teacher_logits: Tensor, labels: Optional[Ten
 
         loss = kdfast.kd_loss(student(x), teacher(x).detach(), y, temperature=4.0)
     """
-    if process_group is not None:   # logits sharded along the vocabulary (docs/vocab-parallel.md)
-        return _vocab_parallel("kd", locals())
-    t = _check_temperature(temperature)
-    return _distill(KernelParams(Kind.KL, t, t, t * t), reference.kd_loss, {"temperature": t},
+    return _distill(_kd(temperature), reference.kd_loss, {"temperature": temperature},
                     student_logits, teacher_logits, labels, kd_weight=kd_weight,
                     ce_weight=ce_weight, ignore_index=ignore_index, reduction=reduction,
-                    backend=backend, inplace_backward=inplace_backward)
+                    backend=backend, inplace_backward=inplace_backward,
+                    tp=(process_group, vocab_start, vocab_size))
 
 
 @_declare
@@ -282,13 +335,11 @@ def ttm_loss(student_logits: Tensor, teacher_logits: Tensor, labels: Optional[Te
     The temperature acts on the teacher only and there is no ``T^2``. The default ``T = 2``
     (``gamma = 1/T = 0.5``) sits in the middle of the range the paper tunes (gamma in 0.1-0.8).
     """
-    if process_group is not None:   # logits sharded along the vocabulary (docs/vocab-parallel.md)
-        return _vocab_parallel("ttm", locals())
-    t = _check_temperature(temperature)
-    return _distill(KernelParams(Kind.KL, 1.0, t, 1.0), reference.ttm_loss, {"temperature": t},
+    return _distill(_ttm(temperature), reference.ttm_loss, {"temperature": temperature},
                     student_logits, teacher_logits, labels, kd_weight=kd_weight,
                     ce_weight=ce_weight, ignore_index=ignore_index, reduction=reduction,
-                    backend=backend, inplace_backward=inplace_backward)
+                    backend=backend, inplace_backward=inplace_backward,
+                    tp=(process_group, vocab_start, vocab_size))
 
 
 @_declare
@@ -302,13 +353,11 @@ def wttm_loss(student_logits: Tensor, teacher_logits: Tensor, labels: Optional[T
     ``U = sum_j softmax(v)_j^(1/T)`` (a constant: no gradient flows through it). Default ``T = 2``
     as for :func:`ttm_loss`.
     """
-    if process_group is not None:   # logits sharded along the vocabulary (docs/vocab-parallel.md)
-        return _vocab_parallel("wttm", locals())
-    t = _check_temperature(temperature)
-    return _distill(KernelParams(Kind.KL, 1.0, t, 1.0, wttm=True), reference.wttm_loss,
-                    {"temperature": t}, student_logits, teacher_logits, labels,
+    return _distill(_wttm(temperature), reference.wttm_loss,
+                    {"temperature": temperature}, student_logits, teacher_logits, labels,
                     kd_weight=kd_weight, ce_weight=ce_weight, ignore_index=ignore_index,
-                    reduction=reduction, backend=backend, inplace_backward=inplace_backward)
+                    reduction=reduction, backend=backend, inplace_backward=inplace_backward,
+                    tp=(process_group, vocab_start, vocab_size))
 
 
 def _check_classes(z: Tensor, least: int, what: str) -> None:
@@ -327,17 +376,16 @@ def dkd_loss(student_logits: Tensor, teacher_logits: Tensor, labels: Tensor, *,
     KL of the binary target / non-target split and NCKD the KL among the non-target classes.
     Needs labels and C >= 2. Defaults as in mdistiller (T = 4, alpha = 1, beta = 8).
     """
-    if process_group is not None:   # logits sharded along the vocabulary (docs/vocab-parallel.md)
-        return _vocab_parallel("dkd", locals())
-    t = _check_temperature(temperature)
-    a, b = _check_finite(alpha, "alpha"), _check_finite(beta, "beta")
+    params = _dkd(temperature, alpha, beta)
     if labels is None:
         raise ValueError("dkd_loss needs labels (the target class splits the distribution)")
-    _check_classes(student_logits, 2, "dkd_loss")
-    return _distill(KernelParams(Kind.DKD, t, t, t * t, alpha=a, beta=b), reference.dkd_loss,
-                    {"temperature": t, "alpha": a, "beta": b}, student_logits, teacher_logits,
+    if process_group is None:   # sharded: the global vocabulary is checked in vocab_parallel
+        _check_classes(student_logits, 2, "dkd_loss")
+    return _distill(params, reference.dkd_loss,
+                    {"temperature": temperature, "alpha": alpha, "beta": beta}, student_logits, teacher_logits,
                     labels, kd_weight=kd_weight, ce_weight=ce_weight, ignore_index=ignore_index,
-                    reduction=reduction, backend=backend, inplace_backward=inplace_backward)
+                    reduction=reduction, backend=backend, inplace_backward=inplace_backward,
+                    tp=(process_group, vocab_start, vocab_size), min_classes=2, what="dkd_loss")
 
 
 @_declare
@@ -350,14 +398,11 @@ def logit_matching_loss(student_logits: Tensor, teacher_logits: Tensor,
                         vocab_size: Optional[int] = None) -> Tensor:
     """Logit matching, the T -> infinity limit of KD: ``(1/2C) ||(z - mean z) - (v - mean v)||^2``
     per row (``center=False``: ``(1/2C) ||z - v||^2``)."""
-    if process_group is not None:   # logits sharded along the vocabulary (docs/vocab-parallel.md)
-        return _vocab_parallel("logit_matching", locals())
-    if not isinstance(center, bool):
-        raise ValueError(f"center must be a bool, got {type(center).__name__}")
-    return _distill(KernelParams(Kind.LM, center=center), reference.logit_matching_loss,
+    return _distill(_logit_matching(center), reference.logit_matching_loss,
                     {"center": center}, student_logits, teacher_logits, labels,
                     kd_weight=kd_weight, ce_weight=ce_weight, ignore_index=ignore_index,
-                    reduction=reduction, backend=backend, inplace_backward=inplace_backward)
+                    reduction=reduction, backend=backend, inplace_backward=inplace_backward,
+                    tp=(process_group, vocab_start, vocab_size))
 
 
 @_declare
@@ -371,14 +416,14 @@ def ls_kd_loss(student_logits: Tensor, teacher_logits: Tensor, labels: Optional[
     (unbiased std) before ``T^2 KL`` at temperature T; the gradient flows through the student's mean
     and std. Needs C >= 2.
     """
-    if process_group is not None:   # logits sharded along the vocabulary (docs/vocab-parallel.md)
-        return _vocab_parallel("ls_kd", locals())
-    t = _check_temperature(temperature)
-    _check_classes(student_logits, 2, "ls_kd_loss")
-    return _distill(KernelParams(Kind.LS, t, t, t * t), reference.ls_kd_loss, {"temperature": t},
+    params = _ls_kd(temperature)
+    if process_group is None:
+        _check_classes(student_logits, 2, "ls_kd_loss")
+    return _distill(params, reference.ls_kd_loss, {"temperature": temperature},
                     student_logits, teacher_logits, labels, kd_weight=kd_weight,
                     ce_weight=ce_weight, ignore_index=ignore_index, reduction=reduction,
-                    backend=backend, inplace_backward=inplace_backward)
+                    backend=backend, inplace_backward=inplace_backward,
+                    tp=(process_group, vocab_start, vocab_size), min_classes=2, what="ls_kd_loss")
 
 
 @_declare
@@ -393,20 +438,11 @@ def jsd_loss(student_logits: Tensor, teacher_logits: Tensor, labels: Optional[Te
     ``q`` the student's softmax at T (no T^2). Exactly forward KL ``KL(p || q)`` at beta = 0 and
     reverse KL ``KL(q || p)`` at beta = 1 (as TRL's ``generalized_jsd_loss``).
     """
-    if process_group is not None:   # logits sharded along the vocabulary (docs/vocab-parallel.md)
-        return _vocab_parallel("jsd", locals())
-    t = _check_temperature(temperature)
-    b = _check_unit(beta, "beta")
-    if b == 0.0:
-        params = KernelParams(Kind.KL, t, t, 1.0)
-    elif b == 1.0:
-        params = KernelParams(Kind.KL, t, t, 1.0, reverse=True)
-    else:
-        params = KernelParams(Kind.JSD, t, t, 1.0, beta=b)
-    return _distill(params, reference.jsd_loss, {"beta": b, "temperature": t}, student_logits,
-                    teacher_logits, labels, kd_weight=kd_weight, ce_weight=ce_weight,
+    return _distill(_jsd(beta, temperature), reference.jsd_loss,
+                    {"beta": beta, "temperature": temperature}, student_logits, teacher_logits, labels, kd_weight=kd_weight, ce_weight=ce_weight,
                     ignore_index=ignore_index, reduction=reduction, backend=backend,
-                    inplace_backward=inplace_backward)
+                    inplace_backward=inplace_backward,
+                    tp=(process_group, vocab_start, vocab_size))
 
 
 @_declare
@@ -422,17 +458,14 @@ def retro_kd_loss(student_logits: Tensor, teacher_logits: Tensor, past_student_l
     ``rho = past_weight`` in [0, 1]. The teacher's gradient, when it requires grad, is
     ``(1 - rho)`` times the gradient with respect to ``r``.
     """
-    if process_group is not None:   # logits sharded along the vocabulary (docs/vocab-parallel.md)
-        return _vocab_parallel("retro_kd", locals())
-    t = _check_temperature(temperature)
-    rho = _check_unit(past_weight, "past_weight")
+    params = _retro_kd(temperature, past_weight)
     if not isinstance(past_student_logits, Tensor):
         raise ValueError("past_student_logits must be a tensor of the student logits' shape")
-    return _distill(KernelParams(Kind.KL, t, t, t * t, rho=rho), reference.retro_kd_loss,
-                    {"temperature": t, "past_weight": rho}, student_logits, teacher_logits, labels,
+    return _distill(params, reference.retro_kd_loss,
+                    {"temperature": temperature, "past_weight": past_weight}, student_logits, teacher_logits, labels,
                     kd_weight=kd_weight, ce_weight=ce_weight, ignore_index=ignore_index,
                     reduction=reduction, backend=backend, inplace_backward=inplace_backward,
-                    zp=past_student_logits)
+                    zp=past_student_logits, tp=(process_group, vocab_start, vocab_size))
 
 
 @_declare

@@ -48,9 +48,8 @@ from torch.autograd.function import once_differentiable
 
 from . import _cpu, reference
 from ._ops import _backend_fn
-from ._spec import KernelParams, Kind
-from .functional import (_check_finite, _check_labels, _check_reduction, _check_temperature,
-                         _check_unit, _resolve_backend, _rows_weight)
+from ._spec import KernelParams
+from .functional import METHODS, _check_labels, _check_reduction, _resolve_backend, _rows_weight
 
 __all__ = ["fused_linear_distill_loss", "FusedLinearDistillLoss", "default_chunk_size", "METHODS",
            "DEFAULT_MEMORY_BUDGET"]
@@ -61,54 +60,7 @@ _FLOATS = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
 
 # ----------------------------------------------------------------------------- the methods
-# Each builds the KernelParams of the named loss in functional.py from its hyperparameters; the
-# defaults are those of the named losses (tests/test_fused_linear.py checks both agree).
-def _kd(temperature=4.0):
-    t = _check_temperature(temperature)
-    return KernelParams(Kind.KL, t, t, t * t)
-
-
-def _ttm(temperature=2.0):
-    t = _check_temperature(temperature)
-    return KernelParams(Kind.KL, 1.0, t, 1.0)
-
-
-def _wttm(temperature=2.0):
-    t = _check_temperature(temperature)
-    return KernelParams(Kind.KL, 1.0, t, 1.0, wttm=True)
-
-
-def _dkd(temperature=4.0, alpha=1.0, beta=8.0):
-    t = _check_temperature(temperature)
-    return KernelParams(Kind.DKD, t, t, t * t, alpha=_check_finite(alpha, "alpha"),
-                        beta=_check_finite(beta, "beta"))
-
-
-def _logit_matching(center=True):
-    if not isinstance(center, bool):
-        raise ValueError(f"center must be a bool, got {type(center).__name__}")
-    return KernelParams(Kind.LM, center=center)
-
-
-def _ls_kd(temperature=2.0):
-    t = _check_temperature(temperature)
-    return KernelParams(Kind.LS, t, t, t * t)
-
-
-def _jsd(beta=0.5, temperature=1.0):
-    t, b = _check_temperature(temperature), _check_unit(beta, "beta")
-    if b in (0.0, 1.0):   # exactly forward / reverse KL
-        return KernelParams(Kind.KL, t, t, 1.0, reverse=b == 1.0)
-    return KernelParams(Kind.JSD, t, t, 1.0, beta=b)
-
-
-def _retro_kd(temperature=4.0, past_weight=0.5):
-    t = _check_temperature(temperature)
-    return KernelParams(Kind.KL, t, t, t * t, rho=_check_unit(past_weight, "past_weight"))
-
-
-METHODS = {"kd": _kd, "ttm": _ttm, "wttm": _wttm, "dkd": _dkd, "logit_matching": _logit_matching,
-           "ls_kd": _ls_kd, "jsd": _jsd, "retro_kd": _retro_kd}
+# The kernel parameters of each named loss come from its declaration in functional.py (METHODS).
 _MIN_CLASSES = {"dkd": 2, "ls_kd": 2}
 
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from typing import Callable, Optional, Sequence, Union
 
-import torch
 from torch import Tensor
 
 from . import functional as F

@@ -61,7 +61,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Optional, Union
+from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -74,7 +74,6 @@ from ._spec import KernelParams, Kind
 __all__ = ["vocab_parallel_loss", "shard_bounds", "kd_loss", "ttm_loss", "wttm_loss", "dkd_loss",
            "logit_matching_loss", "ls_kd_loss", "jsd_loss", "retro_kd_loss", "METHODS"]
 
-Weight = Union[float, Tensor]
 _CHUNK_ELEMS = 1 << 18          # local elements per row chunk (bounds the temporaries)
 _NEG_INF = float("-inf")
 _MAX, _SUM = dist.ReduceOp.MAX, dist.ReduceOp.SUM
@@ -664,159 +663,30 @@ def _run(params: KernelParams, z, v, labels, *, process_group, vocab_start, voca
     return loss.view(lead) if reduction == "none" else loss
 
 
-_DOC = """
-    The shards: ``student_logits`` / ``teacher_logits`` are ``(..., C_local)``, this rank's columns
-    ``[vocab_start, vocab_start + C_local)`` of every row; ``labels`` are global class ids. Keyword
-    arguments beyond those of :mod:`kdfast.functional`: ``process_group`` (required: the
-    tensor-parallel group), ``vocab_start`` / ``vocab_size`` (``None``: equal shards in rank order;
-    uneven shards: see :func:`shard_bounds`). ``backend`` is accepted and ignored (eager torch ops).
-    See the module docstring for the collectives per call.
-"""
+def _sharded(name: str):
+    """``kdfast.<name>_loss`` with ``process_group`` required: the named loss is declared once, in
+    :mod:`kdfast.functional`, whose ``process_group=`` path calls :func:`_run` here."""
+    fn = getattr(_F, f"{name}_loss")
+
+    def loss(*args, process_group, **kwargs) -> Tensor:
+        if process_group is None:
+            raise ValueError(f"vocab_parallel.{name}_loss needs a process_group (the tensor-parallel "
+                             f"group); use kdfast.{name}_loss for whole rows")
+        return fn(*args, process_group=process_group, **kwargs)
+
+    loss.__name__ = loss.__qualname__ = f"{name}_loss"
+    loss.__doc__ = (f"Vocabulary-parallel :func:`kdfast.{name}_loss` (the same arguments; "
+                    "``process_group`` required). The shards: the logits are ``(..., C_local)``, this "
+                    "rank's columns ``[vocab_start, vocab_start + C_local)`` of every row; ``labels`` "
+                    "are global class ids; ``vocab_start`` / ``vocab_size``: ``None`` for equal shards "
+                    "in rank order, else see :func:`shard_bounds`. ``backend`` is ignored (eager torch "
+                    "ops). The module docstring lists the collectives per call.")
+    return loss
 
 
-def _declare(f):
-    f.__doc__ = (f.__doc__ or "") + _DOC
-    return f
-
-
-@_declare
-def kd_loss(student_logits: Tensor, teacher_logits: Tensor, labels: Optional[Tensor] = None, *,
-            process_group, vocab_start: Optional[int] = None, vocab_size: Optional[int] = None,
-            temperature: float = 4.0, kd_weight: Weight = 1.0, ce_weight: Weight = 1.0,
-            ignore_index: int = -100, reduction: str = "mean", backend: str = "auto",
-            inplace_backward: bool = False) -> Tensor:
-    """Vocabulary-parallel :func:`kdfast.kd_loss`: ``T^2 KL(softmax(v/T) || softmax(z/T))``."""
-    t = _F._check_temperature(temperature)
-    return _run(KernelParams(Kind.KL, t, t, t * t), student_logits, teacher_logits, labels,
-                process_group=process_group, vocab_start=vocab_start, vocab_size=vocab_size,
-                kd_weight=kd_weight, ce_weight=ce_weight, ignore_index=ignore_index,
-                reduction=reduction, backend=backend, inplace_backward=inplace_backward)
-
-
-@_declare
-def ttm_loss(student_logits: Tensor, teacher_logits: Tensor, labels: Optional[Tensor] = None, *,
-             process_group, vocab_start: Optional[int] = None, vocab_size: Optional[int] = None,
-             temperature: float = 2.0, kd_weight: Weight = 1.0, ce_weight: Weight = 1.0,
-             ignore_index: int = -100, reduction: str = "mean", backend: str = "auto",
-             inplace_backward: bool = False) -> Tensor:
-    """Vocabulary-parallel :func:`kdfast.ttm_loss`: ``KL(softmax(v/T) || softmax(z))``."""
-    t = _F._check_temperature(temperature)
-    return _run(KernelParams(Kind.KL, 1.0, t, 1.0), student_logits, teacher_logits, labels,
-                process_group=process_group, vocab_start=vocab_start, vocab_size=vocab_size,
-                kd_weight=kd_weight, ce_weight=ce_weight, ignore_index=ignore_index,
-                reduction=reduction, backend=backend, inplace_backward=inplace_backward)
-
-
-@_declare
-def wttm_loss(student_logits: Tensor, teacher_logits: Tensor, labels: Optional[Tensor] = None, *,
-              process_group, vocab_start: Optional[int] = None, vocab_size: Optional[int] = None,
-              temperature: float = 2.0, kd_weight: Weight = 1.0, ce_weight: Weight = 1.0,
-              ignore_index: int = -100, reduction: str = "mean", backend: str = "auto",
-              inplace_backward: bool = False) -> Tensor:
-    """Vocabulary-parallel :func:`kdfast.wttm_loss`: ``U KL(softmax(v/T) || softmax(z))``, the global
-    ``U = exp(lse(v/T) - lse(v)/T)`` (no gradient) from the same two collectives."""
-    t = _F._check_temperature(temperature)
-    return _run(KernelParams(Kind.KL, 1.0, t, 1.0, wttm=True), student_logits, teacher_logits,
-                labels, process_group=process_group, vocab_start=vocab_start,
-                vocab_size=vocab_size, kd_weight=kd_weight, ce_weight=ce_weight,
-                ignore_index=ignore_index, reduction=reduction, backend=backend,
-                inplace_backward=inplace_backward)
-
-
-@_declare
-def dkd_loss(student_logits: Tensor, teacher_logits: Tensor, labels: Tensor, *, process_group,
-             vocab_start: Optional[int] = None, vocab_size: Optional[int] = None,
-             temperature: float = 4.0, alpha: float = 1.0, beta: float = 8.0,
-             kd_weight: Weight = 1.0, ce_weight: Weight = 1.0, ignore_index: int = -100,
-             reduction: str = "mean", backend: str = "auto", inplace_backward: bool = False) -> Tensor:
-    """Vocabulary-parallel :func:`kdfast.dkd_loss`; the rank holding the target column contributes
-    ``z_y`` and ``v_y`` (the others 0) to the SUM reduction. Needs labels and vocab_size >= 2."""
-    t = _F._check_temperature(temperature)
-    a, b = _F._check_finite(alpha, "alpha"), _F._check_finite(beta, "beta")
-    if labels is None:
-        raise ValueError("dkd_loss needs labels (the target class splits the distribution)")
-    return _run(KernelParams(Kind.DKD, t, t, t * t, alpha=a, beta=b), student_logits,
-                teacher_logits, labels, process_group=process_group, vocab_start=vocab_start,
-                vocab_size=vocab_size, kd_weight=kd_weight, ce_weight=ce_weight,
-                ignore_index=ignore_index, reduction=reduction, backend=backend,
-                inplace_backward=inplace_backward, min_classes=2, what="dkd_loss")
-
-
-@_declare
-def logit_matching_loss(student_logits: Tensor, teacher_logits: Tensor,
-                        labels: Optional[Tensor] = None, *, process_group,
-                        vocab_start: Optional[int] = None, vocab_size: Optional[int] = None,
-                        center: bool = True, kd_weight: Weight = 1.0, ce_weight: Weight = 1.0,
-                        ignore_index: int = -100, reduction: str = "mean", backend: str = "auto",
-                        inplace_backward: bool = False) -> Tensor:
-    """Vocabulary-parallel :func:`kdfast.logit_matching_loss` (C is the global vocabulary size)."""
-    if not isinstance(center, bool):
-        raise ValueError(f"center must be a bool, got {type(center).__name__}")
-    return _run(KernelParams(Kind.LM, center=center), student_logits, teacher_logits, labels,
-                process_group=process_group, vocab_start=vocab_start, vocab_size=vocab_size,
-                kd_weight=kd_weight, ce_weight=ce_weight, ignore_index=ignore_index,
-                reduction=reduction, backend=backend, inplace_backward=inplace_backward)
-
-
-@_declare
-def ls_kd_loss(student_logits: Tensor, teacher_logits: Tensor, labels: Optional[Tensor] = None, *,
-               process_group, vocab_start: Optional[int] = None, vocab_size: Optional[int] = None,
-               temperature: float = 2.0, kd_weight: Weight = 1.0, ce_weight: Weight = 1.0,
-               ignore_index: int = -100, reduction: str = "mean", backend: str = "auto",
-               inplace_backward: bool = False) -> Tensor:
-    """Vocabulary-parallel :func:`kdfast.ls_kd_loss` (mean and unbiased std over the global row;
-    three collectives). Needs vocab_size >= 2."""
-    t = _F._check_temperature(temperature)
-    return _run(KernelParams(Kind.LS, t, t, t * t), student_logits, teacher_logits, labels,
-                process_group=process_group, vocab_start=vocab_start, vocab_size=vocab_size,
-                kd_weight=kd_weight, ce_weight=ce_weight, ignore_index=ignore_index,
-                reduction=reduction, backend=backend, inplace_backward=inplace_backward,
-                min_classes=2, what="ls_kd_loss")
-
-
-@_declare
-def jsd_loss(student_logits: Tensor, teacher_logits: Tensor, labels: Optional[Tensor] = None, *,
-             process_group, vocab_start: Optional[int] = None, vocab_size: Optional[int] = None,
-             beta: float = 0.5, temperature: float = 1.0, kd_weight: Weight = 1.0,
-             ce_weight: Weight = 1.0, ignore_index: int = -100, reduction: str = "mean",
-             backend: str = "auto", inplace_backward: bool = False) -> Tensor:
-    """Vocabulary-parallel :func:`kdfast.jsd_loss`. beta = 0 (forward KL) and beta = 1 (reverse KL):
-    two collectives; 0 < beta < 1: three (``log m`` needs the global log-sum-exps before the KL
-    sums)."""
-    t = _F._check_temperature(temperature)
-    b = _F._check_unit(beta, "beta")
-    if b == 0.0:
-        params = KernelParams(Kind.KL, t, t, 1.0)
-    elif b == 1.0:
-        params = KernelParams(Kind.KL, t, t, 1.0, reverse=True)
-    else:
-        params = KernelParams(Kind.JSD, t, t, 1.0, beta=b)
-    return _run(params, student_logits, teacher_logits, labels, process_group=process_group,
-                vocab_start=vocab_start, vocab_size=vocab_size, kd_weight=kd_weight,
-                ce_weight=ce_weight, ignore_index=ignore_index, reduction=reduction,
-                backend=backend, inplace_backward=inplace_backward)
-
-
-@_declare
-def retro_kd_loss(student_logits: Tensor, teacher_logits: Tensor, past_student_logits: Tensor,
-                  labels: Optional[Tensor] = None, *, process_group,
-                  vocab_start: Optional[int] = None, vocab_size: Optional[int] = None,
-                  temperature: float = 4.0, past_weight: float = 0.5, kd_weight: Weight = 1.0,
-                  ce_weight: Weight = 1.0, ignore_index: int = -100, reduction: str = "mean",
-                  backend: str = "auto", inplace_backward: bool = False) -> Tensor:
-    """Vocabulary-parallel :func:`kdfast.retro_kd_loss` (``past_student_logits``: this rank's shard
-    of the past student's logits, a constant)."""
-    t = _F._check_temperature(temperature)
-    rho = _F._check_unit(past_weight, "past_weight")
-    if not isinstance(past_student_logits, Tensor):
-        raise ValueError("past_student_logits must be a tensor of the student logits' shape")
-    return _run(KernelParams(Kind.KL, t, t, t * t, rho=rho), student_logits, teacher_logits,
-                labels, process_group=process_group, vocab_start=vocab_start,
-                vocab_size=vocab_size, kd_weight=kd_weight, ce_weight=ce_weight,
-                ignore_index=ignore_index, reduction=reduction, backend=backend,
-                inplace_backward=inplace_backward, zp=past_student_logits)
-
-
+kd_loss, ttm_loss, wttm_loss = _sharded("kd"), _sharded("ttm"), _sharded("wttm")
+dkd_loss, logit_matching_loss = _sharded("dkd"), _sharded("logit_matching")
+ls_kd_loss, jsd_loss, retro_kd_loss = _sharded("ls_kd"), _sharded("jsd"), _sharded("retro_kd")
 METHODS = {"kd": kd_loss, "ttm": ttm_loss, "wttm": wttm_loss, "dkd": dkd_loss,
            "logit_matching": logit_matching_loss, "ls_kd": ls_kd_loss, "jsd": jsd_loss,
            "retro_kd": retro_kd_loss}
