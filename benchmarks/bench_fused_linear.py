@@ -47,6 +47,8 @@ if str(ROOT) not in sys.path:
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
+from benchmarks.bench import _hwm_bytes, _reset_hwm, _rss_bytes  # noqa: E402
+
 FULL = dict(N=4096, H=1024, V=32000)
 QUICK = dict(N=1024, H=256, V=8000)
 VARIANTS = ("eager", "logits+kdfast", "fused_linear")
@@ -98,38 +100,21 @@ def _clear(*xs):
 
 
 # ----------------------------------------------------------------------------- peak memory (child)
-def _rss():
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-def _hwm():
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError("no VmHWM")
-
-
-def _reset_hwm():
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-
-
+# RSS / high-water helpers: benchmarks/bench.py
 def child(variant, n, hdim, v, threads):
     import gc
     torch.set_num_threads(threads)
     step = step_fn(variant)
     step(*make_inputs(4, 8, 16))          # lazy initialisation: extension, thread pool, BLAS
-    r0 = _rss(); _reset_hwm()
+    r0 = _rss_bytes(); _reset_hwm()
     x = torch.empty(n, v).fill_(1)       # calibration: a known allocation
-    calib = (_hwm() - r0) / (x.numel() * x.element_size())
+    calib = (_hwm_bytes() - r0) / (x.numel() * x.element_size())
     del x
     h, w, ht, wt = make_inputs(n, hdim, v)
     gc.collect()
-    r0 = _rss(); _reset_hwm()
+    r0 = _rss_bytes(); _reset_hwm()
     step(h, w, ht, wt)
-    extra = _hwm() - r0
+    extra = _hwm_bytes() - r0
     print(json.dumps({"extra": extra, "calib": calib}))
 
 

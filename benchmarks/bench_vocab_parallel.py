@@ -31,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-from .bench_fused_linear import _hwm, _reset_hwm, _rss
+from .bench import _hwm_bytes, _reset_hwm, _rss_bytes
 
 ROOT = Path(__file__).resolve().parent.parent
 T = 2.0
@@ -51,9 +51,9 @@ def _single(variant, n, c, reps, threads):
     zz = z.clone().requires_grad_()
     fn(zz[:4], v[:4], temperature=T).backward()     # warm-up (extension, thread pool)
     zz.grad = None
-    r0 = _rss(); _reset_hwm()
+    r0 = _rss_bytes(); _reset_hwm()
     fn(zz, v, temperature=T).backward()
-    peak = _hwm() - r0
+    peak = _hwm_bytes() - r0
     ts = []
     for _ in range(reps):
         zz.grad = None
@@ -77,9 +77,9 @@ def _rank(rank, world, n, c, reps, store):
     kdfast.kd_loss(zs[:4], vs[:4], temperature=T, process_group=dist.group.WORLD).backward()
     zs.grad = None
     dist.barrier()
-    r0 = _rss(); _reset_hwm()
+    r0 = _rss_bytes(); _reset_hwm()
     kdfast.kd_loss(zs, vs, temperature=T, process_group=dist.group.WORLD).backward()
-    peak = _hwm() - r0
+    peak = _hwm_bytes() - r0
     ts = []
     for _ in range(reps):
         zs.grad = None

@@ -20,6 +20,17 @@ LOSSES = {   # name -> (fused, reference, hyperparameters used by the parametris
     "ttm": (kdfast.ttm_loss, kdfast.reference.ttm_loss, {"temperature": 2.5}),
     "wttm": (kdfast.wttm_loss, kdfast.reference.wttm_loss, {"temperature": 2.5}),
 }
+_R = kdfast.reference
+FAMILY = {   # the rest of the family, same layout; retro_kd's past logits are bound per test
+    "dkd": (kdfast.dkd_loss, _R.dkd_loss, {"temperature": 3.0, "alpha": 0.7, "beta": 5.0}),
+    "lm": (kdfast.logit_matching_loss, _R.logit_matching_loss, {}),
+    "lm_raw": (kdfast.logit_matching_loss, _R.logit_matching_loss, {"center": False}),
+    "ls_kd": (kdfast.ls_kd_loss, _R.ls_kd_loss, {"temperature": 2.0}),
+    "jsd": (kdfast.jsd_loss, _R.jsd_loss, {"beta": 0.3, "temperature": 1.5}),
+    "jsd_fwd": (kdfast.jsd_loss, _R.jsd_loss, {"beta": 0.0, "temperature": 2.0}),
+    "jsd_rev": (kdfast.jsd_loss, _R.jsd_loss, {"beta": 1.0, "temperature": 2.0}),
+    "retro_kd": (kdfast.retro_kd_loss, _R.retro_kd_loss, {"temperature": 3.0, "past_weight": 0.4}),
+}
 
 
 def rand_logits(shape, dtype=torch.float64, scale=3.0, gen=None):

@@ -4,20 +4,10 @@ import pytest
 import torch
 
 import kdfast
-from conftest import (BACKENDS, low_precision_bound, max_err, rand_labels, rand_logits,
+from conftest import (BACKENDS, FAMILY, low_precision_bound, max_err, rand_labels, rand_logits,
                       rand_weights, run_case, scale_of)
 
 R = kdfast.reference
-FAMILY = {   # name -> (fused, reference, hyperparameters); retro's past logits are bound per case
-    "dkd": (kdfast.dkd_loss, R.dkd_loss, {"temperature": 3.0, "alpha": 0.7, "beta": 5.0}),
-    "lm": (kdfast.logit_matching_loss, R.logit_matching_loss, {}),
-    "lm_raw": (kdfast.logit_matching_loss, R.logit_matching_loss, {"center": False}),
-    "ls_kd": (kdfast.ls_kd_loss, R.ls_kd_loss, {"temperature": 2.0}),
-    "jsd": (kdfast.jsd_loss, R.jsd_loss, {"beta": 0.3, "temperature": 1.5}),
-    "jsd_fwd": (kdfast.jsd_loss, R.jsd_loss, {"beta": 0.0, "temperature": 2.0}),
-    "jsd_rev": (kdfast.jsd_loss, R.jsd_loss, {"beta": 1.0, "temperature": 2.0}),
-    "retro_kd": (kdfast.retro_kd_loss, R.retro_kd_loss, {"temperature": 3.0, "past_weight": 0.4}),
-}
 CPU_SHAPES = [(1, 2), (5, 3), (9, 130), (2, 3, 37), (6, 1031), (2, 131072)]
 TRITON_SHAPES = [(1, 2), (4, 3), (2, 3, 37), (3, 300)]
 

@@ -6,25 +6,14 @@ import pytest
 import torch
 
 import kdfast
+from conftest import FAMILY, LOSSES as CORE
 from conftest import max_err, rand_labels, rand_logits, rand_weights, run_case, scale_of
 from kdfast._spec import KernelParams, Kind
 
 triton_backend = pytest.importorskip("kdfast._triton")
 R = kdfast.reference
 
-LOSSES = {   # name -> (fused, reference, hyperparameters)
-    "kd": (kdfast.kd_loss, R.kd_loss, {"temperature": 3.0}),
-    "ttm": (kdfast.ttm_loss, R.ttm_loss, {"temperature": 2.5}),
-    "wttm": (kdfast.wttm_loss, R.wttm_loss, {"temperature": 2.5}),
-    "dkd": (kdfast.dkd_loss, R.dkd_loss, {"temperature": 3.0, "alpha": 0.7, "beta": 5.0}),
-    "lm": (kdfast.logit_matching_loss, R.logit_matching_loss, {}),
-    "lm_raw": (kdfast.logit_matching_loss, R.logit_matching_loss, {"center": False}),
-    "ls_kd": (kdfast.ls_kd_loss, R.ls_kd_loss, {"temperature": 2.0}),
-    "jsd": (kdfast.jsd_loss, R.jsd_loss, {"beta": 0.3, "temperature": 1.5}),
-    "jsd_fwd": (kdfast.jsd_loss, R.jsd_loss, {"beta": 0.0, "temperature": 2.0}),
-    "jsd_rev": (kdfast.jsd_loss, R.jsd_loss, {"beta": 1.0, "temperature": 2.0}),
-    "retro_kd": (kdfast.retro_kd_loss, R.retro_kd_loss, {"temperature": 3.0, "past_weight": 0.4}),
-}
+LOSSES = {**CORE, **FAMILY}   # name -> (fused, reference, hyperparameters), tests/conftest.py
 # the kernel parameters of each named loss (kdfast.functional), for direct backend calls
 PARAMS = {
     "kd": KernelParams(Kind.KL, 3.0, 3.0, 9.0),
