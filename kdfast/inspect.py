@@ -26,8 +26,11 @@ loads narrower than 128 bits.
 
 Options: ``--arch 80 90`` (compute capabilities), ``--blocks 1024 8192``, ``--dtypes fp32 bf16``,
 ``--losses kd dkd``, ``--classes 32000 1000``, ``--quick`` (only the largest block, both gradients
-and CE on: the highest register pressure of each kind), ``--jobs N`` (parallel compiles),
-``--json FILE``. Works with Triton 3.6 and 3.9 (same ``ASTSource`` / ``GPUTarget`` /
+and CE on: the highest register pressure of each kind), ``--teachers 1 2 4`` (teacher counts M:
+M > 1 is the fused multi-teacher launch of ``kdfast._triton.multi_forward``, teachers stacked
+(M, N, C), each block clamped to the launcher's ``MAX_BLOCK // next_power_of_2(M)``; without
+``--teachers`` the set is one teacher, plus M = 2 and 4 for kd and dkd unless ``--quick``),
+``--jobs N`` (parallel compiles), ``--json FILE``. Works with Triton 3.6 and 3.9 (same ``ASTSource`` / ``GPUTarget`` /
 ``triton.compile`` signatures). Triton must not run in interpreter mode here: run as a script it
 removes ``TRITON_INTERPRET`` before importing triton (run it in a fresh process when the tests set
 it; ``compile_one`` called in an interpreter-mode process is not supported).
@@ -74,13 +77,20 @@ class Combo:
     reverse: bool = False
     has_zp: bool = False
     center: bool = False
-    num_warps: int | None = None   # None: what the launcher picks for ``block``
+    num_warps: int | None = None   # None: what the launcher picks for ``block`` (and ``teachers``)
     classes: int = DEFAULT_CLASSES  # C of the modelled call: decides the integer specialisation
+    teachers: int = 1  # M: > 1 models kdfast._triton.multi_forward (teachers stacked (M, N, C))
 
     def label(self) -> str:
         flags = "".join([("Z" if self.need_gz else "-"), ("V" if self.need_gv else "-"),
                          ("C" if self.has_ce else "-")])
-        return f"{self.name:9s} {self.dtype:4s} {flags} B={self.block:<5d} C={self.classes:<6d}"
+        name = self.name if self.teachers == 1 else f"{self.name}x{self.teachers}"
+        return f"{name:9s} {self.dtype:4s} {flags} B={self.block:<5d} C={self.classes:<6d}"
+
+    @property
+    def mb(self) -> int:
+        """Teacher slots of the kernel: next_power_of_2(teachers)."""
+        return 1 << max(self.teachers - 1, 0).bit_length()
 
 
 # name -> (kind, flags): the flag sets distill_forward passes for each named loss
@@ -103,27 +113,51 @@ MAX_BLOCK_FP64 = 1024
 #: k of the modelled top-k teacher
 TOPK_K = 64
 
+#: rows of the modelled multi-teacher call (decides the divisibility of the teacher strides N * C)
+MULTI_ROWS = 4096
+
+#: the multi-teacher configurations of the default (non --quick) set: loss -> teacher counts
+MULTI_DEFAULT = {"kd": (2, 4), "dkd": (2, 4)}
+
 
 def combos(blocks=(1024, 4096, 8192), dtypes=("fp32", "bf16"), quick=False, losses=None,
-           classes=(DEFAULT_CLASSES,)) -> list[Combo]:
+           classes=(DEFAULT_CLASSES,), teachers=None, max_block=8192) -> list[Combo]:
+    """The configurations to compile. ``teachers``: teacher counts for every selected loss (top-k
+    excepted); None: one teacher, plus ``MULTI_DEFAULT`` unless ``quick``. A multi-teacher combo
+    with MB teacher slots clamps each block to the largest the launcher picks for it,
+    ``max_block // MB`` (``MAX_BLOCK_FP64 // MB`` for fp64): the block of a row of that many
+    columns."""
     out = []
     grads = [(True, True)] if quick else [(True, False), (True, True)]
     ces = [True] if quick else [True, False]
     for name, (kind, flags) in _LOSSES.items():
         if losses and name not in losses:
             continue
-        for ncls in classes:
-            for dtype in dtypes:
-                for block in blocks:
-                    if dtype == "fp64" and block > MAX_BLOCK_FP64:
-                        continue   # the launcher never uses it (kdfast._triton.MAX_BLOCK_FP64)
-                    for need_gz, need_gv in grads:
-                        for ce in ces:
-                            f = dict(flags)
-                            if not ce:
-                                f["ce_shared"] = False
-                            out.append(Combo(name, kind, dtype, block, need_gz, need_gv, labels=ce,
-                                             has_ce=ce, classes=ncls, **f))
+        if teachers is not None:
+            ms = sorted(set(teachers))
+            if kind == 5:   # the top-k kernel has one teacher
+                ms = [m for m in ms if m == 1]
+        else:
+            ms = [1] + ([] if quick else list(MULTI_DEFAULT.get(name, ())))
+        for m in ms:
+            mb = 1 << max(m - 1, 0).bit_length()
+            for ncls in classes:
+                for dtype in dtypes:
+                    cap = min(max_block, MAX_BLOCK_FP64) if dtype == "fp64" else max_block
+                    if m == 1:
+                        mblocks = list(blocks)
+                    else:
+                        mblocks = sorted({min(b, max(cap // mb, 1)) for b in blocks})
+                    for block in mblocks:
+                        if dtype == "fp64" and block * mb > MAX_BLOCK_FP64:
+                            continue   # the launcher never uses it (kdfast._triton.MAX_BLOCK_FP64)
+                        for need_gz, need_gv in grads:
+                            for ce in ces:
+                                f = dict(flags)
+                                if not ce:
+                                    f["ce_shared"] = False
+                                out.append(Combo(name, kind, dtype, block, need_gz, need_gv, labels=ce,
+                                                 has_ce=ce, classes=ncls, teachers=m, **f))
     return out
 
 
@@ -140,7 +174,9 @@ def _signature(c: Combo):
     """(kernel, signature, constexprs, attrs) for ASTSource: the specialisation a real launch of
     ``distill_forward`` gets with freshly allocated (16-byte aligned) row-contiguous tensors of
     ``c.classes`` columns. Pointers are "D"; C and the row strides are "D" iff C % 16 == 0; the
-    strides of absent tensors are 0 ("D"); ignore_index (-100) is not."""
+    strides of absent tensors are 0 ("D"); ignore_index (-100) is not. One teacher: M = 1 is a
+    constexpr (the JIT's specialisation of the value 1), the teacher strides 0. ``c.teachers`` > 1
+    models ``multi_forward`` on an (M, N, C) stack of N = MULTI_ROWS rows: teacher strides N * C."""
     import triton.language as tl
 
     from kdfast._triton.kernel import _distill_kernel
@@ -158,6 +194,7 @@ def _signature(c: Combo):
         "gz_ptr": p if c.need_gz else "*" + acc, "gv_ptr": p if c.need_gv else "*" + acc,
         "C_vec": "i32", "stride_z_vec": "i32", "stride_v_vec": "i32", "stride_zp_vec": "i32",
         "stride_gz_vec": "i32", "stride_gv_vec": "i32",
+        "M": "i32", "stride_vm_vec": "i32", "stride_gvm_vec": "i32", "stride_wm": "i32",
     }
     for part in ("hi", "lo"):
         for f in ("ts", "tt", "scale", "rho", "alpha", "beta"):
@@ -167,20 +204,39 @@ def _signature(c: Combo):
         KIND=c.kind, HAS_LABELS=c.labels, HAS_CE=c.has_ce and c.labels, CE_SHARED=c.ce_shared,
         WTTM=c.wttm, REVERSE=c.reverse, HAS_ZP=c.has_zp, CENTER=c.center, NEED_GZ=c.need_gz,
         NEED_GV=c.need_gv, ACC=tl.float64 if acc == "fp64" else tl.float32, BLOCK=c.block,
-        VEC=_vec(c))
+        VEC=_vec(c), MB=c.mb)
     for k in constexprs:
         sig[k] = "constexpr"
     names = _distill_kernel.arg_names
     assert set(sig) == set(names), set(sig) ^ set(names)
     sig = {k: sig[k] for k in names}
     cv = c.classes // _vec(c)   # C and the row strides in VEC units, as the launcher passes them
+    multi = c.teachers > 1      # teachers stacked (M, N, C), N = MULTI_ROWS: teacher stride N * C
     ints = {"C_vec": cv, "stride_z_vec": cv, "stride_v_vec": cv,
             "stride_zp_vec": cv if c.has_zp else 0,
             "stride_gz_vec": cv if c.need_gz else 0,
-            "stride_gv_vec": cv if c.need_gv else 0, "ignore_index": -100}
+            "stride_gv_vec": cv if c.need_gv else 0, "ignore_index": -100,
+            "M": c.teachers, "stride_vm_vec": MULTI_ROWS * cv if multi else 0,
+            "stride_gvm_vec": MULTI_ROWS * cv if multi and c.need_gv else 0,
+            "stride_wm": MULTI_ROWS if multi else 0}
+    for k, v in ints.items():   # what the JIT does with an int argument of value 1
+        if _jit_int_spec(v) == "constexpr":
+            sig[k] = "constexpr"
+            constexprs[k] = v
     aligned = [k for k in names if k.endswith("_ptr") or _jit_int_spec(ints.get(k, 1)) == "D"]
     attrs = {(names.index(k),): [["tt.divisibility", 16]] for k in aligned}
     return _distill_kernel, sig, constexprs, attrs
+
+
+def _num_warps(c: Combo) -> int:
+    """The warps ``kdfast._triton.launch_config`` picks for ``c.block`` (and ``c.teachers``)."""
+    from kdfast._triton import launch_config
+    if c.teachers == 1:
+        from kdfast._triton import num_warps_for
+        return num_warps_for(c.block)
+    elems = 16 // {"fp32": 4, "bf16": 2, "fp16": 2, "fp64": 8}[c.dtype]
+    return launch_config(c.block, max_block=c.block * c.mb, fp64=c.dtype == "fp64",
+                         teachers=c.teachers, vec=elems)[1]
 
 
 def _vec(c: Combo) -> int:
@@ -382,7 +438,7 @@ def compile_one(c: Combo, cc: int) -> dict:
 
     fn, sig, constexprs, attrs = _signature(c)
     target = GPUTarget("cuda", cc, 32)
-    nw = c.num_warps or num_warps_for(c.block)
+    nw = c.num_warps or _num_warps(c)
     src = ASTSource(fn=fn, signature=sig, constexprs=constexprs, attrs=attrs)
     k, log = _triton_compile(src, target, {"num_warps": nw, "maxnreg": max_registers(nw)})
     ptx = k.asm["ptx"]
@@ -491,6 +547,9 @@ def main(argv=None) -> int:
     ap.add_argument("--losses", nargs="+", default=None, choices=sorted(_LOSSES))
     ap.add_argument("--classes", type=int, nargs="+", default=[DEFAULT_CLASSES],
                     help="C of the modelled call (decides the divisibility specialisation)")
+    ap.add_argument("--teachers", type=int, nargs="+", default=None,
+                    help="teacher counts M (multi_forward; default: 1, plus M = 2, 4 for kd and dkd "
+                         "without --quick)")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--jobs", type=int, default=None)
     ap.add_argument("--json", default=None)
@@ -499,7 +558,8 @@ def main(argv=None) -> int:
 
     from kdfast._triton import MAX_BLOCK
     blocks = a.blocks or ([MAX_BLOCK] if a.quick else sorted({1024, 4096, MAX_BLOCK}))
-    results = run(combos(blocks, a.dtypes, a.quick, a.losses, a.classes), a.arch, a.jobs)
+    results = run(combos(blocks, a.dtypes, a.quick, a.losses, a.classes, a.teachers, MAX_BLOCK),
+                  a.arch, a.jobs)
     print(f"triton {triton.__version__}; ptxas: "
           + ", ".join(f"sm_{cc}: {os.path.basename(ptxas_tool(cc))}" for cc in a.arch))
     print(table(results))

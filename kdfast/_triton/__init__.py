@@ -1,4 +1,5 @@
-"""Triton backend of kdfast: ``distill_forward`` (the calling contract is ``kdfast._spec``).
+"""Triton backend of kdfast: ``distill_forward`` (the calling contract is ``kdfast._spec``) and the
+fused multi-teacher ``multi_forward`` (the same kernel with M teacher rows per student row).
 
 One kernel family (``kernel._distill_kernel``), specialised by ``tl.constexpr`` flags per loss kind.
 Runs on CUDA tensors, or on CPU tensors under ``TRITON_INTERPRET=1`` (set before triton is imported).
@@ -16,7 +17,7 @@ import triton.language as tl
 from .kernel import _distill_kernel
 from .topk import _topk_kernel
 
-__all__ = ["distill_forward", "topk_forward", "block_size", "num_warps_for", "max_registers", "launch_config",
+__all__ = ["distill_forward", "multi_forward", "teacher_stride", "topk_forward", "block_size", "num_warps_for", "max_registers", "launch_config",
            "MAX_BLOCK"]
 
 #: Upper bound of the column block. Register use grows with the elements each thread holds,
@@ -67,20 +68,41 @@ def max_registers(num_warps: int) -> int:
 MAX_BLOCK_FP64 = 1024
 
 
-def launch_config(C: int, max_block: int | None = None, fp64: bool = False) -> tuple[int, int]:
-    """(BLOCK, num_warps) for rows of ``C`` classes (``fp64``: float64 rows)."""
+def launch_config(C: int, max_block: int | None = None, fp64: bool = False,
+                  teachers: int = 1, vec: int = 1) -> tuple[int, int]:
+    """(BLOCK, num_warps) for rows of ``C`` classes (``fp64``: float64 rows).
+
+    Multi-teacher (``teachers`` = M > 1, ``multi_forward``): a program holds ``MB =
+    next_power_of_2(M)`` teacher tiles of BLOCK columns, so the block is capped at ``cap // MB``
+    (``MB * BLOCK`` within the single-teacher cap) and the warps follow the ``MB * BLOCK`` teacher
+    elements (a thread holds as many teacher elements as one teacher at ``MB * BLOCK`` would give it,
+    the student tile MB times fewer), but no more warps than leave each thread ``vec`` columns (the
+    elements of one 128-bit access, 8 for bf16): with fewer, the compiler lays the teacher tile out
+    across warps and loads narrower (``python -m kdfast.inspect --teachers 4``: bf16 at 16 warps
+    got 64-bit loads and an 8 KB shared-memory layout conversion). A thread then holds at least
+    ``MB * vec`` teacher elements. Measured spill-free (``python -m kdfast.inspect --teachers``,
+    C = 32000): M <= 4 for every kind in fp32 / bf16 (sm_80, sm_90a), M <= 4 in fp64, M = 8 in fp32
+    (kd, dkd, ls_kd, jsd at sm_80; jsd at 255 registers). 16-bit rows with M = 5..8 spill (dkd,
+    ls_kd, jsd at sm_80: 4 to 600 bytes per thread): correct, slower."""
     cap = MAX_BLOCK if max_block is None else max_block
-    b = block_size(C, min(cap, MAX_BLOCK_FP64) if fp64 else cap)
-    return b, num_warps_for(b)
+    if fp64:
+        cap = min(cap, MAX_BLOCK_FP64)
+    mb = triton.next_power_of_2(max(int(teachers), 1))
+    b = block_size(C, max(cap // mb, 1))
+    nw = num_warps_for(b * mb)
+    if mb > 1:
+        nw = min(nw, max(b // (32 * max(int(vec), 1)), 4))
+    return b, nw
 
 
-def vec_for(C: int, tensors) -> int:
-    """The largest VEC (elements per 16 bytes of the narrowest dtype, halved as needed) dividing C
-    and the row stride of every (N, C) tensor given (strides of single-row tensors are never used):
-    the kernels take C and the strides in VEC units, so the compiler can emit 128-bit accesses
-    whenever the rows are 16-byte aligned."""
+def vec_for(C: int, tensors, strides=()) -> int:
+    """The largest VEC (elements per 16 bytes of the narrowest dtype, halved as needed) dividing C,
+    the row stride of every (N, C) tensor given (strides of single-row tensors are never used) and
+    the extra ``strides`` (elements: the teacher strides of ``multi_forward``): the kernels take C and
+    the strides in VEC units, so the compiler can emit 128-bit accesses whenever the rows are 16-byte
+    aligned."""
     vec = 16 // min(t.element_size() for t in tensors)
-    strides = [t.stride(0) for t in tensors if t.shape[0] > 1]
+    strides = [t.stride(0) for t in tensors if t.shape[0] > 1] + [int(s) for s in strides]
     while vec > 1 and (C % vec or any(s % vec for s in strides)):
         vec //= 2
     return vec
@@ -92,37 +114,129 @@ def _split(x: float) -> tuple[float, float]:
     return hi, float(x - hi)
 
 
-def distill_forward(z, v, zp, labels, kd_w, ce_w, grad_scale, d_out, ce_out, grad_z, grad_v,
-                    fparams, iparams) -> None:
+def _launch(z, v, stride_vm, M, zp, labels, kd_w, ce_w, grad_scale, d_out, ce_out, grad_z, grad_v,
+            fparams, iparams) -> None:
+    """One launch of ``_distill_kernel`` over the N rows: ``v`` the first teacher's (N, C) rows,
+    teacher m's at ``v + m * stride_vm`` elements; ``grad_v`` (M, N, C) (or (N, C) when M == 1)."""
     N, C = z.shape
-    if N == 0:
-        return
     kind, wttm, reverse, center, has_ce, ignore_index = (int(x) for x in iparams)
     ts, tt, scale, rho, alpha, beta = (float(x) for x in fparams)
     has_labels = labels is not None
     has_ce = bool(has_ce) and has_labels
     # CE's lse(z) equals the student lse at Ts when Ts == 1 (a Python float: no host sync)
     ce_shared = has_ce and kind in (0, 1, 4) and ts == 1.0
-    block, num_warps = launch_config(C, fp64=z.dtype == torch.float64)
+    mb = triton.next_power_of_2(M)
     acc = tl.float64 if z.dtype == torch.float64 else tl.float32
     dummy = d_out  # stands in for absent tensors (never read or written: constexpr flags)
     hi_lo = [_split(x) for x in (ts, tt, scale, rho, alpha, beta)]
-    rows = [t for t in (z, v, zp, grad_z, grad_v) if t is not None]
-    vec = vec_for(C, rows)
+    gv_row, gv_m = 0, 0
+    if grad_v is not None:
+        gv_row = grad_v.stride(-2)
+        gv_m = grad_v.stride(0) if (M > 1 and grad_v.dim() == 3) else 0
+    gv_rows = grad_v[0] if grad_v is not None and grad_v.dim() == 3 else grad_v   # (N, C)
+    rows = [t for t in (z, v, zp, grad_z, gv_rows) if t is not None]
+    vec = vec_for(C, rows, [stride_vm if M > 1 else 0, gv_m])
+    block, num_warps = launch_config(C, fp64=z.dtype == torch.float64, teachers=M,
+                                     vec=16 // min(t.element_size() for t in rows))
     _distill_kernel[(N,)](
         z, v, zp if zp is not None else z, labels if has_labels else dummy, kd_w, ce_w, grad_scale,
         d_out, ce_out,
         grad_z if grad_z is not None else dummy, grad_v if grad_v is not None else dummy,
         C // vec, z.stride(0) // vec, v.stride(0) // vec, zp.stride(0) // vec if zp is not None else 0,
-        grad_z.stride(0) // vec if grad_z is not None else 0,
-        grad_v.stride(0) // vec if grad_v is not None else 0,
+        grad_z.stride(0) // vec if grad_z is not None else 0, gv_row // vec,
+        M, (stride_vm // vec) if M > 1 else 0, gv_m // vec, kd_w.stride(0) if M > 1 else 0,
         *[h for h, _ in hi_lo], *[lo for _, lo in hi_lo],
         ignore_index,
         KIND=kind, HAS_LABELS=has_labels, HAS_CE=has_ce, CE_SHARED=ce_shared,
         WTTM=bool(wttm) and kind == 0, REVERSE=bool(reverse) and kind == 0, HAS_ZP=zp is not None,
         CENTER=bool(center) and kind == 2, NEED_GZ=grad_z is not None, NEED_GV=grad_v is not None,
-        ACC=acc, BLOCK=block, VEC=vec, num_warps=num_warps, maxnreg=max_registers(num_warps),
+        ACC=acc, BLOCK=block, VEC=vec, MB=mb, num_warps=num_warps, maxnreg=max_registers(num_warps),
     )
+
+
+def distill_forward(z, v, zp, labels, kd_w, ce_w, grad_scale, d_out, ce_out, grad_z, grad_v,
+                    fparams, iparams) -> None:
+    """One teacher: the contract of ``kdfast._spec``."""
+    if z.shape[0] == 0:
+        return
+    _launch(z, v, 0, 1, zp, labels, kd_w, ce_w, grad_scale, d_out, ce_out, grad_z, grad_v, fparams,
+            iparams)
+
+
+def teacher_stride(vs) -> int | None:
+    """``d`` (elements) with ``vs[m].data_ptr() == vs[0].data_ptr() + m * d * element_size`` for
+    every m, or None when the teachers are not equally spaced in memory (or differ in dtype, shape,
+    strides or device). 0 for one teacher. ``stacked.unbind(0)`` of an (M, N, C) tensor gives its
+    ``stride(0)``; any two same-layout tensors are "equally spaced" (d = their distance)."""
+    v0 = vs[0]
+    if len(vs) == 1:
+        return 0
+    es = v0.element_size()
+    base = v0.data_ptr()
+    for v in vs[1:]:
+        if v.dtype != v0.dtype or v.shape != v0.shape or v.stride() != v0.stride() or v.device != v0.device:
+            return None
+    diff = vs[1].data_ptr() - base
+    if diff % es:
+        return None
+    d = diff // es
+    if any(vs[m].data_ptr() - base != m * d * es for m in range(2, len(vs))):
+        return None
+    return d
+
+
+def multi_forward(z, vs, zp, labels, kd_w, ce_w, grad_scale, d_out, ce_out, grad_z, grad_v,
+                  fparams, iparams) -> None:
+    """Fused multi-teacher distillation: per row i,
+    ``loss_i = sum_m kd_w[m, i] * D(teacher m row i, student row i) + ce_w[i] * CE_i``, in ONE kernel
+    launch (``_distill_kernel`` with ``MB = next_power_of_2(M)`` teacher slots): each program reads
+    the student row once per pass and every teacher's row in the same pass.
+
+    - ``z``, ``zp``, ``labels``, ``ce_w``, ``grad_scale``, ``ce_out``, ``grad_z``, ``fparams``,
+      ``iparams``: as ``distill_forward`` (``kdfast._spec``): ignored rows -> 0, bad labels -> NaN,
+      ``grad_z`` may alias ``z``. For retro_kd every teacher row is mixed with the same ``zp``:
+      ``r_m = (1 - rho) v_m + rho zp``.
+    - ``vs``: a list of M >= 1 teacher tensors (N, C), one dtype, ``stride(1) == 1``. When they are
+      equally spaced in memory (same strides, ``data_ptr`` of ``vs[m]`` = that of ``vs[0]`` + m * d
+      elements: the views of ``stacked.unbind(0)``, or any two teachers) the kernel reads them in
+      place; otherwise they are first copied with ``torch.stack`` (M x N x C extra memory and traffic).
+    - ``kd_w``: (M, N) contiguous, accumulation dtype: teacher m's weight on row i.
+    - ``d_out``: (M, N) contiguous accumulation dtype: the UNWEIGHTED D of each teacher and row;
+      ``ce_out`` (N,): CE once (0 without CE).
+    - ``grad_z``: None or (N, C): ``grad_scale * (sum_m kd_w[m, i] dD_m/dz + ce_w[i] dCE/dz)``.
+    - ``grad_v``: None or (M, N, C) in the teachers' dtype, ``stride(2) == 1``:
+      ``grad_v[m] = grad_scale * kd_w[m, i] * dD_m/dv_m`` (times ``1 - rho`` for retro_kd).
+
+    With M == 1 this is ``distill_forward`` (the same kernel specialisation, bit-identical results).
+    """
+    vs = list(vs)
+    M = len(vs)
+    if M == 0:
+        raise ValueError("multi_forward needs at least one teacher")
+    N, C = z.shape
+    if tuple(kd_w.shape) != (M, N) or tuple(d_out.shape) != (M, N):
+        raise ValueError(f"kd_w and d_out must be (M, N) = ({M}, {N}), got {tuple(kd_w.shape)} "
+                         f"and {tuple(d_out.shape)}")
+    if grad_v is not None and (grad_v.dim() != 3 or tuple(grad_v.shape) != (M, N, C) or grad_v.stride(2) != 1):
+        raise ValueError(f"grad_v must be (M, N, C) = ({M}, {N}, {C}) with stride(2) == 1")
+    if N == 0:
+        return
+    if not (kd_w.is_contiguous() and d_out.is_contiguous()):
+        raise ValueError("kd_w and d_out must be contiguous")
+    d = teacher_stride(vs)
+    if d is None:
+        stacked = torch.stack(vs)   # a copy: the teachers are not equally spaced
+        v0, d = stacked[0], stacked.stride(0)
+    else:
+        v0 = vs[0]
+    if M == 1:
+        grad_v1 = grad_v[0] if grad_v is not None else None
+        kd_w1, d_out1 = kd_w[0], d_out[0]
+        _launch(z, v0, 0, 1, zp, labels, kd_w1, ce_w, grad_scale, d_out1, ce_out, grad_z, grad_v1,
+                fparams, iparams)
+        return
+    _launch(z, v0, d, M, zp, labels, kd_w, ce_w, grad_scale, d_out, ce_out, grad_z, grad_v, fparams,
+            iparams)
 
 
 def topk_forward(z, t_lp, t_idx, labels, kd_w, ce_w, grad_scale, d_out, ce_out, grad_z, fparams,
