@@ -6,6 +6,7 @@ The row kernel is compiled once per ISA (csrc/kernel_<isa>.cpp, each with its ow
 compiles its kernels) and chosen at run time, so the build never uses -march=native and the binary
 runs on any CPU of its architecture.
 """
+import concurrent.futures
 import os
 import platform
 
@@ -38,14 +39,20 @@ class Build(BuildExtension):
             groups = {}
             for src in sources:
                 groups.setdefault(tuple(ISA_FLAGS.get(os.path.basename(src), ())), []).append(src)
-            objects = []
-            for flags, group in groups.items():
+
+            def one(i, flags, group):
                 post = dict(extra_postargs) if isinstance(extra_postargs, dict) else {"cxx": list(extra_postargs or [])}
                 post["cxx"] = list(post["cxx"]) + list(flags)
-                objects += inner(group, output_dir=output_dir, macros=macros, include_dirs=include_dirs,
-                                 debug=debug, extra_preargs=extra_preargs, extra_postargs=post,
-                                 depends=depends)
-            return objects
+                # each group in its own directory: its own build.ninja, so the groups can run at once
+                return inner(group, output_dir=os.path.join(output_dir or ".", f"isa{i}"), macros=macros,
+                             include_dirs=include_dirs, debug=debug, extra_preargs=extra_preargs,
+                             extra_postargs=post, depends=depends)
+
+            # The groups run concurrently (one ninja each): the kernel translation units are the
+            # long part of the build and otherwise wait for each other.
+            with concurrent.futures.ThreadPoolExecutor(len(groups)) as pool:
+                futures = [pool.submit(one, i, flags, group) for i, (flags, group) in enumerate(groups.items())]
+                return [obj for f in futures for obj in f.result()]
 
         self.compiler.compile = compile_groups
         try:

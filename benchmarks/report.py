@@ -274,6 +274,17 @@ def write_report(results: dict, out_dir: Path = HERE, plots: bool = True):
               "(`python -m benchmarks.bench_vocab_parallel`). The vocabulary-parallel path is eager "
               "torch per shard, not the fused kernel.", "",
               _vp_table(json.loads(vp.read_text())), ""]
+    mt = out_dir / "multi_teacher.json"   # `python -m benchmarks.bench_multi_teacher --json`
+    if mt.exists():
+        from .bench_multi_teacher import _table as _mt_table
+        d = json.loads(mt.read_text())
+        L += ["", "## Multi-teacher (`kdfast.multi_teacher_loss`)", "",
+              f"One fwd+bwd with M teachers (equal weights, labels with CE), {d['threads']} threads, "
+              f"{d['date']}, load {d['load']:.1f}; fused = the multi-teacher kernel (student row read once "
+              "per pass), per-teacher = M single-teacher fused calls summed by autograd, eager = M "
+              "reference calls; from `benchmarks/multi_teacher.json` "
+              "(`python -m benchmarks.bench_multi_teacher`).", "",
+              *_mt_table(d["rows"]), ""]
     (out_dir / "RESULTS.md").write_text("\n".join(L))
 
 

@@ -68,13 +68,20 @@ void check_vec(const at::Tensor& t, const char* name, int64_t N, at::ScalarType 
 }
 
 // Checks shared by both entry points; fills the student / label / weight / output fields of `a`.
+// (kd_w and d_out are (N,) for one teacher, (M, N) contiguous for M teachers: the same layout.)
 void check_common(KernelArgs& a, const at::Tensor& z, const std::optional<at::Tensor>& labels,
                   const at::Tensor& kd_w, const at::Tensor& ce_w, const at::Tensor& grad_scale,
                   const at::Tensor& d_out, const at::Tensor& ce_out, const std::optional<at::Tensor>& grad_z,
-                  at::ScalarType acc, int64_t N, int64_t C) {
-  check_vec(kd_w, "kd_w", N, acc);
+                  at::ScalarType acc, int64_t N, int64_t C, int64_t M = 1) {
+  auto check_mn = [&](const at::Tensor& t, const char* name) {
+    if (t.dim() == 1 && M == 1) return check_vec(t, name, N, acc);
+    TORCH_CHECK(t.device().is_cpu() && t.dim() == 2 && t.size(0) == M && t.size(1) == N && t.is_contiguous() &&
+                    t.scalar_type() == acc,
+                "kdfast: ", name, " must be a contiguous (", M, ", ", N, ") ", acc, " CPU tensor");
+  };
+  check_mn(kd_w, "kd_w");
   check_vec(ce_w, "ce_w", N, acc);
-  check_vec(d_out, "d_out", N, acc);
+  check_mn(d_out, "d_out");
   check_vec(ce_out, "ce_out", N, acc);
   TORCH_CHECK(grad_scale.numel() == 1 && grad_scale.device().is_cpu(), "kdfast: grad_scale must be one CPU value");
   if (labels) {
@@ -111,40 +118,40 @@ void run(const KernelArgs& a) {
   at::parallel_for(0, a.N, grain, [&](int64_t begin, int64_t end) { fn(a, begin, end); });
 }
 
-// The backend contract of kdfast/_spec.py.
-void distill_forward(const at::Tensor& z, const at::Tensor& v, const std::optional<at::Tensor>& zp,
-                     const std::optional<at::Tensor>& labels, const at::Tensor& kd_w, const at::Tensor& ce_w,
-                     const at::Tensor& grad_scale, const at::Tensor& d_out, const at::Tensor& ce_out,
-                     const std::optional<at::Tensor>& grad_z, const std::optional<at::Tensor>& grad_v,
-                     const std::vector<double>& fparams, const std::vector<int64_t>& iparams) {
+// Fills the teacher fields of `a` (M = vs.size() teachers; grad_v[t] their gradient buffers or none)
+// and the parameters. Shared by the single- and the multi-teacher entry points.
+void set_teachers(KernelArgs& a, const at::Tensor& z, const std::vector<at::Tensor>& vs,
+                  const std::vector<at::Tensor>& grad_v, const std::optional<at::Tensor>& zp,
+                  const std::vector<double>& fparams, const std::vector<int64_t>& iparams, int64_t N, int64_t C) {
   TORCH_CHECK(fparams.size() == 6 && iparams.size() == 6, "kdfast: fparams / iparams must have 6 entries");
-  TORCH_CHECK(z.dim() == 2, "kdfast: student logits must be 2-D (N, C)");
-  const int64_t N = z.size(0), C = z.size(1);
-  check_rows(z, "student logits", N, C);
-  check_rows(v, "teacher logits", N, C);
-  KernelArgs a;
-  a.tz = dtype_of(z, "student logits");
-  a.tv = dtype_of(v, "teacher logits");
+  const int64_t M = int64_t(vs.size());
+  TORCH_CHECK(M >= 1 && M <= kMaxTeachers, "kdfast: 1 to ", kMaxTeachers, " teachers per kernel call, got ", M);
+  TORCH_CHECK(grad_v.empty() || int64_t(grad_v.size()) == M, "kdfast: one grad_v per teacher or none");
+  for (int64_t t = 0; t < M; ++t) {
+    check_rows(vs[t], "teacher logits", N, C);
+    const DType d = dtype_of(vs[t], "teacher logits");
+    TORCH_CHECK(t == 0 || d == a.tv, "kdfast: every teacher must have the same dtype");
+    a.tv = d;
+    if (!grad_v.empty()) {
+      check_rows(grad_v[t], "grad_v", N, C);
+      TORCH_CHECK(grad_v[t].scalar_type() == vs[t].scalar_type(), "kdfast: grad_v must have v's dtype");
+    }
+  }
   TORCH_CHECK((a.tz == DType::F64) == (a.tv == DType::F64),
               "kdfast: float64 logits must not be mixed with another dtype");
-  const at::ScalarType acc = a.tz == DType::F64 ? at::kDouble : at::kFloat;
-  check_common(a, z, labels, kd_w, ce_w, grad_scale, d_out, ce_out, grad_z, acc, N, C);
   if (zp) {
     check_rows(*zp, "past student logits", N, C);
     TORCH_CHECK(zp->scalar_type() == z.scalar_type(), "kdfast: past student logits must have z's dtype");
   }
-  if (grad_v) {
-    check_rows(*grad_v, "grad_v", N, C);
-    TORCH_CHECK(grad_v->scalar_type() == v.scalar_type(), "kdfast: grad_v must have v's dtype");
+  a.M = int(M);
+  for (int64_t t = 0; t < M && N > 0 && C > 0; ++t) {
+    a.v[t] = vs[t].data_ptr();
+    a.sv[t] = vs[t].stride(0);
+    a.grad_v[t] = grad_v.empty() ? nullptr : grad_v[t].data_ptr();
+    a.sgv[t] = grad_v.empty() ? 0 : grad_v[t].stride(0);
   }
-  if (N == 0 || C == 0) return;
-
-  a.v = v.data_ptr();
-  a.zp = zp ? zp->data_ptr() : nullptr;
-  a.grad_v = grad_v ? grad_v->data_ptr() : nullptr;
-  a.sv = v.stride(0);
+  a.zp = zp && N > 0 && C > 0 ? zp->data_ptr() : nullptr;
   a.szp = zp ? zp->stride(0) : 0;
-  a.sgv = grad_v ? grad_v->stride(0) : 0;
   a.ts = fparams[0], a.tt = fparams[1], a.scale = fparams[2];
   a.rho = fparams[3], a.alpha = fparams[4], a.beta = fparams[5];
   TORCH_CHECK(iparams[0] >= 0 && iparams[0] <= 4, "kdfast: unknown kernel kind ", iparams[0], " for distill_forward");
@@ -152,7 +159,50 @@ void distill_forward(const at::Tensor& z, const at::Tensor& v, const std::option
   a.wttm = iparams[1] != 0, a.reverse = iparams[2] != 0, a.center = iparams[3] != 0;
   a.has_ce = iparams[4] != 0;
   a.ignore_index = iparams[5];
+}
 
+// The backend contract of kdfast/_spec.py.
+void distill_forward(const at::Tensor& z, const at::Tensor& v, const std::optional<at::Tensor>& zp,
+                     const std::optional<at::Tensor>& labels, const at::Tensor& kd_w, const at::Tensor& ce_w,
+                     const at::Tensor& grad_scale, const at::Tensor& d_out, const at::Tensor& ce_out,
+                     const std::optional<at::Tensor>& grad_z, const std::optional<at::Tensor>& grad_v,
+                     const std::vector<double>& fparams, const std::vector<int64_t>& iparams) {
+  TORCH_CHECK(z.dim() == 2, "kdfast: student logits must be 2-D (N, C)");
+  const int64_t N = z.size(0), C = z.size(1);
+  check_rows(z, "student logits", N, C);
+  KernelArgs a;
+  a.tz = dtype_of(z, "student logits");
+  std::vector<at::Tensor> gv;
+  if (grad_v) gv.push_back(*grad_v);
+  set_teachers(a, z, {v}, gv, zp, fparams, iparams, N, C);
+  const at::ScalarType acc = a.tz == DType::F64 ? at::kDouble : at::kFloat;
+  check_common(a, z, labels, kd_w, ce_w, grad_scale, d_out, ce_out, grad_z, acc, N, C);
+  if (N == 0 || C == 0) return;
+  run(a);
+}
+
+// Multi-teacher (kdfast/_spec.py, multi_forward): M <= kMaxTeachers teachers `vs` (each (N, C), one
+// dtype), kd_w and d_out (M, N), grad_v an (M, N, C) buffer or none; the student row is read once per
+// sweep whatever M is, and grad_z holds the sum over the teachers (plus CE once).
+void multi_forward(const at::Tensor& z, const std::vector<at::Tensor>& vs, const std::optional<at::Tensor>& zp,
+                   const std::optional<at::Tensor>& labels, const at::Tensor& kd_w, const at::Tensor& ce_w,
+                   const at::Tensor& grad_scale, const at::Tensor& d_out, const at::Tensor& ce_out,
+                   const std::optional<at::Tensor>& grad_z, const std::optional<at::Tensor>& grad_v,
+                   const std::vector<double>& fparams, const std::vector<int64_t>& iparams) {
+  TORCH_CHECK(z.dim() == 2, "kdfast: student logits must be 2-D (N, C)");
+  const int64_t N = z.size(0), C = z.size(1), M = int64_t(vs.size());
+  check_rows(z, "student logits", N, C);
+  KernelArgs a;
+  a.tz = dtype_of(z, "student logits");
+  std::vector<at::Tensor> gv;
+  if (grad_v) {
+    TORCH_CHECK(grad_v->dim() == 3 && grad_v->size(0) == M, "kdfast: grad_v must be (M, N, C)");
+    gv = grad_v->unbind(0);
+  }
+  set_teachers(a, z, vs, gv, zp, fparams, iparams, N, C);
+  const at::ScalarType acc = a.tz == DType::F64 ? at::kDouble : at::kFloat;
+  check_common(a, z, labels, kd_w, ce_w, grad_scale, d_out, ce_out, grad_z, acc, N, C, M);
+  if (N == 0 || C == 0) return;
   run(a);
 }
 
@@ -223,6 +273,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "kdfast's fused CPU kernels (contract: kdfast/_spec.py)";
   m.def("distill_forward", &kdfast::distill_forward, "Fused distillation loss rows (see kdfast/_spec.py)",
         pybind11::arg("z"), pybind11::arg("v"), pybind11::arg("zp"), pybind11::arg("labels"),
+        pybind11::arg("kd_w"), pybind11::arg("ce_w"), pybind11::arg("grad_scale"), pybind11::arg("d_out"),
+        pybind11::arg("ce_out"), pybind11::arg("grad_z"), pybind11::arg("grad_v"), pybind11::arg("fparams"),
+        pybind11::arg("iparams"));
+  m.def("multi_forward", &kdfast::multi_forward, "Fused multi-teacher distillation rows (see kdfast/_spec.py)",
+        pybind11::arg("z"), pybind11::arg("vs"), pybind11::arg("zp"), pybind11::arg("labels"),
         pybind11::arg("kd_w"), pybind11::arg("ce_w"), pybind11::arg("grad_scale"), pybind11::arg("d_out"),
         pybind11::arg("ce_out"), pybind11::arg("grad_z"), pybind11::arg("grad_v"), pybind11::arg("fparams"),
         pybind11::arg("iparams"));

@@ -8,22 +8,29 @@ namespace kdfast {
 enum class DType : int { F32 = 0, BF16 = 1, F16 = 2, F64 = 3 };
 enum class Kind : int { KL = 0, DKD = 1, LM = 2, LS = 3, JSD = 4, TOPK = 5 };  // == kdfast/_spec.py Kind
 
+// Teachers one kernel call reads per row (multi-teacher distillation): the row kernel keeps this many
+// teachers' statistics at once; the Python layer splits more teachers into groups of this size.
+constexpr int kMaxTeachers = 8;
+
 struct KernelArgs {
   // inputs (row r of x starts at x + r * s_x elements; stride(1) == 1)
+  // M teachers (1 <= M <= kMaxTeachers): teacher t's row r at v[t] + r * sv[t]; all in dtype tv.
   const void* z = nullptr;
-  const void* v = nullptr;           // null for TOPK (the teacher is t_lp / t_idx)
+  int M = 1;
+  const void* v[kMaxTeachers] = {};  // null for TOPK (the teacher is t_lp / t_idx)
   const void* zp = nullptr;          // retro_kd past student, z's dtype, or null
   const int64_t* labels = nullptr;   // (N,) or null
-  const void* kd_w = nullptr;        // (N,) accumulation dtype
+  const void* kd_w = nullptr;        // (M, N) contiguous, accumulation dtype: teacher t's row weights
   const void* ce_w = nullptr;        // (N,) accumulation dtype
   double grad_scale = 1.0;
   // outputs
-  void* d_out = nullptr;             // (N,) accumulation dtype
+  void* d_out = nullptr;             // (M, N) contiguous, accumulation dtype: D per teacher and row
   void* ce_out = nullptr;            // (N,) accumulation dtype
   void* grad_z = nullptr;            // z's dtype, or null
-  void* grad_v = nullptr;            // v's dtype, or null
+  void* grad_v[kMaxTeachers] = {};   // v's dtype, all null or none
   int64_t N = 0, C = 0;
-  int64_t sz = 0, sv = 0, szp = 0, sgz = 0, sgv = 0;
+  int64_t sz = 0, szp = 0, sgz = 0;
+  int64_t sv[kMaxTeachers] = {}, sgv[kMaxTeachers] = {};
   DType tz = DType::F32, tv = DType::F32;
   // parameters (fparams / iparams of _spec.py)
   double ts = 1, tt = 1, scale = 1, rho = 0, alpha = 1, beta = 0;

@@ -5,6 +5,11 @@
 #if defined(KDFAST_X86)
 #define CPU_CAPABILITY AVX512
 #define CPU_CAPABILITY_AVX512
+// GCC's AVX-512 intrinsics pass _mm512_undefined_ps() (`__m512 __Y = __Y;`) as the unused source of
+// unmasked operations, which -Wuninitialized reports thousands of times after inlining: a false
+// positive of the compiler's own headers.
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 #include "row_kernel.h"
 
 namespace kdfast::AVX512 {

@@ -39,6 +39,15 @@ using c10::Half;
 template <class A>
 using Vec = vec::Vectorized<A>;
 
+// Forced inlining of the per-block helpers: with the single- and the multi-teacher instantiations of
+// every kind GCC stopped inlining Lse::update into the row loops (an out-of-line call through the PLT
+// per block: kd forward 13-16 % slower, measured), so the hot helpers do not leave it to heuristics.
+#if defined(__GNUC__)
+#define KD_INLINE inline __attribute__((always_inline))
+#else
+#define KD_INLINE inline
+#endif
+
 // Vectors per block: the online rescale costs one exp per stream per block.
 constexpr int kBlock = 4;
 
@@ -134,7 +143,7 @@ inline Vec<A> finite_floor(const Vec<A>& x) { return vec::clamp_min(x, Vec<A>(lo
 // ---------------------------------------------------------------------------------------------------
 // loads / stores of one block (kBlock vectors), upcast to A on load, downcast on store
 template <class A, class T>
-inline void load_block(const T* p, Vec<A>* out) {
+KD_INLINE void load_block(const T* p, Vec<A>* out) {
   constexpr int W = Vec<A>::size();
   if constexpr (std::is_same_v<T, A>) {
     for (int k = 0; k < kBlock; ++k) out[k] = Vec<A>::loadu(p + k * W);
@@ -143,7 +152,7 @@ inline void load_block(const T* p, Vec<A>* out) {
   }
 }
 template <class A, class T>
-inline void store_block(T* p, const Vec<A>* in) {
+KD_INLINE void store_block(T* p, const Vec<A>* in) {
   constexpr int W = Vec<A>::size();
   if constexpr (std::is_same_v<T, A>) {
     for (int k = 0; k < kBlock; ++k) in[k].store(p + k * W);
@@ -172,57 +181,79 @@ inline void store_partial(T* p, int64_t n, const Vec<A>* in) {
 template <class TZ, class TV>
 struct Row {
   const TZ* z;
-  const TV* v;
   const TZ* zp;  // retro_kd past logits or null
   TZ* gz;        // or null
-  TV* gv;        // or null
   int64_t C;
   double w_v, w_zp;  // teacher row = w_v * v + w_zp * zp (retro_kd); w_v = 1 without zp
+  int M;                       // teachers (1 unless multi-teacher)
+  const TV* v[kMaxTeachers];   // teacher rows (v[0] null for TOPK)
+  TV* gv[kMaxTeachers];        // their gradient rows, all null or none
 };
 
 // Lanes of a block for the lambdas: `live` (only in special blocks) is the mask of real columns.
 template <class A>
 struct Block {
-  Vec<A> z[kBlock], v[kBlock];   // upcast student / teacher (retro-mixed) values
-  Vec<A> gz[kBlock], gv[kBlock]; // gradients the lambda writes (stored by sweep when requested)
+  Vec<A> z[kBlock];              // upcast student values
+  Vec<A> gz[kBlock];             // the student gradient the lambda writes (stored by sweep)
   Vec<A> live[kBlock];           // all-ones bits on real columns (special blocks only)
+  Vec<A> zpw[kBlock];            // retro_kd: w_zp * zp of the block (loaded once for every teacher)
 };
 
-// Walk a row. f(std::bool_constant<Special>, Block&, j0) is called once per block (j0 its first column); Special blocks are the
-// tail and the block holding `skip_col` (DKD's label column, or -1), on a padded copy whose dead lanes
-// (beyond C, and skip_col) hold -inf in z and v. When `store`, the block's gz / gv are written to the
-// row's non-null gradient pointers after the lambda ran, so gz may alias z (read before write).
+// The teachers of one block: the lambda loads teacher t's block into its own array with
+// `load(t, v)` (upcast, retro mix, -inf on dead lanes in special blocks) and writes a gradient block
+// to teacher t's gradient row with `store(t, g)` (a no-op without teacher gradients). The arrays are
+// the lambda's locals, not Block members: a store into memory the compiler cannot tell apart from
+// the lambda's accumulators made it reload them (measured: pass 1 of kd 16 % slower). The student
+// block is loaded once, whatever the number of teachers: multi-teacher rows read z once per sweep.
+template <class A, class TZ, class TV, bool Special>
+struct BlockIO {
+  const Row<TZ, TV>& r;
+  const Block<A>& b;
+  int64_t j0, n;  // first column; live columns (the whole block unless Special)
+  Vec<A> wv;
+  KD_INLINE void load(int t, Vec<A>* v) const {
+    if constexpr (Special) load_partial<A>(r.v[t] + j0, n, v);
+    else load_block<A>(r.v[t] + j0, v);
+    if (r.zp) for (int k = 0; k < kBlock; ++k) v[k] = vec::fmadd(v[k], wv, b.zpw[k]);
+    if constexpr (Special)
+      for (int k = 0; k < kBlock; ++k) v[k] = Vec<A>::blendv(Vec<A>(ninf<A>()), v[k], b.live[k]);
+  }
+  KD_INLINE void store(int t, const Vec<A>* g) const {
+    if (!r.gv[t]) return;
+    if constexpr (Special) store_partial<A>(r.gv[t] + j0, n, g);
+    else store_block<A>(r.gv[t] + j0, g);
+  }
+};
+
+// Walk a row. f(std::bool_constant<Special>, Block&, j0, io) is called once per block (j0 its first
+// column) with the student block in b.z and `io` (BlockIO) to load / store the teachers' blocks; Special
+// blocks are the tail and the block holding `skip_col` (DKD's label column, or -1), on a padded copy
+// whose dead lanes (beyond C, and skip_col) hold -inf in z and in every teacher block. When `store`,
+// b.gz is written to the row's gradient after the lambda ran, so gz may alias z (read before write).
 template <class A, class TZ, class TV, class F>
 inline void sweep(const Row<TZ, TV>& r, int64_t skip_col, bool store, F&& f) {
   constexpr int W = Vec<A>::size();
   constexpr int64_t B = int64_t(kBlock) * W;
   const Vec<A> wv(static_cast<A>(r.w_v)), wzp(static_cast<A>(r.w_zp));
   Block<A> b;
-  auto mix_zp = [&](auto special, int64_t j, int64_t n) {
-    if (r.zp) {  // uniform per call: retro_kd mixes the past student into the teacher row
-      Vec<A> p[kBlock];
-      if constexpr (decltype(special)::value) load_partial<A>(r.zp + j, n, p);
-      else load_block<A>(r.zp + j, p);
-      for (int k = 0; k < kBlock; ++k) b.v[k] = vec::fmadd(b.v[k], wv, p[k] * wzp);
-    }
-  };
   int64_t j = 0;
   for (; j + B <= r.C; j += B) {
     if (skip_col >= j && skip_col < j + B) continue;  // one predictable compare per block
     if (r.z) load_block<A>(r.z + j, b.z);  // (a sweep that only writes passes null)
-    if (r.v) load_block<A>(r.v + j, b.v);  // no teacher row for TOPK (uniform per call)
-    mix_zp(std::false_type{}, j, B);
-    f(std::false_type{}, b, j);
-    if (store) {
-      if (r.gz) store_block<A>(r.gz + j, b.gz);
-      if (r.gv) store_block<A>(r.gv + j, b.gv);
+    if (r.zp) {  // uniform per call: retro_kd mixes the past student into every teacher row
+      load_block<A>(r.zp + j, b.zpw);
+      for (int k = 0; k < kBlock; ++k) b.zpw[k] = b.zpw[k] * wzp;
     }
+    f(std::false_type{}, b, j, BlockIO<A, TZ, TV, false>{r, b, j, B, wv});
+    if (store && r.gz) store_block<A>(r.gz + j, b.gz);
   }
   auto special_block = [&](int64_t j0) {
     const int64_t n = std::min<int64_t>(B, r.C - j0);
     if (r.z) load_partial<A>(r.z + j0, n, b.z);
-    if (r.v) load_partial<A>(r.v + j0, n, b.v);
-    mix_zp(std::true_type{}, j0, n);
+    if (r.zp) {
+      load_partial<A>(r.zp + j0, n, b.zpw);
+      for (int k = 0; k < kBlock; ++k) b.zpw[k] = b.zpw[k] * wzp;
+    }
     const Vec<A> idx = Vec<A>::arange(A(0), A(1));
     const Vec<A> nvec(static_cast<A>(n));
     const Vec<A> skip(static_cast<A>(skip_col >= j0 && skip_col < j0 + n ? skip_col - j0 : -1));
@@ -231,17 +262,22 @@ inline void sweep(const Row<TZ, TV>& r, int64_t skip_col, bool store, F&& f) {
       const Vec<A> col = idx + Vec<A>(static_cast<A>(k * W));
       b.live[k] = (col < nvec) & (col != skip);
       b.z[k] = Vec<A>::blendv(neg_inf, b.z[k], b.live[k]);
-      b.v[k] = Vec<A>::blendv(neg_inf, b.v[k], b.live[k]);
     }
-    f(std::true_type{}, b, j0);
-    if (store) {
-      if (r.gz) store_partial<A>(r.gz + j0, n, b.gz);
-      if (r.gv) store_partial<A>(r.gv + j0, n, b.gv);
-    }
+    f(std::true_type{}, b, j0, BlockIO<A, TZ, TV, true>{r, b, j0, n, wv});
+    if (store && r.gz) store_partial<A>(r.gz + j0, n, b.gz);
   };
   if (skip_col >= 0 && skip_col < j) special_block(skip_col - skip_col % B);
   if (j < r.C) special_block(j);
 }
+
+// The number of teachers a row function handles: MT at compile time (1: the single-teacher kernel,
+// every per-teacher array a scalar), or r.M (MT == 0, multi-teacher, up to kMaxTeachers). The loops
+// over teachers inside the sweep lambdas call this rather than capture a local count, so that with
+// MT = 1 the trip count is a constant even where GCC does not inline the lambda.
+template <int MT, class TZ, class TV>
+inline int teachers(const Row<TZ, TV>& r) { return MT ? MT : r.M; }
+template <int MT>
+constexpr int kCap = MT ? MT : kMaxTeachers;  // per-teacher array sizes
 
 // ---------------------------------------------------------------------------------------------------
 // Online log-sum-exp of one stream, per lane: m the running max, s the sum of exp(x - m).
@@ -250,7 +286,7 @@ struct Lse {
   Vec<A> m{lowest<A>()}, s{A(0)};
   // Add a block; e[k] = exp(x[k] - m_new); returns the rescale factor exp(m_old - m_new) so that other
   // accumulators weighted by this stream's exponentials can be rescaled with it.
-  inline Vec<A> update(const Vec<A>* x, Vec<A>* e) {
+  KD_INLINE Vec<A> update(const Vec<A>* x, Vec<A>* e) {
     Vec<A> bm = x[0];
     for (int k = 1; k < kBlock; ++k) bm = vec::maximum(bm, x[k]);  // NaN-propagating
     const Vec<A> mn = vec::maximum(m, bm);
@@ -320,12 +356,14 @@ inline double logaddexp(double x, double y) {
 struct RowInfo {
   int64_t y;       // label, or -1 when there are no labels
   bool ce;         // compute the CE term
-  double g_kd;     // grad_scale * kd_w_i
   double g_ce;     // grad_scale * ce_w_i (0 without CE)
-  double zy, vy;   // student / (mixed) teacher logit at the label (0 without labels), read before any write
+  double zy;       // student logit at the label (0 without labels), read before any write
+  double g_kd[kMaxTeachers];  // grad_scale * kd_w_{t,i} per teacher t
+  double vy[kMaxTeachers];    // teacher t's (mixed) logit at the label (0 without labels)
 };
 struct RowOut {
-  double D = 0, CE = 0;
+  double D[kMaxTeachers] = {};  // per teacher
+  double CE = 0;
 };
 
 template <class T>
@@ -337,48 +375,59 @@ inline void write_scalar(T* p, int64_t y, double x) { if (p) p[y] = static_cast<
 // ===================================================================================================
 // KL kind: D = s * KL(p || q) (or s * KL(q || p) when Rev), p = softmax(v / Tt), q = softmax(z / Ts).
 // kd, ttm, wttm (s = U), retro_kd (teacher row mixed with zp), jsd at beta in {0, 1}.
+// Multi-teacher (every kind): D_t per teacher t, the student's statistics once, each teacher's per
+// teacher; the student gradient is the sum over t of the single-teacher expressions, weighted g_kd[t].
 // ===================================================================================================
-template <bool Rev, class A, class TZ, class TV>
+template <bool Rev, int MT, class A, class TZ, class TV>
 RowOut row_kl(const KernelArgs& P, const Row<TZ, TV>& r, const RowInfo& ri) {
   const A its = A(1.0 / P.ts), itt = A(1.0 / P.tt);
   const bool ce_sep = ri.ce && P.ts != 1.0;  // CE needs lse(z) at T = 1: its own stream unless Ts == 1
   const bool wttm = P.wttm;
-  Lse<A> Sz, Sv, S1, Sv1;
-  Vec<A> W(A(0));
+  Lse<A> Sz, S1, Sv[kCap<MT>], Sv1[kCap<MT>];
+  Vec<A> W[kCap<MT>];
+  for (int t = 0; t < teachers<MT>(r); ++t) W[t] = Vec<A>(A(0));
   // Pass 1 (the only one for a forward-only call): both lse, and W = sum_j e_j (x_j - y_j) where
   // e = exp(c - m_v), x - y = c - a (forward) or e = exp(a - m_z), x - y = a - c (Rev), giving the
   // loss from statistics alone (both operands floored: a lane where both are -inf, padding or a
   // column -inf in both rows, adds 0 * 0, not 0 * inf): KL(p||q) = sum_j p_j (c_j - a_j) - Lv + Lz = W / S - Lv + Lz.
-  sweep<A>(r, -1, false, [&](auto, Block<A>& b, int64_t) {
-    Vec<A> a[kBlock], c[kBlock], e[kBlock];
-    for (int k = 0; k < kBlock; ++k) {
-      a[k] = b.z[k] * Vec<A>(its);
-      c[k] = b.v[k] * Vec<A>(itt);
-    }
-    const Vec<A> rz = Sz.update(a, e);
-    if constexpr (Rev) {
-      Vec<A> w = W * rz;
-      for (int k = 0; k < kBlock; ++k) w = vec::fmadd(e[k], finite_floor(a[k]) - finite_floor(c[k]), w);
-      W = w;
-    }
-    const Vec<A> rv = Sv.update(c, e);
-    if constexpr (!Rev) {
-      Vec<A> w = W * rv;
-      for (int k = 0; k < kBlock; ++k) w = vec::fmadd(e[k], finite_floor(c[k]) - finite_floor(a[k]), w);
-      W = w;
-    }
+  sweep<A>(r, -1, false, [&](auto, Block<A>& b, int64_t, const auto& io) {
+    Vec<A> v[kBlock];  // the current teacher's block (locals: kept in registers)
+    Vec<A> a[kBlock], c[kBlock], ez[kBlock], e[kBlock];
+    for (int k = 0; k < kBlock; ++k) a[k] = b.z[k] * Vec<A>(its);
+    const Vec<A> rz = Sz.update(a, ez);
     if (ce_sep) S1.update(b.z, e);
-    if (wttm) Sv1.update(b.v, e);
+    for (int t = 0; t < teachers<MT>(r); ++t) {
+      io.load(t, v);
+      for (int k = 0; k < kBlock; ++k) c[k] = v[k] * Vec<A>(itt);
+      if constexpr (Rev) {
+        Vec<A> w = W[t] * rz;
+        for (int k = 0; k < kBlock; ++k) w = vec::fmadd(ez[k], finite_floor(a[k]) - finite_floor(c[k]), w);
+        W[t] = w;
+      }
+      const Vec<A> rv = Sv[t].update(c, e);
+      if constexpr (!Rev) {
+        Vec<A> w = W[t] * rv;
+        for (int k = 0; k < kBlock; ++k) w = vec::fmadd(e[k], finite_floor(c[k]) - finite_floor(a[k]), w);
+        W[t] = w;
+      }
+      if (wttm) Sv1[t].update(v, e);
+    }
   });
-  const LseTotal tz = total(Sz), tv = total(Sv);
-  const double Lz = tz.lse(), Lv = tv.lse();
-  const double KL = Rev ? rescaled_sum(W, Sz, tz) / tz.S - Lz + Lv
-                        : rescaled_sum(W, Sv, tv) / tv.S - Lv + Lz;
-  // wttm: U = exp(lse(v/T) - lse(v)/T), a per-row constant (no gradient through it)
-  const double s = wttm ? std::exp(Lv - total(Sv1).lse() / P.tt) : P.scale;
+  const LseTotal tz = total(Sz);
+  const double Lz = tz.lse();
   const double L1 = ri.ce ? (ce_sep ? total(S1).lse() : Lz) : 0.0;
-  RowOut out{s * KL, ri.ce ? L1 - ri.zy : 0.0};
-  if (!r.gz && !r.gv) return out;
+  RowOut out;
+  out.CE = ri.ce ? L1 - ri.zy : 0.0;
+  double Lv[kCap<MT>] = {}, KL[kCap<MT>] = {}, s[kCap<MT>] = {};
+  for (int t = 0; t < teachers<MT>(r); ++t) {
+    const LseTotal tv = total(Sv[t]);
+    Lv[t] = tv.lse();
+    KL[t] = Rev ? rescaled_sum(W[t], Sz, tz) / tz.S - Lz + Lv[t] : rescaled_sum(W[t], Sv[t], tv) / tv.S - Lv[t] + Lz;
+    // wttm: U = exp(lse(v/T) - lse(v)/T), a per-row constant (no gradient through it)
+    s[t] = wttm ? std::exp(Lv[t] - total(Sv1[t]).lse() / P.tt) : P.scale;
+    out.D[t] = s[t] * KL[t];
+  }
+  if (!r.gz && !r.gv[0]) return out;
 
   // Pass 2: gradients.  Forward:
   //   dD/dz_j = (s/Ts)(q_j - p_j)                      [d log q_k / d a_j = delta_jk - q_j]
@@ -386,34 +435,56 @@ RowOut row_kl(const KernelArgs& P, const Row<TZ, TV>& r, const RowInfo& ri) {
   //          = (s/Tt) p_j (c_j - a_j + (Lz - Lv - KL))
   // Rev (KL(q||p)): the same with the roles of (z, Ts) and (v, Tt) swapped.
   // dCE/dz_j = softmax(z)_j - [j = y]: the softmax part here (= q_j when Ts == 1), the -1 below.
-  // Every constant (grad_scale, kd_w, s / T, retro's 1 - rho) is folded into one coefficient.
-  const A Az = A(ri.g_kd * s / P.ts), Av = A(ri.g_kd * s / P.tt * r.w_v);
+  // Every constant (grad_scale, kd_w, s / T, retro's 1 - rho) is folded into one coefficient per
+  // teacher; with M teachers dz sums them: forward q_j (sum_t Az_t + Bq) - sum_t Az_t p_tj.
+  A Az[kCap<MT>] = {}, Av[kCap<MT>] = {}, nLv[kCap<MT>] = {}, K[kCap<MT>] = {};
+  double Azs = 0;
+  for (int t = 0; t < teachers<MT>(r); ++t) {
+    Az[t] = A(ri.g_kd[t] * s[t] / P.ts);
+    Av[t] = A(ri.g_kd[t] * s[t] / P.tt * r.w_v);
+    nLv[t] = A(-Lv[t]);
+    K[t] = A(Rev ? Lv[t] - Lz - KL[t] : Lz - Lv[t] - KL[t]);
+    Azs += double(Az[t]);
+  }
   const A Bq = A(ri.ce && !ce_sep ? ri.g_ce : 0.0);  // CE folded into the q coefficient (Ts == 1)
+  const A Aq = A(Azs) + Bq;
   const A B1 = A(ce_sep ? ri.g_ce : 0.0);
-  const A nLz = A(-Lz), nLv = A(-Lv), nL1 = A(-L1);
-  const A K = A(Rev ? Lv - Lz - KL : Lz - Lv - KL);
-  sweep<A>(r, -1, true, [&](auto, Block<A>& b, int64_t) {
-    for (int k = 0; k < kBlock; ++k) {
-      const Vec<A> a = b.z[k] * Vec<A>(its), c = b.v[k] * Vec<A>(itt);
-      const Vec<A> q = vexp(a + Vec<A>(nLz)), p = vexp(c + Vec<A>(nLv));
-      Vec<A> gz, gv;
-      if constexpr (!Rev) {
-        gz = q * Vec<A>(Az + Bq) - p * Vec<A>(Az);
-        gv = p * Vec<A>(Av) * (finite_floor(c) - a + Vec<A>(K));
-      } else {
-        gz = q * Vec<A>(Az) * (finite_floor(a) - c + Vec<A>(K)) + q * Vec<A>(Bq);
-        gv = (p - q) * Vec<A>(Av);
+  const A nLz = A(-Lz), nL1 = A(-L1);
+  // (the student's terms are computed with teacher 0, in the same loop: with one teacher this is the
+  // single fused loop per vector; q is kept for the other teachers)
+  sweep<A>(r, -1, true, [&](auto, Block<A>& b, int64_t, const auto& io) {
+    Vec<A> v[kBlock], gv[kBlock];  // the current teacher's block and gradient (locals: kept in registers)
+    Vec<A> q[kBlock];
+    for (int t = 0; t < teachers<MT>(r); ++t) {
+      io.load(t, v);
+      for (int k = 0; k < kBlock; ++k) {
+        const Vec<A> a = b.z[k] * Vec<A>(its), c = v[k] * Vec<A>(itt);
+        if (t == 0) {
+          q[k] = vexp(a + Vec<A>(nLz));
+          Vec<A> gz = q[k] * Vec<A>(Rev ? Bq : Aq);
+          if (ce_sep) gz = vec::fmadd(vexp(b.z[k] + Vec<A>(nL1)), Vec<A>(B1), gz);
+          b.gz[k] = gz;
+        }
+        const Vec<A> p = vexp(c + Vec<A>(nLv[t]));
+        if constexpr (!Rev) {
+          b.gz[k] = b.gz[k] - p * Vec<A>(Az[t]);
+          gv[k] = p * Vec<A>(Av[t]) * (finite_floor(c) - a + Vec<A>(K[t]));
+        } else {
+          b.gz[k] = vec::fmadd(q[k] * Vec<A>(Az[t]), finite_floor(a) - c + Vec<A>(K[t]), b.gz[k]);
+          gv[k] = (p - q[k]) * Vec<A>(Av[t]);
+        }
       }
-      if (ce_sep) gz = vec::fmadd(vexp(b.z[k] + Vec<A>(nL1)), Vec<A>(B1), gz);
-      b.gz[k] = gz;
-      b.gv[k] = gv;
+      io.store(t, gv);
     }
   });
   if (ri.ce && r.gz) {  // the label column, recomputed in double from values read before any write
-    const double a = ri.zy / P.ts, c = ri.vy / P.tt;
-    const double q = std::exp(a - Lz), p = std::exp(c - Lv);
-    const double kl = Rev ? Az * q * (a - c + K) : Az * (q - p);
-    write_scalar(r.gz, ri.y, kl + ri.g_ce * (std::exp(ri.zy - L1) - 1.0));
+    const double a = ri.zy / P.ts, q = std::exp(a - Lz);
+    double g = ri.g_ce * (std::exp(ri.zy - L1) - 1.0);
+    for (int t = 0; t < teachers<MT>(r); ++t) {
+      const double c = ri.vy[t] / P.tt, p = std::exp(c - Lv[t]);
+      g += Rev ? double(Az[t]) * q * (a - c + double(K[t])) : double(Az[t]) * (q - p);
+    }
+    write_scalar(r.gz, ri.y, g);
   }
   return out;
 }
@@ -431,50 +502,58 @@ inline void fill_row(T* p, int64_t C, double x) {
 // Row loop: labels, weights, ignored / invalid rows, kind dispatch.
 // ===================================================================================================
 
-template <class TZ, class TV>
+template <int MT, class TZ, class TV>
 void rows(const KernelArgs& P, int64_t begin, int64_t end) {
   using A = std::conditional_t<std::is_same_v<TZ, double>, double, float>;
+  const int M = MT ? MT : P.M;
   const TZ* z = static_cast<const TZ*>(P.z);
-  const TV* v = static_cast<const TV*>(P.v);
   const TZ* zp = static_cast<const TZ*>(P.zp);
   TZ* gz = static_cast<TZ*>(P.grad_z);
-  TV* gv = static_cast<TV*>(P.grad_v);
-  const A* kd_w = static_cast<const A*>(P.kd_w);
+  const A* kd_w = static_cast<const A*>(P.kd_w);  // (M, N)
   const A* ce_w = static_cast<const A*>(P.ce_w);
-  A* d_out = static_cast<A*>(P.d_out);
+  A* d_out = static_cast<A*>(P.d_out);            // (M, N)
   A* ce_out = static_cast<A*>(P.ce_out);
-  const int64_t C = P.C;
+  const int64_t C = P.C, N = P.N;
   for (int64_t i = begin; i < end; ++i) {
-    Row<TZ, TV> r{z + i * P.sz, v ? v + i * P.sv : nullptr, zp ? zp + i * P.szp : nullptr,
-                  gz ? gz + i * P.sgz : nullptr, gv ? gv + i * P.sgv : nullptr, C,
-                  zp ? 1.0 - P.rho : 1.0, zp ? P.rho : 0.0};
-    RowInfo ri{-1, false, P.grad_scale * double(kd_w[i]), 0.0, 0.0, 0.0};
+    Row<TZ, TV> r{z + i * P.sz, zp ? zp + i * P.szp : nullptr, gz ? gz + i * P.sgz : nullptr, C,
+                  zp ? 1.0 - P.rho : 1.0, zp ? P.rho : 0.0, M, {}, {}};
+    RowInfo ri{-1, false, 0.0, 0.0, {}, {}};
+    for (int t = 0; t < M; ++t) {
+      r.v[t] = P.v[t] ? static_cast<const TV*>(P.v[t]) + i * P.sv[t] : nullptr;
+      r.gv[t] = P.grad_v[t] ? static_cast<TV*>(P.grad_v[t]) + i * P.sgv[t] : nullptr;
+      ri.g_kd[t] = P.grad_scale * double(kd_w[t * N + i]);
+    }
     if (P.labels) {
       const int64_t y = P.labels[i];
       if (y == P.ignore_index || y < 0 || y >= C) {  // ignored: zeros; out of range: NaN (never indexed)
         const double x = y == P.ignore_index ? 0.0 : NAN;
-        d_out[i] = A(x);
         ce_out[i] = A(x);
         fill_row(r.gz, C, x);
-        fill_row(r.gv, C, x);
+        for (int t = 0; t < M; ++t) {
+          d_out[t * N + i] = A(x);
+          fill_row(r.gv[t], C, x);
+        }
         continue;
       }
       ri.y = y;
       ri.ce = P.has_ce;
       ri.g_ce = ri.ce ? P.grad_scale * double(ce_w[i]) : 0.0;
       ri.zy = double(r.z[y]);
-      ri.vy = v ? r.w_v * double(r.v[y]) + (zp ? r.w_zp * double(r.zp[y]) : 0.0) : 0.0;
+      for (int t = 0; t < M; ++t)
+        ri.vy[t] = r.v[t] ? r.w_v * double(r.v[t][y]) + (zp ? r.w_zp * double(r.zp[y]) : 0.0) : 0.0;
     }
     RowOut o;
     switch (P.kind) {
-      case Kind::KL: o = P.reverse ? row_kl<true, A>(P, r, ri) : row_kl<false, A>(P, r, ri); break;
-      case Kind::DKD: o = row_dkd<A>(P, r, ri); break;
-      case Kind::LM: o = row_lm<A>(P, r, ri); break;
-      case Kind::LS: o = row_ls<A>(P, r, ri); break;
-      case Kind::JSD: o = row_jsd<A>(P, r, ri); break;
-      case Kind::TOPK: o = row_topk<A>(P, r, ri, i); break;
+      case Kind::KL: o = P.reverse ? row_kl<true, MT, A>(P, r, ri) : row_kl<false, MT, A>(P, r, ri); break;
+      case Kind::DKD: o = row_dkd<MT, A>(P, r, ri); break;
+      case Kind::LM: o = row_lm<MT, A>(P, r, ri); break;
+      case Kind::LS: o = row_ls<MT, A>(P, r, ri); break;
+      case Kind::JSD: o = row_jsd<MT, A>(P, r, ri); break;
+      case Kind::TOPK:
+        if constexpr (MT == 1) o = row_topk<A>(P, r, ri, i);  // single teacher only (checked by the binding)
+        break;
     }
-    d_out[i] = A(o.D);
+    for (int t = 0; t < M; ++t) d_out[t * N + i] = A(o.D[t]);
     ce_out[i] = A(o.CE);
   }
 }
@@ -488,14 +567,20 @@ inline void log_f32_impl(const float* x, float* y, int64_t n) {
 }
 
 // The ISA's entry point: dispatch on the dtypes (z and v independently among float / bf16 / fp16 with
-// float accumulation, or both double).
+// float accumulation, or both double) and on single / multi-teacher.
 inline void run_rows_impl(const KernelArgs& P, int64_t begin, int64_t end) {
-  auto with_v = [&](auto tz_tag) {
+  // one teacher: the MT = 1 instantiation (every per-teacher array a scalar); more: MT = 0 (dynamic)
+  auto with_m = [&](auto tz_tag, auto tv_tag) {
     using TZ = decltype(tz_tag);
+    using TV = decltype(tv_tag);
+    if (P.M == 1) rows<1, TZ, TV>(P, begin, end);
+    else rows<0, TZ, TV>(P, begin, end);
+  };
+  auto with_v = [&](auto tz_tag) {
     switch (P.tv) {
-      case DType::F32: return rows<TZ, float>(P, begin, end);
-      case DType::BF16: return rows<TZ, BFloat16>(P, begin, end);
-      case DType::F16: return rows<TZ, Half>(P, begin, end);
+      case DType::F32: return with_m(tz_tag, float{});
+      case DType::BF16: return with_m(tz_tag, BFloat16{});
+      case DType::F16: return with_m(tz_tag, Half{});
       default: return;
     }
   };
@@ -503,7 +588,7 @@ inline void run_rows_impl(const KernelArgs& P, int64_t begin, int64_t end) {
     case DType::F32: return with_v(float{});
     case DType::BF16: return with_v(BFloat16{});
     case DType::F16: return with_v(Half{});
-    case DType::F64: return rows<double, double>(P, begin, end);
+    case DType::F64: return with_m(double{}, double{});
   }
 }
 

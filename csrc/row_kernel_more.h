@@ -62,40 +62,55 @@ inline double clamp_finite(double x) {
 // Pass 1 runs over j != y (sweep masks column y to -inf): Lz\y, Lv\y and the one-pass NCKD statistic
 // W = sum_{j != y} exp(c_j - m_v)(c_j - a_j); the label column is added back in double.
 // ===================================================================================================
-template <class A, class TZ, class TV>
+template <int MT, class A, class TZ, class TV>
 RowOut row_dkd(const KernelArgs& P, const Row<TZ, TV>& r, const RowInfo& ri) {
   const double T = P.ts;
   const A iT = A(1.0 / T);
   const int64_t y = ri.y;
   const bool ce_sep = ri.ce && T != 1.0;
-  Lse<A> Sz, Sv, S1;
-  Vec<A> W(A(0));
-  sweep<A>(r, y, false, [&](auto, Block<A>& b, int64_t) {
+  Lse<A> Sz, S1, Sv[kCap<MT>];
+  Vec<A> W[kCap<MT>];
+  for (int t = 0; t < teachers<MT>(r); ++t) W[t] = Vec<A>(A(0));
+  sweep<A>(r, y, false, [&](auto, Block<A>& b, int64_t, const auto& io) {
+    Vec<A> v[kBlock];  // the current teacher's block (locals: kept in registers)
     Vec<A> a[kBlock], c[kBlock], e[kBlock];
-    for (int k = 0; k < kBlock; ++k) {
-      a[k] = b.z[k] * Vec<A>(iT);
-      c[k] = b.v[k] * Vec<A>(iT);
-    }
+    for (int k = 0; k < kBlock; ++k) a[k] = b.z[k] * Vec<A>(iT);
     Sz.update(a, e);
-    const Vec<A> rv = Sv.update(c, e);
-    Vec<A> w = W * rv;
-    for (int k = 0; k < kBlock; ++k) w = vec::fmadd(e[k], finite_floor(c[k]) - finite_floor(a[k]), w);
-    W = w;
     if (ce_sep) S1.update(b.z, e);
+    for (int t = 0; t < teachers<MT>(r); ++t) {
+      io.load(t, v);
+      for (int k = 0; k < kBlock; ++k) c[k] = v[k] * Vec<A>(iT);
+      const Vec<A> rv = Sv[t].update(c, e);
+      Vec<A> w = W[t] * rv;
+      for (int k = 0; k < kBlock; ++k) w = vec::fmadd(e[k], finite_floor(c[k]) - finite_floor(a[k]), w);
+      W[t] = w;
+    }
   });
-  const LseTotal tz = total(Sz), tv = total(Sv);
-  const double Lzn = tz.lse(), Lvn = tv.lse();  // lse over j != y
-  const double ay = ri.zy / T, cy = ri.vy / T;
-  const double Lz = logaddexp(Lzn, ay), Lv = logaddexp(Lvn, cy);
-  // NCKD = KL(p_hat || q_hat) over j != y = sum p_hat (c - a) - Lv\y + Lz\y (0 if the teacher has no
-  // non-target mass)
-  const double NCKD = tv.S > 0 ? rescaled_sum(W, Sv, tv) / tv.S - Lvn + Lzn : 0.0;
-  const double lpy = cy - Lv, lqy = ay - Lz, l1py = Lvn - Lv, l1qy = Lzn - Lz;  // log p_y, log(1-p_y)..
-  const double py = std::exp(lpy), py1 = std::exp(l1py), qy = std::exp(lqy), qy1 = std::exp(l1qy);
-  const double TCKD = (py > 0 ? py * (lpy - lqy) : 0.0) + (py1 > 0 ? py1 * (l1py - l1qy) : 0.0);
+  const LseTotal tz = total(Sz);
+  const double Lzn = tz.lse();  // lse over j != y
+  const double ay = ri.zy / T;
+  const double Lz = logaddexp(Lzn, ay);
+  const double lqy = ay - Lz, l1qy = Lzn - Lz, qy = std::exp(lqy), qy1 = std::exp(l1qy);
   const double L1 = ri.ce ? (ce_sep ? logaddexp(total(S1).lse(), ri.zy) : Lz) : 0.0;
-  RowOut out{T * T * (P.alpha * TCKD + P.beta * NCKD), ri.ce ? L1 - ri.zy : 0.0};
-  if (!r.gz && !r.gv) return out;
+  RowOut out;
+  out.CE = ri.ce ? L1 - ri.zy : 0.0;
+  // per teacher: Lv\y, NCKD, p_y, 1 - p_y, G p_y (see the gradient comment below)
+  double Lvn[kCap<MT>] = {}, NCKD[kCap<MT>] = {}, py[kCap<MT>] = {}, py1[kCap<MT>] = {}, Gp[kCap<MT>] = {};
+  for (int t = 0; t < teachers<MT>(r); ++t) {
+    const LseTotal tv = total(Sv[t]);
+    Lvn[t] = tv.lse();
+    const double cy = ri.vy[t] / T;
+    const double Lv = logaddexp(Lvn[t], cy);
+    // NCKD = KL(p_hat || q_hat) over j != y = sum p_hat (c - a) - Lv\y + Lz\y (0 if the teacher has no
+    // non-target mass)
+    NCKD[t] = tv.S > 0 ? rescaled_sum(W[t], Sv[t], tv) / tv.S - Lvn[t] + Lzn : 0.0;
+    const double lpy = cy - Lv, l1py = Lvn[t] - Lv;  // log p_y, log(1 - p_y)
+    py[t] = std::exp(lpy), py1[t] = std::exp(l1py);
+    const double TCKD = (py[t] > 0 ? py[t] * (lpy - lqy) : 0.0) + (py1[t] > 0 ? py1[t] * (l1py - l1qy) : 0.0);
+    out.D[t] = T * T * (P.alpha * TCKD + P.beta * NCKD[t]);
+    Gp[t] = clamp_finite(py[t] > 0 ? ((lpy - lqy) - (l1py - l1qy)) * py[t] : 0.0);
+  }
+  if (!r.gz && !r.gv[0]) return out;
 
   // Gradients (s = T^2, da/dz = 1/T: a factor T overall). With q_hat_j = exp(a_j - Lz\y),
   // q_j = q_hat_j (1 - q_y), and TCKD = const - p_y a_y - (1 - p_y) Lz\y + Lz in a:
@@ -107,28 +122,47 @@ RowOut row_dkd(const KernelArgs& P, const Row<TZ, TV>& r, const RowInfo& ri) {
   //   dD/dv_j = p_hat_j * (T g beta (c_j - a_j + Lz\y - Lv\y - NCKD) - T g alpha G p_y (1 - p_y))  j != y
   //   dD/dv_y = T g alpha G p_y (1 - p_y)
   // plus CE: g_ce (softmax(z)_j - [j = y]); softmax(z)_j = q_j = q_hat_j (1 - q_y) when T == 1.
-  const double Tg = T * ri.g_kd, Tgv = Tg * r.w_v;
-  const double Gp = clamp_finite(py > 0 ? ((lpy - lqy) - (l1py - l1qy)) * py : 0.0);
-  const A Aq = A(Tg * (P.alpha * qy1 - P.alpha * py1 + P.beta) + (ri.ce && !ce_sep ? ri.g_ce * qy1 : 0.0));
-  const A Ap = A(Tg * P.beta);
-  const A Bv1 = A(Tgv * P.beta), Bv0 = A(Tgv * P.beta * (Lzn - Lvn - NCKD) - Tgv * P.alpha * Gp * py1);
+  // M teachers: dz sums the q_hat coefficients (Aq) and subtracts each teacher's p_hat term.
+  double Aqs = ri.ce && !ce_sep ? ri.g_ce * qy1 : 0.0;
+  A Ap[kCap<MT>] = {}, Bv1[kCap<MT>] = {}, Bv0[kCap<MT>] = {}, nLvn[kCap<MT>] = {};
+  for (int t = 0; t < teachers<MT>(r); ++t) {
+    const double Tg = T * ri.g_kd[t], Tgv = Tg * r.w_v;
+    Aqs += Tg * (P.alpha * qy1 - P.alpha * py1[t] + P.beta);
+    Ap[t] = A(Tg * P.beta);
+    Bv1[t] = A(Tgv * P.beta);
+    Bv0[t] = A(Tgv * P.beta * (Lzn - Lvn[t] - NCKD[t]) - Tgv * P.alpha * Gp[t] * py1[t]);
+    nLvn[t] = A(-Lvn[t]);
+  }
+  const A Aq = A(Aqs);
   const A B1 = A(ce_sep ? ri.g_ce : 0.0);
-  const A nLzn = A(-Lzn), nLvn = A(-Lvn), nL1 = A(-L1);
-  sweep<A>(r, y, true, [&](auto, Block<A>& b, int64_t) {
-    for (int k = 0; k < kBlock; ++k) {
-      const Vec<A> a = b.z[k] * Vec<A>(iT), c = b.v[k] * Vec<A>(iT);
-      const Vec<A> qh = vexp(a + Vec<A>(nLzn)), ph = vexp(c + Vec<A>(nLvn));
-      Vec<A> gz = qh * Vec<A>(Aq) - ph * Vec<A>(Ap);
-      if (ce_sep) gz = vec::fmadd(vexp(b.z[k] + Vec<A>(nL1)), Vec<A>(B1), gz);
-      b.gz[k] = gz;
-      // (p_hat * coefficient) first: a masked teacher column has p_hat = 0 and c = lowest, and
-      // 0 * (lowest * Bv1) would be 0 * -inf
-      b.gv[k] = vec::fmadd(ph * Vec<A>(Bv1), finite_floor(c) - finite_floor(a), ph * Vec<A>(Bv0));
+  const A nLzn = A(-Lzn), nL1 = A(-L1);
+  sweep<A>(r, y, true, [&](auto, Block<A>& b, int64_t, const auto& io) {
+    Vec<A> v[kBlock], gv[kBlock];  // the current teacher's block and gradient (locals: kept in registers)
+    for (int t = 0; t < teachers<MT>(r); ++t) {
+      io.load(t, v);
+      for (int k = 0; k < kBlock; ++k) {
+        const Vec<A> a = b.z[k] * Vec<A>(iT), c = v[k] * Vec<A>(iT);
+        if (t == 0) {  // the student's terms, once
+          Vec<A> gz = vexp(a + Vec<A>(nLzn)) * Vec<A>(Aq);
+          if (ce_sep) gz = vec::fmadd(vexp(b.z[k] + Vec<A>(nL1)), Vec<A>(B1), gz);
+          b.gz[k] = gz;
+        }
+        const Vec<A> ph = vexp(c + Vec<A>(nLvn[t]));
+        b.gz[k] = b.gz[k] - ph * Vec<A>(Ap[t]);
+        // (p_hat * coefficient) first: a masked teacher column has p_hat = 0 and c = lowest, and
+        // 0 * (lowest * Bv1) would be 0 * -inf
+        gv[k] = vec::fmadd(ph * Vec<A>(Bv1[t]), finite_floor(c) - finite_floor(a), ph * Vec<A>(Bv0[t]));
+      }
+      io.store(t, gv);
     }
   });
   // the label column (its lane in the block above held padding): recomputed in double
-  if (r.gz) write_scalar(r.gz, y, Tg * P.alpha * (qy - py) + (ri.ce ? ri.g_ce * (std::exp(ri.zy - L1) - 1.0) : 0.0));
-  if (r.gv) write_scalar(r.gv, y, Tgv * P.alpha * Gp * py1);
+  if (r.gz) {
+    double g = ri.ce ? ri.g_ce * (std::exp(ri.zy - L1) - 1.0) : 0.0;
+    for (int t = 0; t < teachers<MT>(r); ++t) g += T * ri.g_kd[t] * P.alpha * (qy - py[t]);
+    write_scalar(r.gz, y, g);
+  }
+  for (int t = 0; t < teachers<MT>(r); ++t) write_scalar(r.gv[t], y, T * ri.g_kd[t] * r.w_v * P.alpha * Gp[t] * py1[t]);
   return out;
 }
 
@@ -136,42 +170,62 @@ RowOut row_dkd(const KernelArgs& P, const Row<TZ, TV>& r, const RowInfo& ri) {
 // LM, logit matching: d = z - v, dbar = mean(d) (center) or 0, D = (1/2C) sum (d - dbar)^2.
 // Pass 1: dbar (and CE's lse); pass 2: D from the centred values (no cancellation) and the gradient.
 // ===================================================================================================
-template <class A, class TZ, class TV>
+template <int MT, class A, class TZ, class TV>
 RowOut row_lm(const KernelArgs& P, const Row<TZ, TV>& r, const RowInfo& ri) {
   const int64_t C = r.C;
   Lse<A> S1;
-  LongSum<A> Sd;
+  LongSum<A> Sd[kCap<MT>];
   if (P.center || ri.ce) {
-    sweep<A>(r, -1, false, [&](auto sp, Block<A>& b, int64_t) {
+    sweep<A>(r, -1, false, [&](auto sp, Block<A>& b, int64_t, const auto& io) {
+      Vec<A> v[kBlock];  // the current teacher's block (locals: kept in registers)
       Vec<A> e[kBlock];
-      for (int k = 0; k < kBlock; ++k) Sd.add(live_only(sp, b, k, b.z[k] - b.v[k]));
-      Sd.end_block();
+      if (P.center) {
+        for (int t = 0; t < teachers<MT>(r); ++t) {
+          io.load(t, v);
+          for (int k = 0; k < kBlock; ++k) Sd[t].add(live_only(sp, b, k, b.z[k] - v[k]));
+          Sd[t].end_block();
+        }
+      }
       if (ri.ce) S1.update(b.z, e);
     });
   }
-  const double dbar = P.center ? Sd.total() / double(C) : 0.0;
   const double L1 = ri.ce ? total(S1).lse() : 0.0;
   // dD/dz_j = (d_j - dbar) / C (the dbar term's own derivative sums to zero); dD/dv_j = -dD/dz_j;
-  // dCE/dz_j = exp(z_j - L1) - [j = y].
-  const A cz = A(ri.g_kd / double(C)), cv = A(-ri.g_kd / double(C) * r.w_v);
-  const A gce = A(ri.ce ? ri.g_ce : 0.0), nL1 = A(-L1), ndbar = A(-dbar);
-  const bool grads = r.gz || r.gv;
-  LongSum<A> SS;
-  sweep<A>(r, -1, grads, [&](auto sp, Block<A>& b, int64_t j0) {
-    SS.end_block();
-    for (int k = 0; k < kBlock; ++k) {
-      const Vec<A> u = live_only(sp, b, k, b.z[k] - b.v[k] + Vec<A>(ndbar));
-      SS.fma(u, u);
-      if (grads) {
-        Vec<A> gz = u * Vec<A>(cz);
-        if (ri.ce) gz = vec::fmadd(vexp(b.z[k] + Vec<A>(nL1)), Vec<A>(gce), gz);
-        b.gz[k] = gz;
-        b.gv[k] = u * Vec<A>(cv);
+  // dCE/dz_j = exp(z_j - L1) - [j = y]. M teachers: dz = sum_t g_t (d_tj - dbar_t) / C.
+  A cz[kCap<MT>] = {}, cv[kCap<MT>] = {}, ndbar[kCap<MT>] = {};
+  for (int t = 0; t < teachers<MT>(r); ++t) {
+    ndbar[t] = A(P.center ? -Sd[t].total() / double(C) : 0.0);
+    cz[t] = A(ri.g_kd[t] / double(C));
+    cv[t] = A(-ri.g_kd[t] / double(C) * r.w_v);
+  }
+  const A gce = A(ri.ce ? ri.g_ce : 0.0), nL1 = A(-L1);
+  const bool grads = r.gz || r.gv[0];
+  LongSum<A> SS[kCap<MT>];
+  sweep<A>(r, -1, grads, [&](auto sp, Block<A>& b, int64_t j0, const auto& io) {
+    Vec<A> v[kBlock], gv[kBlock];  // the current teacher's block and gradient (locals: kept in registers)
+    if (grads) {
+      for (int k = 0; k < kBlock; ++k)
+        b.gz[k] = ri.ce ? vexp(b.z[k] + Vec<A>(nL1)) * Vec<A>(gce) : Vec<A>(A(0));
+    }
+    for (int t = 0; t < teachers<MT>(r); ++t) {
+      io.load(t, v);
+      SS[t].end_block();
+      for (int k = 0; k < kBlock; ++k) {
+        const Vec<A> u = live_only(sp, b, k, b.z[k] - v[k] + Vec<A>(ndbar[t]));
+        SS[t].fma(u, u);
+        if (grads) {
+          b.gz[k] = vec::fmadd(u, Vec<A>(cz[t]), b.gz[k]);
+          gv[k] = u * Vec<A>(cv[t]);
+        }
       }
+      if (grads) io.store(t, gv);
     }
     if (grads && ri.ce) add_at(b.gz, j0, ri.y, A(-gce));
   });
-  return {SS.total() / (2.0 * double(C)), ri.ce ? L1 - ri.zy : 0.0};
+  RowOut out;
+  for (int t = 0; t < teachers<MT>(r); ++t) out.D[t] = SS[t].total() / (2.0 * double(C));
+  out.CE = ri.ce ? L1 - ri.zy : 0.0;
+  return out;
 }
 
 // ===================================================================================================
@@ -179,79 +233,109 @@ RowOut row_lm(const KernelArgs& P, const Row<TZ, TV>& r, const RowInfo& ri) {
 // unbiased standard deviation, eps = 1e-7; T = Ts = Tt; C >= 2. Passes: 1 means (and CE's lse),
 // 2 variances, 3 the online lse / KL / sum(gamma u) statistics, 4 the gradient.
 // ===================================================================================================
-template <class A, class TZ, class TV>
+template <int MT, class A, class TZ, class TV>
 RowOut row_ls(const KernelArgs& P, const Row<TZ, TV>& r, const RowInfo& ri) {
   const int64_t C = r.C;
   const double T = P.ts, eps = 1e-7;
-  const bool gz_on = r.gz != nullptr, gv_on = r.gv != nullptr;
+  const bool gz_on = r.gz != nullptr, gv_on = r.gv[0] != nullptr;
   Lse<A> S1;
-  LongSum<A> Sz, Sv;
-  sweep<A>(r, -1, false, [&](auto sp, Block<A>& b, int64_t) {
+  LongSum<A> Sz, Sv[kCap<MT>];
+  sweep<A>(r, -1, false, [&](auto sp, Block<A>& b, int64_t, const auto& io) {
+    Vec<A> v[kBlock];  // the current teacher's block (locals: kept in registers)
     Vec<A> e[kBlock];
-    for (int k = 0; k < kBlock; ++k) {
-      Sz.add(live_only(sp, b, k, b.z[k]));
-      Sv.add(live_only(sp, b, k, b.v[k]));
-    }
+    for (int k = 0; k < kBlock; ++k) Sz.add(live_only(sp, b, k, b.z[k]));
     Sz.end_block();
-    Sv.end_block();
+    for (int t = 0; t < teachers<MT>(r); ++t) {
+      io.load(t, v);
+      for (int k = 0; k < kBlock; ++k) Sv[t].add(live_only(sp, b, k, v[k]));
+      Sv[t].end_block();
+    }
     if (ri.ce) S1.update(b.z, e);
   });
-  const double zbar = Sz.total() / double(C), vbar = Sv.total() / double(C);
-  const A nzbar = A(-zbar), nvbar = A(-vbar);
-  LongSum<A> Qz, Qv;
-  sweep<A>(r, -1, false, [&](auto sp, Block<A>& b, int64_t) {
+  const double zbar = Sz.total() / double(C);
+  const A nzbar = A(-zbar);
+  A nvbar[kCap<MT>] = {};
+  for (int t = 0; t < teachers<MT>(r); ++t) nvbar[t] = A(-Sv[t].total() / double(C));
+  LongSum<A> Qz, Qv[kCap<MT>];
+  sweep<A>(r, -1, false, [&](auto sp, Block<A>& b, int64_t, const auto& io) {
+    Vec<A> v[kBlock];  // the current teacher's block (locals: kept in registers)
     for (int k = 0; k < kBlock; ++k) {
       const Vec<A> uz = live_only(sp, b, k, b.z[k] + Vec<A>(nzbar));
-      const Vec<A> uv = live_only(sp, b, k, b.v[k] + Vec<A>(nvbar));
       Qz.fma(uz, uz);
-      Qv.fma(uv, uv);
     }
     Qz.end_block();
-    Qv.end_block();
+    for (int t = 0; t < teachers<MT>(r); ++t) {
+      io.load(t, v);
+      for (int k = 0; k < kBlock; ++k) {
+        const Vec<A> uv = live_only(sp, b, k, v[k] + Vec<A>(nvbar[t]));
+        Qv[t].fma(uv, uv);
+      }
+      Qv[t].end_block();
+    }
   });
-  const double sz = std::sqrt(Qz.total() / double(C - 1)), sv = std::sqrt(Qv.total() / double(C - 1));
-  const double kz = eps + sz, kv = eps + sv;
-  const A iz = A(1.0 / (kz * T)), iv = A(1.0 / (kv * T));
+  const double sz = std::sqrt(Qz.total() / double(C - 1)), kz = eps + sz;
+  const A iz = A(1.0 / (kz * T));
+  double sv[kCap<MT>] = {}, kv[kCap<MT>] = {};
+  A iv[kCap<MT>] = {};
+  for (int t = 0; t < teachers<MT>(r); ++t) {
+    sv[t] = std::sqrt(Qv[t].total() / double(C - 1));
+    kv[t] = eps + sv[t];
+    iv[t] = A(1.0 / (kv[t] * T));
+  }
   // Pass 3, with a = u_z / (k_z T), c = u_v / (k_v T): the KL-kind statistics, plus
   //   Qu = sum e^z u_z, Pu = sum e^v u_z     (student chain rule: sum_k gamma_k u_k)
   //   PCu = sum e^v (c - a) u_v, PUv = sum e^v u_v   (teacher chain rule)
-  // each at the scale of its stream's running max (rescaled with it).
-  Lse<A> La, Lc;
-  Vec<A> Wk(A(0)), Qu(A(0)), Pu(A(0)), PCu(A(0)), PUv(A(0));
-  sweep<A>(r, -1, false, [&](auto sp, Block<A>& b, int64_t) {
+  // each at the scale of its stream's running max (rescaled with it); Qu once, the others per teacher.
+  Lse<A> La, Lc[kCap<MT>];
+  Vec<A> Qu(A(0)), Wk[kCap<MT>], Pu[kCap<MT>], PCu[kCap<MT>], PUv[kCap<MT>];
+  for (int t = 0; t < teachers<MT>(r); ++t) Wk[t] = Pu[t] = PCu[t] = PUv[t] = Vec<A>(A(0));
+  sweep<A>(r, -1, false, [&](auto sp, Block<A>& b, int64_t, const auto& io) {
+    Vec<A> v[kBlock];  // the current teacher's block (locals: kept in registers)
     Vec<A> a[kBlock], c[kBlock], uz[kBlock], uv[kBlock], e[kBlock];
     for (int k = 0; k < kBlock; ++k) {
       uz[k] = live_only(sp, b, k, b.z[k] + Vec<A>(nzbar));
-      uv[k] = live_only(sp, b, k, b.v[k] + Vec<A>(nvbar));
       a[k] = uz[k] * Vec<A>(iz);
-      c[k] = uv[k] * Vec<A>(iv);
-      if constexpr (decltype(sp)::value) {  // padding lanes: -inf, so that they add exp(-inf) = 0
+      if constexpr (decltype(sp)::value)  // padding lanes: -inf, so that they add exp(-inf) = 0
         a[k] = Vec<A>::blendv(Vec<A>(ninf<A>()), a[k], b.live[k]);
-        c[k] = Vec<A>::blendv(Vec<A>(ninf<A>()), c[k], b.live[k]);
-      }
     }
     const Vec<A> ra = La.update(a, e);
     Vec<A> qu = Qu * ra;
     for (int k = 0; k < kBlock; ++k) qu = vec::fmadd(e[k], uz[k], qu);
     Qu = qu;
-    const Vec<A> rc = Lc.update(c, e);
-    Vec<A> w = Wk * rc, pu = Pu * rc, pcu = PCu * rc, puv = PUv * rc;
-    for (int k = 0; k < kBlock; ++k) {
-      const Vec<A> d = finite_floor(c[k]) - finite_floor(a[k]);
-      w = vec::fmadd(e[k], d, w);
-      pu = vec::fmadd(e[k], uz[k], pu);
-      if (gv_on) {
-        pcu = vec::fmadd(e[k] * d, uv[k], pcu);
-        puv = vec::fmadd(e[k], uv[k], puv);
+    for (int t = 0; t < teachers<MT>(r); ++t) {
+      io.load(t, v);
+      for (int k = 0; k < kBlock; ++k) {
+        uv[k] = live_only(sp, b, k, v[k] + Vec<A>(nvbar[t]));
+        c[k] = uv[k] * Vec<A>(iv[t]);
+        if constexpr (decltype(sp)::value) c[k] = Vec<A>::blendv(Vec<A>(ninf<A>()), c[k], b.live[k]);
       }
+      const Vec<A> rc = Lc[t].update(c, e);
+      Vec<A> w = Wk[t] * rc, pu = Pu[t] * rc, pcu = PCu[t] * rc, puv = PUv[t] * rc;
+      for (int k = 0; k < kBlock; ++k) {
+        const Vec<A> d = finite_floor(c[k]) - finite_floor(a[k]);
+        w = vec::fmadd(e[k], d, w);
+        pu = vec::fmadd(e[k], uz[k], pu);
+        if (gv_on) {
+          pcu = vec::fmadd(e[k] * d, uv[k], pcu);
+          puv = vec::fmadd(e[k], uv[k], puv);
+        }
+      }
+      Wk[t] = w, Pu[t] = pu, PCu[t] = pcu, PUv[t] = puv;
     }
-    Wk = w, Pu = pu, PCu = pcu, PUv = puv;
   });
-  const LseTotal ta = total(La), tc = total(Lc);
-  const double Lz = ta.lse(), Lv = tc.lse();
-  const double KL = rescaled_sum(Wk, Lc, tc) / tc.S - Lv + Lz;
+  const LseTotal ta = total(La);
+  const double Lz = ta.lse();
   const double L1 = ri.ce ? total(S1).lse() : 0.0;
-  RowOut out{T * T * KL, ri.ce ? L1 - ri.zy : 0.0};
+  RowOut out;
+  out.CE = ri.ce ? L1 - ri.zy : 0.0;
+  double Lv[kCap<MT>] = {}, KL[kCap<MT>] = {};
+  LseTotal tc[kCap<MT>] = {};
+  for (int t = 0; t < teachers<MT>(r); ++t) {
+    tc[t] = total(Lc[t]);
+    Lv[t] = tc[t].lse();
+    KL[t] = rescaled_sum(Wk[t], Lc[t], tc[t]) / tc[t].S - Lv[t] + Lz;
+    out.D[t] = T * T * KL[t];
+  }
   if (!gz_on && !gv_on) return out;
 
   // Student: gamma_j = dD/dz'_j = T (q_j - p_j), sum_j gamma_j = 0. With z' = u / k, k = eps + sigma,
@@ -259,22 +343,43 @@ RowOut row_ls(const KernelArgs& P, const Row<TZ, TV>& r, const RowInfo& ri) {
   // sum gamma = 0):  dD/dz_j = gamma_j / k - (sum_k gamma_k u_k) u_j / (k^2 (C-1) sigma).
   // Teacher: the same chain with gamma^v_j = T p_j (c_j - a_j + Lz - Lv - KL) (sum = 0).
   // A constant row (sigma = 0, u = 0) has no sigma term (its 0/0 is taken as 0).
-  const double Gz = T * (rescaled_sum(Qu, La, ta) / ta.S - rescaled_sum(Pu, Lc, tc) / tc.S);
-  const double K = Lz - Lv - KL;
-  const double Gv = T * (rescaled_sum(PCu, Lc, tc) / tc.S + K * rescaled_sum(PUv, Lc, tc) / tc.S);
-  const double g = ri.g_kd, gv = ri.g_kd * r.w_v;
-  const A cq = A(g * T / kz), cu = A(sz > 0 ? -g * Gz / (kz * kz * double(C - 1) * sz) : 0.0);
-  const A cp = A(gv * T / kv), cuv = A(sv > 0 ? -gv * Gv / (kv * kv * double(C - 1) * sv) : 0.0);
-  const A nLz = A(-Lz), nLv = A(-Lv), nL1 = A(-L1), gce = A(ri.ce ? ri.g_ce : 0.0), AK = A(K);
-  sweep<A>(r, -1, true, [&](auto, Block<A>& b, int64_t j0) {
-    for (int k = 0; k < kBlock; ++k) {
-      const Vec<A> uz = b.z[k] + Vec<A>(nzbar), uv = b.v[k] + Vec<A>(nvbar);
-      const Vec<A> a = uz * Vec<A>(iz), c = uv * Vec<A>(iv);
-      const Vec<A> q = vexp(a + Vec<A>(nLz)), p = vexp(c + Vec<A>(nLv));
-      Vec<A> gz = vec::fmadd(q - p, Vec<A>(cq), uz * Vec<A>(cu));
-      if (ri.ce) gz = vec::fmadd(vexp(b.z[k] + Vec<A>(nL1)), Vec<A>(gce), gz);
-      b.gz[k] = gz;
-      b.gv[k] = vec::fmadd(p * (finite_floor(c) - finite_floor(a) + Vec<A>(AK)), Vec<A>(cp), uv * Vec<A>(cuv));
+  // M teachers: dz = q_j sum_t cq_t - sum_t p_tj cq_t + u_zj sum_t cu_t.
+  const double Qs = rescaled_sum(Qu, La, ta) / ta.S;
+  double cqs = 0, cus = 0;
+  A cq[kCap<MT>] = {}, cp[kCap<MT>] = {}, cuv[kCap<MT>] = {}, nLv[kCap<MT>] = {}, AK[kCap<MT>] = {};
+  for (int t = 0; t < teachers<MT>(r); ++t) {
+    const double Gz = T * (Qs - rescaled_sum(Pu[t], Lc[t], tc[t]) / tc[t].S);
+    const double K = Lz - Lv[t] - KL[t];
+    const double Gv = T * (rescaled_sum(PCu[t], Lc[t], tc[t]) / tc[t].S + K * rescaled_sum(PUv[t], Lc[t], tc[t]) / tc[t].S);
+    const double g = ri.g_kd[t], gv = ri.g_kd[t] * r.w_v;
+    cq[t] = A(g * T / kz);
+    cqs += g * T / kz;
+    cus += sz > 0 ? -g * Gz / (kz * kz * double(C - 1) * sz) : 0.0;
+    cp[t] = A(gv * T / kv[t]);
+    cuv[t] = A(sv[t] > 0 ? -gv * Gv / (kv[t] * kv[t] * double(C - 1) * sv[t]) : 0.0);
+    nLv[t] = A(-Lv[t]);
+    AK[t] = A(K);
+  }
+  const A Acq = A(cqs), Acu = A(cus);
+  const A nLz = A(-Lz), nL1 = A(-L1), gce = A(ri.ce ? ri.g_ce : 0.0);
+  sweep<A>(r, -1, true, [&](auto, Block<A>& b, int64_t j0, const auto& io) {
+    Vec<A> v[kBlock], gv[kBlock];  // the current teacher's block and gradient (locals: kept in registers)
+    for (int t = 0; t < teachers<MT>(r); ++t) {
+      io.load(t, v);
+      for (int k = 0; k < kBlock; ++k) {
+        const Vec<A> uz = b.z[k] + Vec<A>(nzbar), uv = v[k] + Vec<A>(nvbar[t]);
+        const Vec<A> a = uz * Vec<A>(iz), c = uv * Vec<A>(iv[t]);
+        if (t == 0) {  // the student's terms, once
+          Vec<A> gz = vec::fmadd(vexp(a + Vec<A>(nLz)), Vec<A>(Acq), uz * Vec<A>(Acu));
+          if (ri.ce) gz = vec::fmadd(vexp(b.z[k] + Vec<A>(nL1)), Vec<A>(gce), gz);
+          b.gz[k] = gz;
+        }
+        const Vec<A> p = vexp(c + Vec<A>(nLv[t]));
+        b.gz[k] = b.gz[k] - p * Vec<A>(cq[t]);
+        gv[k] = vec::fmadd(p * (finite_floor(c) - finite_floor(a) + Vec<A>(AK[t])), Vec<A>(cp[t]),
+                             uv * Vec<A>(cuv[t]));
+      }
+      io.store(t, gv);
     }
     if (ri.ce) add_at(b.gz, j0, ri.y, A(-gce));
   });
@@ -293,42 +398,47 @@ inline A* scratch(int64_t n) {
 // ===================================================================================================
 // JSD for 0 < beta < 1: m = beta p + (1 - beta) q, D = beta KL(p || m) + (1 - beta) KL(q || m),
 // T = Ts = Tt (no T^2). Three sweeps, each element's exp and log computed once:
-//   1. the two online lse; each element's exp(a - m_run) and exp(c - m_run) (the running max of its
-//      lane at its block) go to a per-thread fp32 scratch row, the block's running maxima beside them;
+//   1. the online lse of the student and of each teacher; each element's exp(a - m_run) and
+//      exp(c - m_run) (the running max of its lane at its block) go to a per-thread fp32 scratch row,
+//      the block's running maxima beside them;
 //   2. q = exp(a - m_run) * exp(m_run - Lz) (one exp per block and lane, not per element), p alike,
-//      log m, and the sums KLq, KLp (which the gradient needs); q, log q - log m (p, log p - log m)
-//      replace the exponentials in the scratch when a gradient is asked for;
+//      log m, and the sums KLq, KLp (which the gradient needs); q, H = sum_t cz_t (log q - log m_t)
+//      (p_t, log p_t - log m_t per teacher) replace the exponentials in the scratch when a gradient
+//      is asked for;
 //   3. the gradient from the scratch alone (no load of z or v unless CE needs softmax(z) at T != 1).
 // ===================================================================================================
-template <class A, class TZ, class TV>
+template <int MT, class A, class TZ, class TV>
 RowOut row_jsd(const KernelArgs& P, const Row<TZ, TV>& r, const RowInfo& ri) {
   constexpr int W = Vec<A>::size();
   constexpr int64_t B = int64_t(kBlock) * W;
+  const int M = teachers<MT>(r);
   const double T = P.ts, beta = P.beta;
   const A iT = A(1.0 / T), Ab = A(beta), A1b = A(1.0 - beta);
   const bool ce_sep = ri.ce && T != 1.0;
-  const bool gz_on = r.gz != nullptr, gv_on = r.gv != nullptr;
-  // scratch (rows padded to whole blocks): slots 0 / 1 hold exp(a - m_run) / exp(c - m_run) after
-  // sweep 1, then q, log q - log m (slots 0, 1) and p, log p - log m (slots 2, 3); then the maxima
+  const bool gz_on = r.gz != nullptr, gv_on = r.gv[0] != nullptr;
+  // scratch (rows padded to whole blocks): sq holds exp(a - m_run) after sweep 1, then q; sh the
+  // student's H; per teacher t, sp[t] exp(c - m_run), then p, and shp[t] log p - log m; then the maxima
   const int64_t Cp = (r.C + B - 1) / B * B, nb = Cp / B;
-  A* const s0 = scratch<A>(4 * Cp + 2 * nb * W);
-  A* const s1 = s0 + Cp;
-  A* const s2 = s0 + 2 * Cp;
-  A* const s3 = s0 + 3 * Cp;
-  A* const mz = s0 + 4 * Cp;
-  A* const mv = mz + nb * W;
+  A* const sq = scratch<A>((2 + 2 * M) * Cp + (1 + M) * nb * W);
+  A* const sh = sq + Cp;
+  A* const mz = sq + (2 + 2 * M) * Cp;
+  A* sp[kCap<MT>];
+  A* shp[kCap<MT>];
+  A* mv[kCap<MT>];
+  for (int t = 0; t < teachers<MT>(r); ++t) {
+    sp[t] = sq + (2 + 2 * t) * Cp;
+    shp[t] = sp[t] + Cp;
+    mv[t] = mz + (1 + t) * nb * W;
+  }
   // (the lambdas work on local copies of their accumulators: the float stores into the scratch
   // could alias them, which made the compiler reload every accumulator after every store)
-  Lse<A> Sz, Sv, S1;
-  sweep<A>(r, -1, false, [&](auto, Block<A>& b, int64_t j0) {
-    Vec<A> a[kBlock], c[kBlock], e[kBlock], f[kBlock];
-    for (int k = 0; k < kBlock; ++k) {
-      a[k] = b.z[k] * Vec<A>(iT);
-      c[k] = b.v[k] * Vec<A>(iT);
-    }
-    Lse<A> lz = Sz, lv = Sv;
+  Lse<A> Sz, S1, Sv[kCap<MT>];
+  sweep<A>(r, -1, false, [&](auto, Block<A>& b, int64_t j0, const auto& io) {
+    Vec<A> v[kBlock];  // the current teacher's block (locals: kept in registers)
+    Vec<A> a[kBlock], c[kBlock], e[kBlock];
+    for (int k = 0; k < kBlock; ++k) a[k] = b.z[k] * Vec<A>(iT);
+    Lse<A> lz = Sz;
     lz.update(a, e);
-    lv.update(c, f);
     if (ce_sep) {
       Lse<A> l1 = S1;
       Vec<A> g[kBlock];
@@ -336,78 +446,116 @@ RowOut row_jsd(const KernelArgs& P, const Row<TZ, TV>& r, const RowInfo& ri) {
       S1 = l1;
     }
     Sz = lz;
-    Sv = lv;
-    for (int k = 0; k < kBlock; ++k) {
-      e[k].store(s0 + j0 + k * W);
-      f[k].store(s1 + j0 + k * W);
-    }
+    for (int k = 0; k < kBlock; ++k) e[k].store(sq + j0 + k * W);
     lz.m.store(mz + j0 / B * W);
-    lv.m.store(mv + j0 / B * W);
-  });
-  const double Lz = total(Sz).lse(), Lv = total(Sv).lse();
-  const double L1 = ri.ce ? (ce_sep ? total(S1).lse() : Lz) : 0.0;
-  const A nLz = A(-Lz), nLv = A(-Lv);
-  // per element: log q, log p, q, p, log m; zero probabilities contribute 0 (floors keep 0 * finite)
-  LongSum<A> Kp, Kq;
-  sweep<A>(r, -1, false, [&](auto, Block<A>& b, int64_t j0) {
-    const Vec<A> fz = vexp(Vec<A>::loadu(mz + j0 / B * W) + Vec<A>(nLz));
-    const Vec<A> fv = vexp(Vec<A>::loadu(mv + j0 / B * W) + Vec<A>(nLv));
-    Vec<A> q[kBlock], p[kBlock], hq[kBlock], hp[kBlock];
-    Vec<A> kp = Kp.part, kq = Kq.part;
-    for (int k = 0; k < kBlock; ++k) {
-      const int64_t o = j0 + k * W;
-      const Vec<A> lq = finite_floor(vec::fmadd(b.z[k], Vec<A>(iT), Vec<A>(nLz)));
-      const Vec<A> lp = finite_floor(vec::fmadd(b.v[k], Vec<A>(iT), Vec<A>(nLv)));
-      q[k] = Vec<A>::loadu(s0 + o) * fz;
-      p[k] = Vec<A>::loadu(s1 + o) * fv;
-      const Vec<A> lm = finite_floor(vlog(vec::fmadd(p[k], Vec<A>(Ab), q[k] * Vec<A>(A1b))));
-      hp[k] = lp - lm;
-      hq[k] = lq - lm;
-      kp = vec::fmadd(p[k], hp[k], kp);
-      kq = vec::fmadd(q[k], hq[k], kq);
+    for (int t = 0; t < teachers<MT>(r); ++t) {
+      io.load(t, v);
+      for (int k = 0; k < kBlock; ++k) c[k] = v[k] * Vec<A>(iT);
+      Lse<A> lv = Sv[t];
+      lv.update(c, e);
+      Sv[t] = lv;
+      for (int k = 0; k < kBlock; ++k) e[k].store(sp[t] + j0 + k * W);
+      lv.m.store(mv[t] + j0 / B * W);
     }
-    Kp.part = kp;
-    Kq.part = kq;
-    Kp.end_block();
-    Kq.end_block();
-    for (int k = 0; k < kBlock; ++k) {
-      const int64_t o = j0 + k * W;
-      q[k].store(s0 + o);
-      hq[k].store(s1 + o);
+  });
+  const double Lz = total(Sz).lse();
+  const double L1 = ri.ce ? (ce_sep ? total(S1).lse() : Lz) : 0.0;
+  const A nLz = A(-Lz);
+  A nLv[kCap<MT>] = {}, cz[kCap<MT>] = {};
+  for (int t = 0; t < teachers<MT>(r); ++t) {
+    nLv[t] = A(-total(Sv[t]).lse());
+    cz[t] = A(ri.g_kd[t] * (1.0 - beta) / T);
+  }
+  // per element: log q, log p, q, p, log m; zero probabilities contribute 0 (floors keep 0 * finite)
+  LongSum<A> Kp[kCap<MT>], Kq[kCap<MT>];
+  // (the student's values are computed with teacher 0, in the same loop: with one teacher this is
+  // one fused loop per vector; q, log q and H are kept for the other teachers)
+  sweep<A>(r, -1, false, [&](auto, Block<A>& b, int64_t j0, const auto& io) {
+    Vec<A> v[kBlock];  // the current teacher's block (locals: kept in registers)
+    const Vec<A> fz = vexp(Vec<A>::loadu(mz + j0 / B * W) + Vec<A>(nLz));
+    Vec<A> q[kBlock], lq[kBlock], H[kBlock], p[kBlock], hp[kBlock];
+    for (int t = 0; t < teachers<MT>(r); ++t) {
+      io.load(t, v);
+      const Vec<A> fv = vexp(Vec<A>::loadu(mv[t] + j0 / B * W) + Vec<A>(nLv[t]));
+      Vec<A> kp = Kp[t].part, kq = Kq[t].part;
+      for (int k = 0; k < kBlock; ++k) {
+        if (t == 0) {
+          lq[k] = finite_floor(vec::fmadd(b.z[k], Vec<A>(iT), Vec<A>(nLz)));
+          q[k] = Vec<A>::loadu(sq + j0 + k * W) * fz;
+        }
+        const Vec<A> lp = finite_floor(vec::fmadd(v[k], Vec<A>(iT), Vec<A>(nLv[t])));
+        p[k] = Vec<A>::loadu(sp[t] + j0 + k * W) * fv;
+        const Vec<A> lm = finite_floor(vlog(vec::fmadd(p[k], Vec<A>(Ab), q[k] * Vec<A>(A1b))));
+        hp[k] = lp - lm;
+        const Vec<A> hq = lq[k] - lm;
+        kp = vec::fmadd(p[k], hp[k], kp);
+        kq = vec::fmadd(q[k], hq, kq);
+        H[k] = t == 0 ? hq * Vec<A>(cz[t]) : vec::fmadd(hq, Vec<A>(cz[t]), H[k]);
+      }
+      Kp[t].part = kp;
+      Kq[t].part = kq;
+      Kp[t].end_block();
+      Kq[t].end_block();
       if (gv_on) {
-        p[k].store(s2 + o);
-        hp[k].store(s3 + o);
+        for (int k = 0; k < kBlock; ++k) {
+          p[k].store(sp[t] + j0 + k * W);
+          hp[k].store(shp[t] + j0 + k * W);
+        }
+      }
+    }
+    if (gz_on) {
+      for (int k = 0; k < kBlock; ++k) {
+        q[k].store(sq + j0 + k * W);
+        H[k].store(sh + j0 + k * W);
       }
     }
   });
-  const double KLp = Kp.total(), KLq = Kq.total();
-  RowOut out{beta * KLp + (1.0 - beta) * KLq, ri.ce ? L1 - ri.zy : 0.0};
+  RowOut out;
+  out.CE = ri.ce ? L1 - ri.zy : 0.0;
+  double KLp[kCap<MT>] = {}, Kqs = 0;
+  for (int t = 0; t < teachers<MT>(r); ++t) {
+    KLp[t] = Kp[t].total();
+    const double KLq = Kq[t].total();
+    out.D[t] = beta * KLp[t] + (1.0 - beta) * KLq;
+    Kqs += double(cz[t]) * KLq;
+  }
   if (!gz_on && !gv_on) return out;
   // dD/dq_k = (1 - beta)(log q_k - log m_k) (the p/m and q/m terms cancel), then the softmax chain
   // d q_k / d a_j = q_k (delta_jk - q_j), a = z / T:
   //   dD/dz_j = (1/T)(1 - beta) q_j (log q_j - log m_j - KLq),  dD/dv_j = (1/T) beta p_j (log p_j - log m_j - KLp)
+  // M teachers, cz_t = g_t (1 - beta) / T: dz_j = q_j (H_j - sum_t cz_t KLq_t), H_j = sum_t cz_t (log q_j - log m_tj).
   // CE: g_ce (softmax(z)_j - [j = y]), softmax(z) = q when T == 1.
-  const A cz = A(ri.g_kd * (1.0 - beta) / T), cv = A(ri.g_kd * beta / T * r.w_v);
-  const A nKq = A(-KLq), nKp = A(-KLp), nL1 = A(-L1), gce = A(ri.ce ? ri.g_ce : 0.0);
+  A cv[kCap<MT>] = {}, nKp[kCap<MT>] = {};
+  for (int t = 0; t < teachers<MT>(r); ++t) {
+    cv[t] = A(ri.g_kd[t] * beta / T * r.w_v);
+    nKp[t] = A(-KLp[t]);
+  }
+  const A nKq = A(-Kqs), nL1 = A(-L1), gce = A(ri.ce ? ri.g_ce : 0.0);
   Row<TZ, TV> rg = r;  // writes only: no loads of z, v (z only for CE's softmax at T = 1)
-  rg.v = nullptr;
   rg.zp = nullptr;
   if (!(ce_sep && gz_on)) rg.z = nullptr;
-  sweep<A>(rg, -1, true, [&](auto, Block<A>& b, int64_t j0) {
-    for (int k = 0; k < kBlock; ++k) {
-      const int64_t o = j0 + k * W;
-      if (gz_on) {
-        const Vec<A> q = Vec<A>::loadu(s0 + o), hq = Vec<A>::loadu(s1 + o);
-        Vec<A> gz = q * (hq + Vec<A>(nKq)) * Vec<A>(cz);
+  sweep<A>(rg, -1, true, [&](auto, Block<A>& b, int64_t j0, const auto& io) {
+    Vec<A> gv[kBlock];  // a teacher's gradient block (locals: kept in registers)
+    if (gz_on) {
+      for (int k = 0; k < kBlock; ++k) {
+        const int64_t o = j0 + k * W;
+        const Vec<A> q = Vec<A>::loadu(sq + o), h = Vec<A>::loadu(sh + o);
+        Vec<A> gz = q * (h + Vec<A>(nKq));
         if (ri.ce) gz = vec::fmadd(ce_sep ? vexp(b.z[k] + Vec<A>(nL1)) : q, Vec<A>(gce), gz);
         b.gz[k] = gz;
       }
-      if (gv_on) {
-        const Vec<A> p = Vec<A>::loadu(s2 + o), hp = Vec<A>::loadu(s3 + o);
-        b.gv[k] = p * (hp + Vec<A>(nKp)) * Vec<A>(cv);
+      if (ri.ce) add_at(b.gz, j0, ri.y, A(-gce));
+    }
+    if (gv_on) {
+      for (int t = 0; t < teachers<MT>(r); ++t) {
+        for (int k = 0; k < kBlock; ++k) {
+          const int64_t o = j0 + k * W;
+          const Vec<A> p = Vec<A>::loadu(sp[t] + o), hp = Vec<A>::loadu(shp[t] + o);
+          gv[k] = p * (hp + Vec<A>(nKp[t])) * Vec<A>(cv[t]);
+        }
+        io.store(t, gv);
       }
     }
-    if (ri.ce && gz_on) add_at(b.gz, j0, ri.y, A(-gce));
   });
   return out;
 }
@@ -432,11 +580,13 @@ RowOut row_topk(const KernelArgs& P, const Row<TZ, TV>& r, const RowInfo& ri, in
   for (int64_t k = 0; k < K; ++k) {
     if (idx[k] < 0 || idx[k] >= C) {
       fill_row(r.gz, C, NAN);
-      return {NAN, NAN};
+      RowOut bad;
+      bad.D[0] = bad.CE = NAN;
+      return bad;
     }
   }
   Lse<A> Sz, S1;
-  sweep<A>(r, -1, false, [&](auto, Block<A>& b, int64_t) {
+  sweep<A>(r, -1, false, [&](auto, Block<A>& b, int64_t, const auto&) {
     Vec<A> a[kBlock], e[kBlock];
     for (int k = 0; k < kBlock; ++k) a[k] = b.z[k] * Vec<A>(iT);
     Sz.update(a, e);
@@ -471,15 +621,17 @@ RowOut row_topk(const KernelArgs& P, const Row<TZ, TV>& r, const RowInfo& ri, in
     }
   }
   const double s = P.scale;
-  RowOut out{s * (S + Pm * Lz), ri.ce ? L1 - ri.zy : 0.0};
+  RowOut out;
+  out.D[0] = s * (S + Pm * Lz);
+  out.CE = ri.ce ? L1 - ri.zy : 0.0;
   if (!r.gz) return out;
   // dD/da_j = s (P q_j - sum_k p_k [i_k = j]), a = z / T:  dD/dz_j = (s / T)(P q_j - p_j [j in top-k]);
   // plus CE g_ce (softmax(z)_j - [j = y]), softmax(z) = q when T == 1. Dense part in the sweep, the
   // label column and the k teacher columns rewritten after it, in double.
-  const double cp = ri.g_kd * s / T;
+  const double cp = ri.g_kd[0] * s / T;
   const A cq = A(cp * Pm + (ri.ce && !ce_sep ? ri.g_ce : 0.0));
   const A B1 = A(ce_sep ? ri.g_ce : 0.0), nLz = A(-Lz), nL1 = A(-L1);
-  sweep<A>(r, -1, true, [&](auto, Block<A>& b, int64_t) {
+  sweep<A>(r, -1, true, [&](auto, Block<A>& b, int64_t, const auto&) {
     for (int k = 0; k < kBlock; ++k) {
       Vec<A> gz = vexp(vec::fmadd(b.z[k], Vec<A>(iT), Vec<A>(nLz))) * Vec<A>(cq);
       if (ce_sep) gz = vec::fmadd(vexp(b.z[k] + Vec<A>(nL1)), Vec<A>(B1), gz);

@@ -35,13 +35,13 @@ def acc_dtype(*dtypes: torch.dtype) -> torch.dtype:
     return torch.float64 if torch.float64 in dtypes else torch.float32
 
 
-def _grad_buffer(x: Tensor) -> Tensor:
+def _grad_buffer(x: Tensor, shape: Optional[tuple] = None) -> Tensor:
     """The (N, C) gradient buffer the kernel writes. On the CPU, a large buffer is advised to use
     transparent huge pages before its first touch: the kernel's first write into fresh memory
     otherwise costs a page fault per 4 KiB, which on the 2-core dev machine took longer than the
     whole fused kernel at 4096 x 32000 fp32 (torch's own THP_MEM_ALLOC_ENABLE=1 does the same for
-    every allocation)."""
-    buf = torch.empty_like(x, memory_format=torch.contiguous_format)
+    every allocation). ``shape``: another shape in ``x``'s dtype (the multi-teacher (M, N, C) buffer)."""
+    buf = torch.empty(x.shape if shape is None else shape, dtype=x.dtype, device=x.device)
     if buf.device.type == "cpu" and buf.numel() * buf.element_size() >= (8 << 20):
         from . import _cpu
         if _cpu.available():
@@ -83,7 +83,10 @@ def _row_outputs(z: Tensor, labels: Optional[Tensor], kd_w: Tensor, ignore_index
 
 
 def _reduce(kd_w: Tensor, d: Tensor, ce_w: Tensor, ce: Tensor, reduction: str, grad_scale: Tensor) -> Tensor:
-    rows = kd_w * d + ce_w * ce
+    """Per row ``kd_w * d + ce_w * ce`` (with M teachers, (M, N) ``kd_w * d`` summed over them), then the
+    reduction."""
+    kd = kd_w * d
+    rows = (kd if kd.dim() == 1 else kd.sum(0)) + ce_w * ce
     return rows if reduction == "none" else rows.sum() * grad_scale[0]
 
 
@@ -195,6 +198,73 @@ def _(z, t_lp, t_idx, labels, kd_w, ce_w, fparams, iparams, reduction, backend, 
 topk_distill.register_autograd(_backward, setup_context=_setup_context)
 
 
+# ---------------------------------------------------------------------------------------------------
+# The multi-teacher op: M teachers in one kernel call (the student row read once per pass whatever M
+# is). ``kd_w`` and ``d`` are (M, N) (teacher m's row weights and unweighted per-row terms), ``grad_v``
+# is one (M, N, C) buffer (teacher m's gradient is ``grad_v[m]``), the rest as in ``distill``.
+@torch.library.custom_op("kdfast::multi_distill", mutates_args=())
+def multi_distill(z: Tensor, vs: list[Tensor], zp: Optional[Tensor], labels: Optional[Tensor], kd_w: Tensor,
+                  ce_w: Tensor, fparams: list[float], iparams: list[int], reduction: str, backend: str,
+                  need_grad_z: bool, need_grad_v: bool, inplace_backward: bool = False
+                  ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Returns ``(loss, d (M, N), ce, grad_z, grad_v (M, N, C), grad_scale)``; see ``kdfast/_spec.py``."""
+    n, m = z.shape[0], len(vs)
+    _, ce, grad_scale = _row_outputs(z, labels, ce_w, iparams[5], reduction)
+    d = torch.empty(m, n, dtype=kd_w.dtype, device=z.device)
+    grad_z = _grad_buffer(z) if need_grad_z else z.new_empty(0)
+    grad_v = _grad_buffer(vs[0], (m, *z.shape)) if need_grad_v else vs[0].new_empty(0)
+    _multi_backend_fn(backend)(z, vs, zp, labels, kd_w, ce_w, grad_scale, d, ce,
+                               grad_z if need_grad_z else None, grad_v if need_grad_v else None,
+                               fparams, iparams)
+    return _reduce(kd_w, d, ce_w, ce, reduction, grad_scale), d, ce, grad_z, grad_v, grad_scale
+
+
+@functools.lru_cache(maxsize=None)
+def _multi_backend_fn(name: str):
+    if name == "cpu":
+        from ._cpu import load
+        return load().multi_forward
+    if name == "triton":
+        from ._triton import multi_forward
+        return multi_forward
+    raise ValueError(f"unknown kernel backend {name!r}")
+
+
+@multi_distill.register_fake
+def _(z, vs, zp, labels, kd_w, ce_w, fparams, iparams, reduction, backend, need_grad_z, need_grad_v,
+      inplace_backward=False):
+    n, m = z.shape[0], len(vs)
+    acc = kd_w.dtype
+    loss = z.new_empty(n if reduction == "none" else (), dtype=acc)
+    grad_z = torch.empty_like(z, memory_format=torch.contiguous_format) if need_grad_z else z.new_empty(0)
+    grad_v = vs[0].new_empty(m, *z.shape) if need_grad_v else vs[0].new_empty(0)
+    return (loss, z.new_empty(m, n, dtype=acc), z.new_empty(n, dtype=acc), grad_z, grad_v,
+            z.new_empty(1, dtype=acc))
+
+
+def _multi_backward(ctx, g_loss, _gd, _gce, _ggz, _ggv, _gscale):
+    grad_z, grad_v, d, ce, grad_scale = ctx.saved_tensors
+    need = ctx.needs_input_grad   # as many entries as the op got arguments (a trailing default is dropped)
+    rest = (None,) * (len(need) - 6)
+    if g_loss is None:
+        return (None, [None] * len(need[1]), None, None, None, None) + rest
+    if ctx.reduction == "none":
+        g_rows, g_mat = g_loss, g_loss.unsqueeze(-1)
+    else:
+        g_rows, g_mat = g_loss * grad_scale[0], g_loss
+    gz = _scaled(grad_z, g_mat, ctx.inplace) if need[0] else None
+    # (the forward computed grad_v when any teacher requires grad; the others get None)
+    gv = [None] * len(need[1])
+    if grad_v.numel():
+        gv = [g if n else None for g, n in zip(_scaled(grad_v, g_mat, ctx.inplace).unbind(0), need[1])]
+    g_kd = g_rows * d if need[4] else None      # d loss / d kd_w_{m,i} = D_{m,i}
+    g_ce = g_rows * ce if need[5] else None
+    return (gz, gv, None, None, g_kd, g_ce) + rest
+
+
+multi_distill.register_autograd(_multi_backward, setup_context=_setup_context)
+
+
 def run(z: Tensor, v: Tensor, zp: Optional[Tensor], labels: Optional[Tensor], kd_w: Tensor,
         ce_w: Tensor, params: KernelParams, reduction: str, backend: str,
         inplace_backward: bool = False) -> Tensor:
@@ -204,4 +274,16 @@ def run(z: Tensor, v: Tensor, zp: Optional[Tensor], labels: Optional[Tensor], kd
     need_gv = grad_on and v.requires_grad
     out = torch.ops.kdfast.distill(z, v, zp, labels, kd_w, ce_w, params.fparams(), params.iparams(),
                                    reduction, backend, need_gz, need_gv, inplace_backward)
+    return out[0]
+
+
+def run_multi(z: Tensor, vs: list[Tensor], zp: Optional[Tensor], labels: Optional[Tensor], kd_w: Tensor,
+              ce_w: Tensor, params: KernelParams, reduction: str, backend: str,
+              inplace_backward: bool = False) -> Tensor:
+    """The multi-teacher op with the gradients the inputs need; returns the loss."""
+    grad_on = torch.is_grad_enabled()
+    need_gz = grad_on and z.requires_grad
+    need_gv = grad_on and any(v.requires_grad for v in vs)
+    out = torch.ops.kdfast.multi_distill(z, vs, zp, labels, kd_w, ce_w, params.fparams(), params.iparams(),
+                                         reduction, backend, need_gz, need_gv, inplace_backward)
     return out[0]

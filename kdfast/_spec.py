@@ -39,6 +39,21 @@ Tensors (all on one device):
 ``fparams`` = ``[t_student, t_teacher, scale, rho, alpha, beta]`` (Python floats) and
 ``iparams`` = ``[kind, wttm, reverse, center, has_ce, ignore_index]`` (Python ints); see
 :class:`KernelParams` for their meaning per kind.
+
+Multi-teacher (``kdfast.multi_teacher_loss``), the same contract with M teachers::
+
+    multi_forward(z, vs, zp, labels, kd_w, ce_w, grad_scale,
+                  d_out, ce_out, grad_z, grad_v, fparams, iparams) -> None
+
+- ``vs``: a list of M teacher tensors, each as ``v`` above, all of one dtype (the CPU backend takes
+  1 <= M <= 8; Triton reads them in place when they are equally spaced in memory, e.g. the
+  ``unbind(0)`` of an (M, N, C) tensor, and stacks them otherwise).
+- ``kd_w``: ``(M, N)`` contiguous: teacher m's row weights; ``d_out``: ``(M, N)`` contiguous: the
+  unweighted ``D_{m,i}``; ``ce_out``: ``CE_i`` once.
+- ``grad_z``: ``grad_scale * (sum_m kd_w_{m,i} dD_{m,i}/dz + ce_w_i dCE_i/dz)``;
+  ``grad_v``: ``None`` or one ``(M, N, C)`` buffer, ``grad_v[m] = grad_scale * kd_w_{m,i} dD_{m,i}/dv_m``.
+- The student row is read once per pass of the row kernel whatever M is. With M = 1 the result is
+  ``distill_forward``'s.
 """
 from __future__ import annotations
 

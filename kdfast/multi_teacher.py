@@ -1,50 +1,74 @@
 """Multi-teacher distillation: ``sum_m w_m * D(teacher_m, student) (+ ce_weight * CE)`` for any loss of
-the family.
+the family, fused: one kernel call per row block reads the student row once per pass whatever the
+number of teachers M is, keeps each teacher's statistics beside the student's, writes one student
+gradient (the weighted sum over the teachers) and each teacher's gradient (op ``kdfast::multi_distill``;
+the kernels' multi-teacher sweeps are described in docs/kernel-math.md).
 
-Status: correct for every loss and backend, but **not fused across teachers**: it calls the fused
-loss once per teacher, so each pass reads the student row M times and autograd holds M student
-gradients until it sums them. A kernel that reads the student once per pass whatever M is (issue 7)
-is not written yet.
+The CPU kernel handles up to ``MAX_TEACHERS`` (8) teachers per call; more are split into groups of 8
+(the student is then read once per group). A callable ``method`` that is not one of kdfast's named
+losses, and ``backend="torch"``, run the unfused sum of single-teacher losses.
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Callable, Optional, Sequence, Union
 
+import torch
 from torch import Tensor
 
 from . import functional as F
+from ._ops import acc_dtype, run_multi
 
-__all__ = ["multi_teacher_loss"]
+__all__ = ["multi_teacher_loss", "MAX_TEACHERS"]
 
-_BY_NAME = {"kd": F.kd_loss, "ttm": F.ttm_loss, "wttm": F.wttm_loss, "dkd": F.dkd_loss,
-            "logit_matching": F.logit_matching_loss, "ls_kd": F.ls_kd_loss, "jsd": F.jsd_loss}
+#: teachers per kernel call (csrc/kernel_api.h kMaxTeachers; the Triton kernel has no limit of its own)
+MAX_TEACHERS = 8
+
+_LOSSES = {"kd": F.kd_loss, "ttm": F.ttm_loss, "wttm": F.wttm_loss, "dkd": F.dkd_loss,
+           "logit_matching": F.logit_matching_loss, "ls_kd": F.ls_kd_loss, "jsd": F.jsd_loss,
+           "retro_kd": F.retro_kd_loss}
+_NAME_OF = {fn: name for name, fn in _LOSSES.items()}
+_COMMON = ("backend", "ignore_index", "inplace_backward")
 
 
 def multi_teacher_loss(method: Union[str, Callable[..., Tensor]], student_logits: Tensor,
                        teacher_logits: Union[Tensor, Sequence[Tensor]], labels: Optional[Tensor] = None, *,
                        teacher_weights: Union[None, Sequence[float], Tensor] = None,
                        kd_weight: Union[float, Tensor] = 1.0, ce_weight: Union[float, Tensor] = 1.0,
-                       reduction: str = "mean", **hyperparameters) -> Tensor:
+                       reduction: str = "mean", past_student_logits: Optional[Tensor] = None,
+                       **hyperparameters) -> Tensor:
     """``sum_m w_m * kd_weight * D_m + ce_weight * CE`` per row, then the reduction.
 
     - ``method``: a loss name (``"kd"``, ``"ttm"``, ``"wttm"``, ``"dkd"``, ``"logit_matching"``,
-      ``"ls_kd"``, ``"jsd"``) or one of kdfast's loss functions; ``hyperparameters`` go to it
-      (``temperature=``, ``backend=``, ``ignore_index=``, ...).
+      ``"ls_kd"``, ``"jsd"``, ``"retro_kd"``) or one of kdfast's loss functions (fused), or any other
+      loss function with kdfast's signature (unfused: called once per teacher). ``hyperparameters`` are
+      the loss's (``temperature=``, ``beta=``, ...) and the common ``backend=``, ``ignore_index=``,
+      ``inplace_backward=``.
     - ``teacher_logits``: a sequence of M tensors shaped like the student's, or one ``(M, ..., C)``
-      tensor. Teachers that require grad get gradients.
+      tensor (read in place: no copy on the CPU; Triton copies a list whose tensors are not equally
+      spaced in memory). Teachers that require grad get gradients.
     - ``teacher_weights``: ``None`` (``1 / M`` each), M floats, or a ``(M, ...)`` tensor of per-row
-      weights (broadcastable to ``(M,) + leading shape``; gradients flow into it, as in ALM-KD's
-      learnt multi-teacher mixing).
+      weights (each ``[m]`` broadcastable to the leading shape; gradients flow into it, as in
+      ALM-KD's learnt multi-teacher mixing).
+    - ``past_student_logits``: retro_kd's past student (every teacher row is mixed with it).
 
     The CE term (with labels) is counted once, not once per teacher.
+
+    Example::
+
+        loss = kdfast.multi_teacher_loss("kd", student(x), [big(x), small(x)], y,
+                                         teacher_weights=[0.7, 0.3], temperature=4.0)
     """
-    fn = _BY_NAME.get(method) if isinstance(method, str) else method
-    if fn is None:
-        raise ValueError(f"unknown method {method!r}; one of {sorted(_BY_NAME)} or a kdfast loss function")
+    name = method if isinstance(method, str) else _NAME_OF.get(method)
+    if isinstance(method, str) and name not in _LOSSES:
+        raise ValueError(f"unknown method {method!r}; one of {sorted(_LOSSES)} or a kdfast loss function")
+    if name is None and not callable(method):
+        raise ValueError(f"method must be a loss name or a loss function, got {type(method).__name__}")
+    z = student_logits
     if isinstance(teacher_logits, Tensor):
-        if teacher_logits.dim() != student_logits.dim() + 1:
+        if teacher_logits.dim() != z.dim() + 1:
             raise ValueError(f"a stacked teacher tensor must be (M, ...) over the student's shape "
-                             f"{tuple(student_logits.shape)}, got {tuple(teacher_logits.shape)}")
+                             f"{tuple(z.shape)}, got {tuple(teacher_logits.shape)}")
         teachers = list(teacher_logits.unbind(0))
     else:
         teachers = list(teacher_logits)
@@ -61,10 +85,78 @@ def multi_teacher_loss(method: Union[str, Callable[..., Tensor]], student_logits
         weights = [float(w) for w in teacher_weights]
         if len(weights) != m:
             raise ValueError(f"teacher_weights must have {m} entries, got {len(weights)}")
+    if (name == "retro_kd") != (past_student_logits is not None):
+        raise ValueError("past_student_logits is retro_kd's (and retro_kd needs it)")
+
+    common = {k: hyperparameters.pop(k) for k in _COMMON if k in hyperparameters}
+    backend = F._resolve_backend(common.get("backend", "auto"), z.device) if isinstance(z, Tensor) else "torch"
+    if name is None or backend == "torch":
+        return _unfused(_LOSSES.get(name, method), z, teachers, weights, labels, kd_weight, ce_weight,
+                        reduction, past_student_logits, {**hyperparameters, **common})
+    return _fused(name, z, teachers, weights, labels, kd_weight, ce_weight, reduction, past_student_logits,
+                  hyperparameters, backend, common.get("ignore_index", -100),
+                  common.get("inplace_backward", False))
+
+
+def _unfused(fn, z, teachers, weights, labels, kd_weight, ce_weight, reduction, zp, kwargs) -> Tensor:
+    """The sum of single-teacher losses (CE in the first term only)."""
     total = None
+    extra = () if zp is None else (zp,)
     for i, (v, w) in enumerate(zip(teachers, weights)):
         kw = kd_weight * w if isinstance(w, Tensor) or isinstance(kd_weight, Tensor) else float(kd_weight) * w
-        term = fn(student_logits, v, labels, kd_weight=kw, ce_weight=ce_weight if i == 0 else 0.0,
-                  reduction=reduction, **hyperparameters)
+        term = fn(z, v, *extra, labels, kd_weight=kw, ce_weight=ce_weight if i == 0 else 0.0,
+                  reduction=reduction, **kwargs)
         total = term if total is None else total + term
     return total
+
+
+def _fused(name, z, teachers, weights, labels, kd_weight, ce_weight, reduction, zp, hyper, backend,
+           ignore_index, inplace_backward) -> Tensor:
+    try:
+        params = F.METHODS[name](**hyper)
+    except TypeError as e:   # an argument the loss does not have
+        raise ValueError(f"{name}: {e}") from None
+    F._check_logits("student_logits", z)
+    for i, v in enumerate(teachers):
+        F._check_logits(f"teacher_logits[{i}]", v)
+        if v.shape != z.shape:
+            raise ValueError(f"teacher_logits[{i}] shape {tuple(v.shape)} != student_logits shape "
+                             f"{tuple(z.shape)} (same rows and number of classes required)")
+        if v.device != z.device:
+            raise ValueError(f"teacher_logits[{i}] are on {v.device}, student_logits on {z.device}")
+    if name == "dkd" and labels is None:
+        raise ValueError("dkd needs labels (the target class splits the distribution)")
+    if name in ("dkd", "ls_kd"):
+        F._check_classes(z, 2, f"{name} multi_teacher_loss")
+    if zp is not None:
+        if not isinstance(zp, Tensor) or zp.shape != z.shape:
+            raise ValueError("past_student_logits must be a tensor of the student logits' shape "
+                             f"{tuple(z.shape)}, got {getattr(zp, 'shape', type(zp).__name__)}")
+        F._check_logits("past_student_logits", zp)
+    acc = acc_dtype(z.dtype, *(v.dtype for v in teachers))
+    labels, reduction, kd_w, ce_w, backend = F._common_args(z, labels, ignore_index, reduction, kd_weight,
+                                                            ce_weight, acc, backend)
+    lead, c = z.shape[:-1], z.shape[-1]
+    n = lead.numel()
+    # (M, N) row weights of the teachers: teacher weight x kd_weight (gradients flow into both)
+    kd_w = torch.stack([kd_w * F._rows_weight(w, f"teacher_weights[{i}]", lead, n, acc, z.device)
+                        for i, w in enumerate(weights)])
+    z2 = F._as_rows(z, c)
+    vs = [F._as_rows(v, c) for v in teachers]
+    tv = vs[0].dtype
+    for v in vs[1:]:
+        tv = torch.promote_types(tv, v.dtype)
+    if acc == torch.float64:            # the kernels never mix float64 with another dtype
+        z2, tv = z2.to(acc), acc
+    vs = [v.to(tv) for v in vs]         # (no-ops when the teachers share a dtype)
+    zp2 = None if zp is None or params.rho == 0 else F._as_rows(zp.detach(), c).to(z2.dtype)
+    y2 = None if labels is None else labels.reshape(n).to(torch.int64).contiguous()
+    has_ce = labels is not None and not (not isinstance(ce_weight, Tensor) and ce_weight == 0)
+    loss = None
+    for g in range(0, len(vs), MAX_TEACHERS):   # groups of MAX_TEACHERS (CE with the first)
+        p = dataclasses.replace(params, has_ce=has_ce and g == 0, ignore_index=ignore_index)
+        cw = ce_w if g == 0 else torch.zeros_like(ce_w)
+        part = run_multi(z2, vs[g:g + MAX_TEACHERS], zp2, y2, kd_w[g:g + MAX_TEACHERS], cw, p, reduction,
+                         backend, inplace_backward)
+        loss = part if loss is None else loss + part
+    return loss.view(lead) if reduction == "none" else loss

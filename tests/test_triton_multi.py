@@ -106,7 +106,7 @@ def check(got, want, tol_rel, what=""):
 
 # ----------------------------------------------------------------------------- every kind, float64
 @pytest.mark.parametrize("blocks", ["one", "multi"])
-@pytest.mark.parametrize("M", [1, 2, 3])
+@pytest.mark.parametrize("M", [1, 3])   # 3: a padded teacher slot (MB = 4); M = 2 in the layout / AOT tests
 @pytest.mark.parametrize("name", list(VARIANTS))
 def test_matches_per_teacher_float64(name, M, blocks, gen, monkeypatch):
     """Stacked (M, N, C) teachers (read in place), per-row teacher weights, an ignored row,
@@ -132,7 +132,7 @@ def test_matches_per_teacher_float64(name, M, blocks, gen, monkeypatch):
 
 
 # ----------------------------------------------------------------------------- teacher layouts
-@pytest.mark.parametrize("name", ["kd", "dkd", "ls_kd"])
+@pytest.mark.parametrize("name", ["dkd"])   # the layouts are the launcher's (kind-independent)
 def test_teacher_layouts(name, small_block, gen):
     """The teachers as given: a non-uniformly spaced list (copied by torch.stack), the reversed
     views of a stacked tensor (negative teacher stride, no copy), two separate allocations (any
@@ -162,7 +162,7 @@ def test_teacher_layouts(name, small_block, gen):
 
 
 # ----------------------------------------------------------------------------- low precision
-@pytest.mark.parametrize("name", ["kd", "wttm", "retro_kd", "dkd", "lm", "ls_kd", "jsd", "jsd_rev"])
+@pytest.mark.parametrize("name", ["kd", "retro_kd", "dkd", "lm", "ls_kd", "jsd"])
 def test_float32_multi_block(name, small_block, gen):
     """float32 (and a bfloat16 student with float32 teachers), M = 3, multi-block rows. The
     reference runs the single-teacher kernel at a 4x larger block (sums and online rescaling in
@@ -185,7 +185,7 @@ def test_float32_multi_block(name, small_block, gen):
 
 
 # ----------------------------------------------------------------------------- the contract's edges
-@pytest.mark.parametrize("name", list(VARIANTS))
+@pytest.mark.parametrize("name", ["kd", "dkd", "lm", "ls_kd", "jsd"])   # one variant per kind
 def test_bad_labels_nan_rows(name, small_block, gen):
     """A label outside [0, C) that is not ignore_index: NaN in every teacher's D, in CE and in both
     gradients of that row; ignored rows are exact zeros; the good rows are what they are alone."""
