@@ -283,7 +283,9 @@ def write_report(results: dict, out_dir: Path = HERE, plots: bool = True):
               f"{d['date']}, load {d['load']:.1f}; fused = the multi-teacher kernel (student row read once "
               "per pass), per-teacher = M single-teacher fused calls summed by autograd, eager = M "
               "reference calls; from `benchmarks/multi_teacher.json` "
-              "(`python -m benchmarks.bench_multi_teacher`).", "",
+              "(`python -m benchmarks.bench_multi_teacher`). M = 1 runs the same kernel instantiation as "
+              "the single-teacher loss; each row is one run on a shared 2-core VM (single figures move "
+              "by up to +-30 % between runs).", "",
               *_mt_table(d["rows"]), ""]
     (out_dir / "RESULTS.md").write_text("\n".join(L))
 
