@@ -20,13 +20,15 @@ REDUCTIONS = ("mean", "sum", "none")
 
 
 @functools.lru_cache(maxsize=None)
-def _backend_fn(name: str):
+def _backend_fn(name: str, entry: str = "distill_forward"):
+    """The backend's kernel entry point ``entry`` (``distill_forward``, ``topk_forward`` or
+    ``multi_forward``: kdfast._C and kdfast._triton export the same names)."""
     if name == "cpu":
         from ._cpu import load
-        return load().distill_forward
+        return getattr(load(), entry)
     if name == "triton":
-        from ._triton import distill_forward
-        return distill_forward
+        from . import _triton
+        return getattr(_triton, entry)
     raise ValueError(f"unknown kernel backend {name!r}")
 
 
@@ -72,7 +74,7 @@ def _row_outputs(z: Tensor, labels: Optional[Tensor], kd_w: Tensor, ignore_index
     """The per-row outputs (D_i, CE_i) and the gradient scale (1 / n_valid for "mean")."""
     n = z.shape[0]
     acc = kd_w.dtype
-    d = torch.empty(n, dtype=acc, device=z.device)
+    d = torch.empty(kd_w.shape, dtype=acc, device=z.device)   # (N,), or (M, N) for M teachers
     ce = torch.empty(n, dtype=acc, device=z.device)
     if reduction == "mean":   # 1 / n_valid as a device tensor: no host synchronisation
         n_valid = (labels != ignore_index).sum() if labels is not None else torch.tensor(n, device=z.device)
@@ -90,16 +92,20 @@ def _reduce(kd_w: Tensor, d: Tensor, ce_w: Tensor, ce: Tensor, reduction: str, g
     return rows if reduction == "none" else rows.sum() * grad_scale[0]
 
 
+def _fake_outputs(z: Tensor, kd_w: Tensor, reduction: str, need_grad_z: bool, grad_v: Tensor) -> tuple:
+    """The ops' outputs as meta tensors (``d`` shaped like ``kd_w``; ``grad_v`` given by the op)."""
+    acc = kd_w.dtype
+    loss = z.new_empty(z.shape[0] if reduction == "none" else (), dtype=acc)
+    grad_z = torch.empty_like(z, memory_format=torch.contiguous_format) if need_grad_z else z.new_empty(0)
+    return (loss, kd_w.new_empty(kd_w.shape), z.new_empty(z.shape[0], dtype=acc), grad_z, grad_v,
+            z.new_empty(1, dtype=acc))
+
+
 @distill.register_fake
 def _(z, v, zp, labels, kd_w, ce_w, fparams, iparams, reduction, backend, need_grad_z, need_grad_v,
       inplace_backward=False):
-    n = z.shape[0]
-    acc = kd_w.dtype
-    loss = z.new_empty(n if reduction == "none" else (), dtype=acc)
-    grad_z = torch.empty_like(z, memory_format=torch.contiguous_format) if need_grad_z else z.new_empty(0)
     grad_v = torch.empty_like(v, memory_format=torch.contiguous_format) if need_grad_v else v.new_empty(0)
-    return (loss, z.new_empty(n, dtype=acc), z.new_empty(n, dtype=acc), grad_z, grad_v,
-            z.new_empty(1, dtype=acc))
+    return _fake_outputs(z, kd_w, reduction, need_grad_z, grad_v)
 
 
 def _setup_context(ctx, inputs, output):
@@ -167,32 +173,16 @@ def topk_distill(z: Tensor, t_lp: Tensor, t_idx: Tensor, labels: Optional[Tensor
     ``(loss, d, ce, grad_z, empty, grad_scale)``; see ``kdfast/topk.py``."""
     d, ce, grad_scale = _row_outputs(z, labels, kd_w, iparams[2], reduction)
     grad_z = _grad_buffer(z) if need_grad_z else z.new_empty(0)
-    _topk_backend_fn(backend)(z, t_lp, t_idx, labels, kd_w, ce_w, grad_scale, d, ce,
+    _backend_fn(backend, "topk_forward")(z, t_lp, t_idx, labels, kd_w, ce_w, grad_scale, d, ce,
                               grad_z if need_grad_z else None, fparams, iparams)
     return (_reduce(kd_w, d, ce_w, ce, reduction, grad_scale), d, ce, grad_z, t_lp.new_empty(0),
             grad_scale)
 
 
-@functools.lru_cache(maxsize=None)
-def _topk_backend_fn(name: str):
-    if name == "cpu":
-        from ._cpu import load
-        return load().topk_forward
-    if name == "triton":
-        from ._triton import topk_forward
-        return topk_forward
-    raise ValueError(f"unknown kernel backend {name!r}")
-
-
 @topk_distill.register_fake
 def _(z, t_lp, t_idx, labels, kd_w, ce_w, fparams, iparams, reduction, backend, need_grad_z,
       need_grad_v, inplace_backward=False):
-    n = z.shape[0]
-    acc = kd_w.dtype
-    loss = z.new_empty(n if reduction == "none" else (), dtype=acc)
-    grad_z = torch.empty_like(z, memory_format=torch.contiguous_format) if need_grad_z else z.new_empty(0)
-    return (loss, z.new_empty(n, dtype=acc), z.new_empty(n, dtype=acc), grad_z, t_lp.new_empty(0),
-            z.new_empty(1, dtype=acc))
+    return _fake_outputs(z, kd_w, reduction, need_grad_z, t_lp.new_empty(0))
 
 
 topk_distill.register_autograd(_backward, setup_context=_setup_context)
@@ -208,38 +198,20 @@ def multi_distill(z: Tensor, vs: list[Tensor], zp: Optional[Tensor], labels: Opt
                   need_grad_z: bool, need_grad_v: bool, inplace_backward: bool = False
                   ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Returns ``(loss, d (M, N), ce, grad_z, grad_v (M, N, C), grad_scale)``; see ``kdfast/_spec.py``."""
-    n, m = z.shape[0], len(vs)
-    _, ce, grad_scale = _row_outputs(z, labels, ce_w, iparams[5], reduction)
-    d = torch.empty(m, n, dtype=kd_w.dtype, device=z.device)
+    d, ce, grad_scale = _row_outputs(z, labels, kd_w, iparams[5], reduction)
     grad_z = _grad_buffer(z) if need_grad_z else z.new_empty(0)
-    grad_v = _grad_buffer(vs[0], (m, *z.shape)) if need_grad_v else vs[0].new_empty(0)
-    _multi_backend_fn(backend)(z, vs, zp, labels, kd_w, ce_w, grad_scale, d, ce,
+    grad_v = _grad_buffer(vs[0], (len(vs), *z.shape)) if need_grad_v else vs[0].new_empty(0)
+    _backend_fn(backend, "multi_forward")(z, vs, zp, labels, kd_w, ce_w, grad_scale, d, ce,
                                grad_z if need_grad_z else None, grad_v if need_grad_v else None,
                                fparams, iparams)
     return _reduce(kd_w, d, ce_w, ce, reduction, grad_scale), d, ce, grad_z, grad_v, grad_scale
 
 
-@functools.lru_cache(maxsize=None)
-def _multi_backend_fn(name: str):
-    if name == "cpu":
-        from ._cpu import load
-        return load().multi_forward
-    if name == "triton":
-        from ._triton import multi_forward
-        return multi_forward
-    raise ValueError(f"unknown kernel backend {name!r}")
-
-
 @multi_distill.register_fake
 def _(z, vs, zp, labels, kd_w, ce_w, fparams, iparams, reduction, backend, need_grad_z, need_grad_v,
       inplace_backward=False):
-    n, m = z.shape[0], len(vs)
-    acc = kd_w.dtype
-    loss = z.new_empty(n if reduction == "none" else (), dtype=acc)
-    grad_z = torch.empty_like(z, memory_format=torch.contiguous_format) if need_grad_z else z.new_empty(0)
-    grad_v = vs[0].new_empty(m, *z.shape) if need_grad_v else vs[0].new_empty(0)
-    return (loss, z.new_empty(m, n, dtype=acc), z.new_empty(n, dtype=acc), grad_z, grad_v,
-            z.new_empty(1, dtype=acc))
+    grad_v = vs[0].new_empty(len(vs), *z.shape) if need_grad_v else vs[0].new_empty(0)
+    return _fake_outputs(z, kd_w, reduction, need_grad_z, grad_v)
 
 
 def _multi_backward(ctx, g_loss, _gd, _gce, _ggz, _ggv, _gscale):
