@@ -130,6 +130,14 @@ inline Vec<float> vlog(const Vec<float>& xv) {
 inline Vec<float> vlog(const Vec<float>& x) { return x.log(); }  // portable: std::log per lane
 #endif
 inline Vec<double> vlog(const Vec<double>& x) { return x.log(); }
+// log1p for x >= 0 (JSD's softplus terms, x = exp(-|delta|) <= 1): log(u) * x / (u - 1) with u = 1 + x
+// (the rounding of 1 + x cancels in the ratio); x itself where u rounds to 1.
+template <class A>
+inline Vec<A> vlog1p(const Vec<A>& x) {
+  const Vec<A> u = x + Vec<A>(A(1));
+  const Vec<A> d = u - Vec<A>(A(1));
+  return Vec<A>::blendv(vlog(u) * (x / d), x, d == Vec<A>(A(0)));
+}
 
 // (Sleef's 1-ulp exp in the gradient sweeps was measured at 190 -> 275 ms for kd 4096 x 32000 fp32
 // fwd+bwd on the AVX2 dev machine, for fp32 gradients ~1.5x closer to float64: not worth it; the
@@ -310,6 +318,7 @@ struct Lse {
 struct LseTotal {
   double M, S;
   double lse() const { return M + std::log(S); }
+  double l() const { return std::log(S); }  // log S: the log-softmax is (x - M) - l (never x - lse)
 };
 template <class A>
 inline LseTotal total(const Lse<A>& o) {
@@ -335,6 +344,121 @@ inline double rescaled_sum(const Vec<A>& acc, const Lse<A>& o, const LseTotal& t
   for (int l = 0; l < W; ++l) S += double(a[l]) * std::exp(double(m[l]) - t.M);
   return S;
 }
+// A plain per-lane sum over a long row: the fp32 lanes are flushed into double lanes every kFlush
+// blocks, so the rounding error grows with kFlush * kBlock terms, not with C (a 131072-column row
+// adds 16K terms per lane). For the rescaled online sums (KL's W and friends) see Lse.
+template <class A>
+struct LongSum {
+  static constexpr int W = Vec<A>::size();
+  static constexpr int kFlush = 16;
+  Vec<A> part{A(0)};
+  double acc[W] = {};
+  int n = 0;
+  void fma(const Vec<A>& a, const Vec<A>& b) { part = vec::fmadd(a, b, part); }
+  void add(const Vec<A>& a) { part = part + a; }
+  void end_block() {
+    if (++n == kFlush) flush();
+  }
+  void flush() {
+    alignas(64) A t[W];
+    part.store(t);
+    for (int l = 0; l < W; ++l) acc[l] += double(t[l]);
+    part = Vec<A>(A(0));
+    n = 0;
+  }
+  double total() {
+    flush();
+    double s = 0;
+    for (int l = 0; l < W; ++l) s += acc[l];
+    return s;
+  }
+};
+
+// The KL statistic (docs/kernel-math.md, "KL"): per lane W = sum_j exp(x_j - m_x) d_j with
+// d_j = (x_j - m_x) - (y_j - r_y), m_x the lane's running max of the weighting stream x and r_y the other
+// stream's value where x has that max (so that d = 0 at x's largest entry: in a saturated row the
+// terms that matter are small and exact). Horizontal finish: relative to the row max Mx and the value
+// Ry of y at x's row argmax, with d_l - d = (Mx - m_xl) - (Ry - r_yl) per lane,
+//   sum_l exp(m_xl - Mx) (W_l - S_l ((Mx - m_xl) - (Ry - r_yl))),
+// so that dbar = result / tx.S = sum_j softmax(x)_j ((x_j - Mx) - (y_j - Ry)).
+// (`mass` is the lane sum of the weights of W's terms: X.s for W itself.)
+template <class A>
+inline double shifted_sum(const Vec<A>& W, const Vec<A>& mass, const Lse<A>& X, const LseTotal& tx,
+                          const Vec<A>& ry, double Ry) {
+  constexpr int W_ = Vec<A>::size();
+  alignas(64) A w[W_], mx[W_], sx[W_], r[W_];
+  W.store(w);
+  X.m.store(mx);
+  mass.store(sx);
+  ry.store(r);
+  double S = 0;
+  for (int l = 0; l < W_; ++l) {
+    if (sx[l] == 0) continue;  // no mass in this lane (its maxima may still be `lowest`)
+    S += std::exp(double(mx[l]) - tx.M) * (double(w[l]) - double(sx[l]) * ((tx.M - mx[l]) - (Ry - r[l])));
+  }
+  return S;
+}
+// The value of `ry` in a lane where the stream X has its row max (Ry above).
+template <class A>
+inline double at_row_max(const Lse<A>& X, const LseTotal& tx, const Vec<A>& ry) {
+  constexpr int W_ = Vec<A>::size();
+  alignas(64) A mx[W_], r[W_];
+  X.m.store(mx);
+  ry.store(r);
+  for (int l = 0; l < W_; ++l)
+    if (double(mx[l]) == tx.M) return r[l];
+  return 0.0;
+}
+// After a block updated the weighting stream's lane maxima to m: the other stream's (floored) value y
+// where x holds the lane max becomes the lane's reference (unchanged where no element of the block is
+// the max).
+template <class A>
+KD_INLINE Vec<A> track_ref(Vec<A> ref, const Vec<A>* x, const Vec<A>* y, const Vec<A>& m) {
+  for (int k = 0; k < kBlock; ++k) ref = Vec<A>::blendv(ref, finite_floor(y[k]), x[k] == m);
+  return ref;
+}
+// When a lane's max and reference move (m_x, r_y) -> (m_x', r_y') the d_j already summed shift by
+// -((m_x' - m_x) - (r_y' - r_y)) and the weights rescale by r = exp(m_x - m_x'):
+//   W <- r (W - S_old ((m_x' - m_x) - (r_y' - r_y))).   (S_old = 0 adds nothing: no 0 * inf.)
+template <class A>
+KD_INLINE Vec<A> shift_w(const Vec<A>& W, const Vec<A>& r, const Vec<A>& s_old, const Vec<A>& dmx, const Vec<A>& dmy) {
+  const Vec<A> sh = Vec<A>::blendv(dmx - dmy, Vec<A>(A(0)), s_old == Vec<A>(A(0)));
+  return r * vec::fnmadd(s_old, sh, W);
+}
+
+// phi(x) = e^x - 1 - x in double (scalar terms: DKD's binary TCKD): the series below |x| < 1/2.
+inline double phi(double x) {
+  if (!(std::abs(x) < 0.5)) return std::expm1(x) - x;
+  double P = 1.0 / 121645100408832000.0;  // 1/19!
+  double f = 121645100408832000.0;
+  for (int n = 16; n >= 0; --n) {        // sum_{n=0..17} x^n / (n+2)!
+    f /= double(n + 3);
+    P = P * x + 1.0 / f;
+  }
+  return x * x * P;
+}
+
+// phi(x) = e^x - 1 - x >= 0, the terms of the accurate KL (docs/kernel-math.md, "accurate loss"):
+// KL = log1p(sum_j w_j phi(-u_j)) with sum_j w_j u_j = 0. Returns w phi(-u): for |u| <= 1 the series
+// w u^2 sum_n (-u)^n / (n+2)! (no cancellation, relative accuracy ~ eps), else w_other * E - w + w u,
+// using w e^{-u} = w_other e^{KL} with E = exp(KL1) (those terms are large: KL1's small error is harmless).
+template <class A>
+KD_INLINE Vec<A> phi_term(const Vec<A>& w, const Vec<A>& u, const Vec<A>& w_other, const Vec<A>& E) {
+  // 1/(n+2)! for n = 0..17 (float uses n <= 9: the terms beyond are < 2^-25 of the first for |u| <= 1)
+  constexpr int kTerms = std::is_same_v<A, double> ? 18 : 10;
+  static constexpr double c[18] = {
+      1.0 / 2, 1.0 / 6, 1.0 / 24, 1.0 / 120, 1.0 / 720, 1.0 / 5040, 1.0 / 40320, 1.0 / 362880,
+      1.0 / 3628800, 1.0 / 39916800, 1.0 / 479001600, 1.0 / 6227020800.0, 1.0 / 87178291200.0,
+      1.0 / 1307674368000.0, 1.0 / 20922789888000.0, 1.0 / 355687428096000.0,
+      1.0 / 6402373705728000.0, 1.0 / 121645100408832000.0};
+  const Vec<A> x = Vec<A>(A(0)) - u;
+  Vec<A> P = Vec<A>(static_cast<A>(c[kTerms - 1]));
+  for (int n = kTerms - 2; n >= 0; --n) P = vec::fmadd(P, x, Vec<A>(A(c[n])));
+  const Vec<A> small = w * (u * u) * P;
+  const Vec<A> large = vec::fmadd(w, u, vec::fmsub(w_other, E, w));
+  return Vec<A>::blendv(large, small, u.abs() <= Vec<A>(A(1)));
+}
+
 template <class A>
 inline double hsum(const Vec<A>& x) {
   constexpr int W = Vec<A>::size();
@@ -384,105 +508,156 @@ RowOut row_kl(const KernelArgs& P, const Row<TZ, TV>& r, const RowInfo& ri) {
   const bool ce_sep = ri.ce && P.ts != 1.0;  // CE needs lse(z) at T = 1: its own stream unless Ts == 1
   const bool wttm = P.wttm;
   Lse<A> Sz, S1, Sv[kCap<MT>], Sv1[kCap<MT>];
-  Vec<A> W[kCap<MT>];
-  for (int t = 0; t < teachers<MT>(r); ++t) W[t] = Vec<A>(A(0));
-  // Pass 1 (the only one for a forward-only call): both lse, and W = sum_j e_j (x_j - y_j) where
-  // e = exp(c - m_v), x - y = c - a (forward) or e = exp(a - m_z), x - y = a - c (Rev), giving the
-  // loss from statistics alone (both operands floored: a lane where both are -inf, padding or a
-  // column -inf in both rows, adds 0 * 0, not 0 * inf): KL(p||q) = sum_j p_j (c_j - a_j) - Lv + Lz = W / S - Lv + Lz.
+  Vec<A> W[kCap<MT>], R[kCap<MT>];
+  for (int t = 0; t < teachers<MT>(r); ++t) W[t] = R[t] = Vec<A>(A(0));
+  // Pass 1 (statistics): both online lse, and per teacher W = sum_j e_j d_j (docs/kernel-math.md, "KL"):
+  // forward e_j = exp(c_j - m_v), d_j = (c_j - m_v) - (a_j - R), R the student's value where the
+  // teacher has its lane max; Rev: e_j = exp(a_j - m_z), d_j = (a_j - m_z) - (c_j - R), R the teacher's
+  // value at the student's lane max. W is shifted when the maxima and references move (shift_w). d is
+  // free of the logits' offsets and 0 at the weighting stream's largest entry. Both operands are
+  // floored: a lane where both are -inf (padding, or a column -inf in both rows) adds 0 * finite.
   sweep<A>(r, -1, false, [&](auto, Block<A>& b, int64_t, const auto& io) {
     Vec<A> v[kBlock];  // the current teacher's block (locals: kept in registers)
-    Vec<A> a[kBlock], c[kBlock], ez[kBlock], e[kBlock];
+    Vec<A> a[kBlock], c[kBlock], ez[kBlock], e[kBlock], xa[kBlock];
     for (int k = 0; k < kBlock; ++k) a[k] = b.z[k] * Vec<A>(its);
+    const Vec<A> mz0 = Sz.m, sz0 = Sz.s;
     const Vec<A> rz = Sz.update(a, ez);
     if (ce_sep) S1.update(b.z, e);
+    if constexpr (Rev)
+      for (int k = 0; k < kBlock; ++k) xa[k] = finite_floor(a[k] - Sz.m);
     for (int t = 0; t < teachers<MT>(r); ++t) {
       io.load(t, v);
       for (int k = 0; k < kBlock; ++k) c[k] = v[k] * Vec<A>(itt);
-      if constexpr (Rev) {
-        Vec<A> w = W[t] * rz;
-        for (int k = 0; k < kBlock; ++k) w = vec::fmadd(ez[k], finite_floor(a[k]) - finite_floor(c[k]), w);
-        W[t] = w;
-      }
+      const Vec<A> mv0 = Sv[t].m, sv0 = Sv[t].s;
       const Vec<A> rv = Sv[t].update(c, e);
-      if constexpr (!Rev) {
-        Vec<A> w = W[t] * rv;
-        for (int k = 0; k < kBlock; ++k) w = vec::fmadd(e[k], finite_floor(c[k]) - finite_floor(a[k]), w);
-        W[t] = w;
+      if constexpr (Rev) {
+        const Vec<A> R1 = track_ref(R[t], a, c, Sz.m);
+        Vec<A> w = shift_w(W[t], rz, sz0, Sz.m - mz0, R1 - R[t]);
+        for (int k = 0; k < kBlock; ++k) w = vec::fmadd(ez[k], xa[k] - finite_floor(c[k] - R1), w);
+        W[t] = w, R[t] = R1;
+      } else {
+        const Vec<A> R1 = track_ref(R[t], c, a, Sv[t].m);
+        Vec<A> w = shift_w(W[t], rv, sv0, Sv[t].m - mv0, R1 - R[t]);
+        for (int k = 0; k < kBlock; ++k)
+          w = vec::fmadd(e[k], finite_floor(c[k] - Sv[t].m) - finite_floor(a[k] - R1), w);
+        W[t] = w, R[t] = R1;
       }
       if (wttm) Sv1[t].update(v, e);
     }
   });
   const LseTotal tz = total(Sz);
-  const double Lz = tz.lse();
-  const double L1 = ri.ce ? (ce_sep ? total(S1).lse() : Lz) : 0.0;
+  const double lz = tz.l();
+  LseTotal t1 = tz;
+  if (ri.ce && ce_sep) t1 = total(S1);
   RowOut out;
-  out.CE = ri.ce ? L1 - ri.zy : 0.0;
-  double Lv[kCap<MT>] = {}, KL[kCap<MT>] = {}, s[kCap<MT>] = {};
+  out.CE = ri.ce ? (t1.M - ri.zy) + t1.l() : 0.0;
+  // per teacher: the row maxima and log S, the reference Rr (forward: a at the teacher's argmax; Rev: c
+  // at the student's), dbar, the one-pass KL1 and the scale s (wttm: U = exp(lse(v/T) - lse(v)/T), a
+  // per-row constant, no gradient through it). log p_j - log q_j = d_j + (M_z - Rr) - (l_v - l_z), so
+  //   KL1 = dbar + (M_z - Rr) - (l_v - l_z);   Rev: KL1 = dbar + (M_v - Rr) - (l_z - l_v).
+  double Mv[kCap<MT>] = {}, lv[kCap<MT>] = {}, Rr[kCap<MT>] = {}, dbar[kCap<MT>] = {}, KL1[kCap<MT>] = {};
+  double s[kCap<MT>] = {};
+  bool refine = false;
   for (int t = 0; t < teachers<MT>(r); ++t) {
     const LseTotal tv = total(Sv[t]);
-    Lv[t] = tv.lse();
-    KL[t] = Rev ? rescaled_sum(W[t], Sz, tz) / tz.S - Lz + Lv[t] : rescaled_sum(W[t], Sv[t], tv) / tv.S - Lv[t] + Lz;
-    // wttm: U = exp(lse(v/T) - lse(v)/T), a per-row constant (no gradient through it)
-    s[t] = wttm ? std::exp(Lv[t] - total(Sv1[t]).lse() / P.tt) : P.scale;
-    out.D[t] = s[t] * KL[t];
+    Mv[t] = tv.M, lv[t] = tv.l();
+    double off;
+    if constexpr (Rev) {
+      Rr[t] = at_row_max(Sz, tz, R[t]);
+      dbar[t] = shifted_sum(W[t], Sz.s, Sz, tz, R[t], Rr[t]) / tz.S;
+      off = (tv.M - Rr[t]) - (lz - lv[t]);
+    } else {
+      Rr[t] = at_row_max(Sv[t], tv, R[t]);
+      dbar[t] = shifted_sum(W[t], Sv[t].s, Sv[t], tv, R[t], Rr[t]) / tv.S;
+      off = (tz.M - Rr[t]) - (lv[t] - lz);
+    }
+    KL1[t] = dbar[t] + off;
+    if (wttm) {
+      const LseTotal t1v = total(Sv1[t]);
+      s[t] = std::exp((tv.M - t1v.M / P.tt) + (lv[t] - t1v.l() / P.tt));
+    } else {
+      s[t] = P.scale;
+    }
+    out.D[t] = s[t] * KL1[t];
+    // cancellation in KL1 costs more than 3 bits: the accurate sum of the gradient pass (log1p of
+    // nonnegative terms), in a sweep of its own for a forward-only call
+    refine |= !(KL1[t] > 0.125 * (std::abs(dbar[t]) + std::abs(off) + lv[t] + lz + 1.0));
   }
-  if (!r.gz && !r.gv[0]) return out;
+  const bool grads = r.gz || r.gv[0];
+  if (!grads && !refine) return out;
 
-  // Pass 2: gradients.  Forward:
-  //   dD/dz_j = (s/Ts)(q_j - p_j)                      [d log q_k / d a_j = delta_jk - q_j]
-  //   dD/dv_j = (s/Tt) p_j (log p_j - log q_j - KL)    [d p_k / d c_j = p_k(delta_jk - p_j)]
-  //          = (s/Tt) p_j (c_j - a_j + (Lz - Lv - KL))
-  // Rev (KL(q||p)): the same with the roles of (z, Ts) and (v, Tt) swapped.
+  // Pass 2: gradients, and the accurate KL. With d_j, dbar as above relative to the row maxima and
+  // u_j = d_j - dbar (sum_j p_j u_j = 0; Rev: weights q):
+  //   log p_j - log q_j - KL = (d_j - (l_v - l_z)) - (dbar - (l_v - l_z)) = u_j
+  // so (forward) dD/dz_j = (s/Ts)(q_j - p_j)                 [d log q_k / d a_j = delta_jk - q_j]
+  //              dD/dv_j = (s/Tt) p_j (log p_j - log q_j - KL) = (s/Tt) p_j u_j   [d p_k / d c_j = p_k(delta_jk - p_j)]
+  // Rev (KL(q||p)): dD/dz_j = (s/Ts) q_j u_j, dD/dv_j = (s/Tt)(p_j - q_j).
+  // q_j = exp((a_j - M_z) - l_z), p_j = exp((c_j - M_v) - l_v): no rounded lse is subtracted from a logit.
+  // KL = log1p(sum_j p_j phi(-u_j)) (phi_term; Rev: q weights), accurate relative to its own size.
   // dCE/dz_j = softmax(z)_j - [j = y]: the softmax part here (= q_j when Ts == 1), the -1 below.
   // Every constant (grad_scale, kd_w, s / T, retro's 1 - rho) is folded into one coefficient per
   // teacher; with M teachers dz sums them: forward q_j (sum_t Az_t + Bq) - sum_t Az_t p_tj.
-  A Az[kCap<MT>] = {}, Av[kCap<MT>] = {}, nLv[kCap<MT>] = {}, K[kCap<MT>] = {};
+  A Az[kCap<MT>] = {}, Av[kCap<MT>] = {}, nMv[kCap<MT>] = {}, nlv[kCap<MT>] = {}, nR[kCap<MT>] = {};
+  A ndbar[kCap<MT>] = {}, E[kCap<MT>] = {};
   double Azs = 0;
   for (int t = 0; t < teachers<MT>(r); ++t) {
     Az[t] = A(ri.g_kd[t] * s[t] / P.ts);
     Av[t] = A(ri.g_kd[t] * s[t] / P.tt * r.w_v);
-    nLv[t] = A(-Lv[t]);
-    K[t] = A(Rev ? Lv[t] - Lz - KL[t] : Lz - Lv[t] - KL[t]);
+    nMv[t] = A(-Mv[t]);
+    nlv[t] = A(-lv[t]);
+    nR[t] = A(-Rr[t]);
+    ndbar[t] = A(-dbar[t]);
+    E[t] = A(std::exp(std::min(KL1[t], 80.0)));
     Azs += double(Az[t]);
   }
   const A Bq = A(ri.ce && !ce_sep ? ri.g_ce : 0.0);  // CE folded into the q coefficient (Ts == 1)
   const A Aq = A(Azs) + Bq;
   const A B1 = A(ce_sep ? ri.g_ce : 0.0);
-  const A nLz = A(-Lz), nL1 = A(-L1);
+  const A nMz = A(-tz.M), nlz = A(-lz), nM1 = A(-t1.M), nl1 = A(-t1.l());
+  LongSum<A> X[kCap<MT>];
   // (the student's terms are computed with teacher 0, in the same loop: with one teacher this is the
   // single fused loop per vector; q is kept for the other teachers)
-  sweep<A>(r, -1, true, [&](auto, Block<A>& b, int64_t, const auto& io) {
+  sweep<A>(r, -1, grads, [&](auto, Block<A>& b, int64_t, const auto& io) {
     Vec<A> v[kBlock], gv[kBlock];  // the current teacher's block and gradient (locals: kept in registers)
-    Vec<A> q[kBlock];
+    Vec<A> q[kBlock], a[kBlock], xa[kBlock];
     for (int t = 0; t < teachers<MT>(r); ++t) {
       io.load(t, v);
       for (int k = 0; k < kBlock; ++k) {
-        const Vec<A> a = b.z[k] * Vec<A>(its), c = v[k] * Vec<A>(itt);
         if (t == 0) {
-          q[k] = vexp(a + Vec<A>(nLz));
+          a[k] = b.z[k] * Vec<A>(its);
+          xa[k] = a[k] + Vec<A>(nMz);
+          q[k] = vexp(xa[k] + Vec<A>(nlz));
+          xa[k] = finite_floor(xa[k]);
           Vec<A> gz = q[k] * Vec<A>(Rev ? Bq : Aq);
-          if (ce_sep) gz = vec::fmadd(vexp(b.z[k] + Vec<A>(nL1)), Vec<A>(B1), gz);
+          if (ce_sep) gz = vec::fmadd(vexp((b.z[k] + Vec<A>(nM1)) + Vec<A>(nl1)), Vec<A>(B1), gz);
           b.gz[k] = gz;
         }
-        const Vec<A> p = vexp(c + Vec<A>(nLv[t]));
+        const Vec<A> c = v[k] * Vec<A>(itt);
+        const Vec<A> p = vexp((c + Vec<A>(nMv[t])) + Vec<A>(nlv[t]));
         if constexpr (!Rev) {
+          const Vec<A> u = (finite_floor(c + Vec<A>(nMv[t])) - finite_floor(a[k] + Vec<A>(nR[t]))) + Vec<A>(ndbar[t]);
           b.gz[k] = b.gz[k] - p * Vec<A>(Az[t]);
-          gv[k] = p * Vec<A>(Av[t]) * (finite_floor(c) - a + Vec<A>(K[t]));
+          gv[k] = p * Vec<A>(Av[t]) * u;
+          if (refine) X[t].add(phi_term(p, u, q[k], Vec<A>(E[t])));
         } else {
-          b.gz[k] = vec::fmadd(q[k] * Vec<A>(Az[t]), finite_floor(a) - c + Vec<A>(K[t]), b.gz[k]);
+          const Vec<A> u = (xa[k] - finite_floor(c + Vec<A>(nR[t]))) + Vec<A>(ndbar[t]);
+          b.gz[k] = vec::fmadd(q[k] * Vec<A>(Az[t]), u, b.gz[k]);
           gv[k] = (p - q[k]) * Vec<A>(Av[t]);
+          if (refine) X[t].add(phi_term(q[k], u, p, Vec<A>(E[t])));
         }
       }
+      if (refine) X[t].end_block();
       io.store(t, gv);
     }
   });
+  if (refine)
+    for (int t = 0; t < teachers<MT>(r); ++t) out.D[t] = s[t] * std::log1p(X[t].total());
   if (ri.ce && r.gz) {  // the label column, recomputed in double from values read before any write
-    const double a = ri.zy / P.ts, q = std::exp(a - Lz);
-    double g = ri.g_ce * (std::exp(ri.zy - L1) - 1.0);
+    const double ay = ri.zy / P.ts, q = std::exp((ay - tz.M) - lz);
+    double g = ri.g_ce * (std::exp((ri.zy - t1.M) - t1.l()) - 1.0);
     for (int t = 0; t < teachers<MT>(r); ++t) {
-      const double c = ri.vy[t] / P.tt, p = std::exp(c - Lv[t]);
-      g += Rev ? double(Az[t]) * q * (a - c + double(K[t])) : double(Az[t]) * (q - p);
+      const double cy = ri.vy[t] / P.tt, p = std::exp((cy - Mv[t]) - lv[t]);
+      g += Rev ? double(Az[t]) * q * (((ay - tz.M) - (cy - Rr[t])) - dbar[t]) : double(Az[t]) * (q - p);
     }
     write_scalar(r.gz, ri.y, g);
   }

@@ -22,36 +22,6 @@ inline Vec<A> live_only(S, const Block<A>& b, int k, const Vec<A>& x) {
   else return x;
 }
 
-// A plain per-lane sum over a long row: the fp32 lanes are flushed into double lanes every kFlush
-// blocks, so the rounding error grows with kFlush * kBlock terms, not with C (a 131072-column row
-// adds 16K terms per lane). For the rescaled online sums (KL's W and friends) see Lse.
-template <class A>
-struct LongSum {
-  static constexpr int W = Vec<A>::size();
-  static constexpr int kFlush = 16;
-  Vec<A> part{A(0)};
-  double acc[W] = {};
-  int n = 0;
-  void fma(const Vec<A>& a, const Vec<A>& b) { part = vec::fmadd(a, b, part); }
-  void add(const Vec<A>& a) { part = part + a; }
-  void end_block() {
-    if (++n == kFlush) flush();
-  }
-  void flush() {
-    alignas(64) A t[W];
-    part.store(t);
-    for (int l = 0; l < W; ++l) acc[l] += double(t[l]);
-    part = Vec<A>(A(0));
-    n = 0;
-  }
-  double total() {
-    flush();
-    double s = 0;
-    for (int l = 0; l < W; ++l) s += acc[l];
-    return s;
-  }
-};
-
 inline double finite_or(double x, double fallback) { return std::isfinite(x) ? x : fallback; }
 inline double clamp_finite(double x) {
   return std::isnan(x) ? x : std::min(std::max(x, -1e300), 1e300);
@@ -69,8 +39,10 @@ RowOut row_dkd(const KernelArgs& P, const Row<TZ, TV>& r, const RowInfo& ri) {
   const int64_t y = ri.y;
   const bool ce_sep = ri.ce && T != 1.0;
   Lse<A> Sz, S1, Sv[kCap<MT>];
-  Vec<A> W[kCap<MT>];
-  for (int t = 0; t < teachers<MT>(r); ++t) W[t] = Vec<A>(A(0));
+  Vec<A> W[kCap<MT>], R[kCap<MT>];
+  for (int t = 0; t < teachers<MT>(r); ++t) W[t] = R[t] = Vec<A>(A(0));
+  // W = sum_{j != y} exp(c_j - m_v) d_j, d_j = (c_j - m_v) - (a_j - R), R the student's value at the
+  // teacher's lane max, as in the KL kind (shifted when the lane maxima and references move)
   sweep<A>(r, y, false, [&](auto, Block<A>& b, int64_t, const auto& io) {
     Vec<A> v[kBlock];  // the current teacher's block (locals: kept in registers)
     Vec<A> a[kBlock], c[kBlock], e[kBlock];
@@ -80,85 +52,126 @@ RowOut row_dkd(const KernelArgs& P, const Row<TZ, TV>& r, const RowInfo& ri) {
     for (int t = 0; t < teachers<MT>(r); ++t) {
       io.load(t, v);
       for (int k = 0; k < kBlock; ++k) c[k] = v[k] * Vec<A>(iT);
+      const Vec<A> mv0 = Sv[t].m, sv0 = Sv[t].s;
       const Vec<A> rv = Sv[t].update(c, e);
-      Vec<A> w = W[t] * rv;
-      for (int k = 0; k < kBlock; ++k) w = vec::fmadd(e[k], finite_floor(c[k]) - finite_floor(a[k]), w);
-      W[t] = w;
+      const Vec<A> R1 = track_ref(R[t], c, a, Sv[t].m);
+      Vec<A> w = shift_w(W[t], rv, sv0, Sv[t].m - mv0, R1 - R[t]);
+      for (int k = 0; k < kBlock; ++k)
+        w = vec::fmadd(e[k], finite_floor(c[k] - Sv[t].m) - finite_floor(a[k] - R1), w);
+      W[t] = w, R[t] = R1;
     }
   });
-  const LseTotal tz = total(Sz);
-  const double Lzn = tz.lse();  // lse over j != y
+  const LseTotal tz = total(Sz);  // over j != y
+  const double lzn = tz.l(), Lzn = tz.lse();
   const double ay = ri.zy / T;
   const double Lz = logaddexp(Lzn, ay);
   const double lqy = ay - Lz, l1qy = Lzn - Lz, qy = std::exp(lqy), qy1 = std::exp(l1qy);
-  const double L1 = ri.ce ? (ce_sep ? logaddexp(total(S1).lse(), ri.zy) : Lz) : 0.0;
+  // CE's lse(z) at T = 1: its own stream (over j != y) or the student's (T == 1), plus the label column
+  LseTotal t1{0.0, 1.0};
+  if (ri.ce) {
+    const LseTotal s1 = ce_sep ? total(S1) : tz;
+    const double M = std::max(s1.M, ri.zy);
+    t1 = {M, s1.S * std::exp(s1.M - M) + std::exp(ri.zy - M)};
+  }
   RowOut out;
-  out.CE = ri.ce ? L1 - ri.zy : 0.0;
-  // per teacher: Lv\y, NCKD, p_y, 1 - p_y, G p_y (see the gradient comment below)
-  double Lvn[kCap<MT>] = {}, NCKD[kCap<MT>] = {}, py[kCap<MT>] = {}, py1[kCap<MT>] = {}, Gp[kCap<MT>] = {};
+  out.CE = ri.ce ? (t1.M - ri.zy) + t1.l() : 0.0;
+  // per teacher: Lv\y (max and log S), the reference Rr (a at the teacher's argmax over j != y), dbar,
+  // NCKD1 = dbar + (M_z\y - Rr) - (l_v\y - l_z\y), p_y, 1 - p_y, G p_y
+  double Mvn[kCap<MT>] = {}, lvn[kCap<MT>] = {}, Rr[kCap<MT>] = {}, dbar[kCap<MT>] = {}, NCKD1[kCap<MT>] = {};
+  double py[kCap<MT>] = {}, py1[kCap<MT>] = {}, Gp[kCap<MT>] = {}, TCKD[kCap<MT>] = {};
+  bool refine = false;
   for (int t = 0; t < teachers<MT>(r); ++t) {
     const LseTotal tv = total(Sv[t]);
-    Lvn[t] = tv.lse();
+    Mvn[t] = tv.M, lvn[t] = tv.l();
+    const double Lvn = tv.lse();
     const double cy = ri.vy[t] / T;
-    const double Lv = logaddexp(Lvn[t], cy);
-    // NCKD = KL(p_hat || q_hat) over j != y = sum p_hat (c - a) - Lv\y + Lz\y (0 if the teacher has no
-    // non-target mass)
-    NCKD[t] = tv.S > 0 ? rescaled_sum(W[t], Sv[t], tv) / tv.S - Lvn[t] + Lzn : 0.0;
-    const double lpy = cy - Lv, l1py = Lvn[t] - Lv;  // log p_y, log(1 - p_y)
+    const double Lv = logaddexp(Lvn, cy);
+    // NCKD = KL(p_hat || q_hat) over j != y (0 if the teacher has no non-target mass)
+    if (tv.S > 0) {
+      Rr[t] = at_row_max(Sv[t], tv, R[t]);
+      dbar[t] = shifted_sum(W[t], Sv[t].s, Sv[t], tv, R[t], Rr[t]) / tv.S;
+      const double off = (tz.M - Rr[t]) - (lvn[t] - lzn);
+      NCKD1[t] = dbar[t] + off;
+      refine |= !(NCKD1[t] > 0.125 * (std::abs(dbar[t]) + std::abs(off) + lvn[t] + lzn + 1.0));
+    }
+    const double lpy = cy - Lv, l1py = Lvn - Lv;  // log p_y, log(1 - p_y)
     py[t] = std::exp(lpy), py1[t] = std::exp(l1py);
-    const double TCKD = (py[t] > 0 ? py[t] * (lpy - lqy) : 0.0) + (py1[t] > 0 ? py1[t] * (l1py - l1qy) : 0.0);
-    out.D[t] = T * T * (P.alpha * TCKD + P.beta * NCKD[t]);
-    Gp[t] = clamp_finite(py[t] > 0 ? ((lpy - lqy) - (l1py - l1qy)) * py[t] : 0.0);
+    // TCKD, the binary KL of (p_y, 1 - p_y) || (q_y, 1 - q_y) with log ratios rr, rs: its mean form
+    // tb = p_y rr + (1 - p_y) rs cancels when p_y ~ q_y; log1p of the phi terms does not (see "KL")
+    const double rr = lpy - lqy, rs = l1py - l1qy;
+    const double tb = (py[t] > 0 ? py[t] * rr : 0.0) + (py1[t] > 0 ? py1[t] * rs : 0.0);
+    const double X = (py[t] > 0 ? py[t] * phi(tb - rr) : 0.0) + (py1[t] > 0 ? py1[t] * phi(tb - rs) : 0.0);
+    TCKD[t] = std::isfinite(tb) && std::abs(tb) < 1.0 ? std::log1p(X) : tb;
+    out.D[t] = T * T * (P.alpha * TCKD[t] + P.beta * NCKD1[t]);
+    Gp[t] = clamp_finite(py[t] > 0 ? (rr - rs) * py[t] : 0.0);
   }
-  if (!r.gz && !r.gv[0]) return out;
+  const bool grads = r.gz || r.gv[0];
+  if (!grads && !refine) return out;
 
-  // Gradients (s = T^2, da/dz = 1/T: a factor T overall). With q_hat_j = exp(a_j - Lz\y),
+  // Gradients (s = T^2, da/dz = 1/T: a factor T overall). With q_hat_j = exp((a_j - M_z\y) - l_z\y),
   // q_j = q_hat_j (1 - q_y), and TCKD = const - p_y a_y - (1 - p_y) Lz\y + Lz in a:
   //   dD/dz_j = T g (alpha (q_j - (1 - p_y) q_hat_j) + beta (q_hat_j - p_hat_j))              j != y
   //           = q_hat_j * T g (alpha (1 - q_y) - alpha (1 - p_y) + beta) - p_hat_j * T g beta
   //   dD/dz_y = T g alpha (q_y - p_y)
   // In c, TCKD's gradient is G p_y ([j = y] - p_j), G = log(p_y/q_y) - log((1-p_y)/(1-q_y)), and
-  // NCKD's is the KL-kind teacher gradient over j != y; with p_j = p_hat_j (1 - p_y):
-  //   dD/dv_j = p_hat_j * (T g beta (c_j - a_j + Lz\y - Lv\y - NCKD) - T g alpha G p_y (1 - p_y))  j != y
+  // NCKD's is the KL-kind teacher gradient over j != y, p_hat_j u_j (u_j = d_j - dbar, see row_kl);
+  // with p_j = p_hat_j (1 - p_y):
+  //   dD/dv_j = p_hat_j * (T g beta u_j - T g alpha G p_y (1 - p_y))                          j != y
   //   dD/dv_y = T g alpha G p_y (1 - p_y)
   // plus CE: g_ce (softmax(z)_j - [j = y]); softmax(z)_j = q_j = q_hat_j (1 - q_y) when T == 1.
   // M teachers: dz sums the q_hat coefficients (Aq) and subtracts each teacher's p_hat term.
+  // NCKD = log1p(sum_{j != y} p_hat_j phi(-u_j)) (refine), accurate relative to its own size.
   double Aqs = ri.ce && !ce_sep ? ri.g_ce * qy1 : 0.0;
-  A Ap[kCap<MT>] = {}, Bv1[kCap<MT>] = {}, Bv0[kCap<MT>] = {}, nLvn[kCap<MT>] = {};
+  A Ap[kCap<MT>] = {}, Bv1[kCap<MT>] = {}, Bv0[kCap<MT>] = {}, nMvn[kCap<MT>] = {}, nlvn[kCap<MT>] = {};
+  A ndbar[kCap<MT>] = {}, E[kCap<MT>] = {}, nR[kCap<MT>] = {};
   for (int t = 0; t < teachers<MT>(r); ++t) {
     const double Tg = T * ri.g_kd[t], Tgv = Tg * r.w_v;
+    nR[t] = A(-Rr[t]);
     Aqs += Tg * (P.alpha * qy1 - P.alpha * py1[t] + P.beta);
     Ap[t] = A(Tg * P.beta);
     Bv1[t] = A(Tgv * P.beta);
-    Bv0[t] = A(Tgv * P.beta * (Lzn - Lvn[t] - NCKD[t]) - Tgv * P.alpha * Gp[t] * py1[t]);
-    nLvn[t] = A(-Lvn[t]);
+    Bv0[t] = A(-Tgv * P.alpha * Gp[t] * py1[t]);
+    nMvn[t] = A(-Mvn[t]);
+    nlvn[t] = A(-lvn[t]);
+    ndbar[t] = A(-dbar[t]);
+    E[t] = A(std::exp(std::min(NCKD1[t], 80.0)));
   }
   const A Aq = A(Aqs);
   const A B1 = A(ce_sep ? ri.g_ce : 0.0);
-  const A nLzn = A(-Lzn), nL1 = A(-L1);
-  sweep<A>(r, y, true, [&](auto, Block<A>& b, int64_t, const auto& io) {
+  const A nMzn = A(-tz.M), nlzn = A(-lzn), nM1 = A(-t1.M), nl1 = A(-t1.l());
+  LongSum<A> X[kCap<MT>];
+  sweep<A>(r, y, grads, [&](auto, Block<A>& b, int64_t, const auto& io) {
     Vec<A> v[kBlock], gv[kBlock];  // the current teacher's block and gradient (locals: kept in registers)
+    Vec<A> qh[kBlock], a[kBlock];
     for (int t = 0; t < teachers<MT>(r); ++t) {
       io.load(t, v);
       for (int k = 0; k < kBlock; ++k) {
-        const Vec<A> a = b.z[k] * Vec<A>(iT), c = v[k] * Vec<A>(iT);
         if (t == 0) {  // the student's terms, once
-          Vec<A> gz = vexp(a + Vec<A>(nLzn)) * Vec<A>(Aq);
-          if (ce_sep) gz = vec::fmadd(vexp(b.z[k] + Vec<A>(nL1)), Vec<A>(B1), gz);
+          a[k] = b.z[k] * Vec<A>(iT);
+          qh[k] = vexp((a[k] + Vec<A>(nMzn)) + Vec<A>(nlzn));
+          Vec<A> gz = qh[k] * Vec<A>(Aq);
+          if (ce_sep) gz = vec::fmadd(vexp((b.z[k] + Vec<A>(nM1)) + Vec<A>(nl1)), Vec<A>(B1), gz);
           b.gz[k] = gz;
         }
-        const Vec<A> ph = vexp(c + Vec<A>(nLvn[t]));
+        const Vec<A> xc = v[k] * Vec<A>(iT) + Vec<A>(nMvn[t]);
+        const Vec<A> ph = vexp(xc + Vec<A>(nlvn[t]));
+        const Vec<A> u = (finite_floor(xc) - finite_floor(a[k] + Vec<A>(nR[t]))) + Vec<A>(ndbar[t]);
         b.gz[k] = b.gz[k] - ph * Vec<A>(Ap[t]);
-        // (p_hat * coefficient) first: a masked teacher column has p_hat = 0 and c = lowest, and
-        // 0 * (lowest * Bv1) would be 0 * -inf
-        gv[k] = vec::fmadd(ph * Vec<A>(Bv1[t]), finite_floor(c) - finite_floor(a), ph * Vec<A>(Bv0[t]));
+        // (p_hat * coefficient) first: a masked teacher column has p_hat = 0 and u = lowest
+        gv[k] = vec::fmadd(ph * Vec<A>(Bv1[t]), u, ph * Vec<A>(Bv0[t]));
+        if (refine) X[t].add(phi_term(ph, u, qh[k], Vec<A>(E[t])));
       }
+      if (refine) X[t].end_block();
       io.store(t, gv);
     }
   });
+  if (refine) {
+    for (int t = 0; t < teachers<MT>(r); ++t)
+      out.D[t] = T * T * (P.alpha * TCKD[t] + P.beta * (total(Sv[t]).S > 0 ? std::log1p(X[t].total()) : 0.0));
+  }
   // the label column (its lane in the block above held padding): recomputed in double
   if (r.gz) {
-    double g = ri.ce ? ri.g_ce * (std::exp(ri.zy - L1) - 1.0) : 0.0;
+    double g = ri.ce ? ri.g_ce * (std::exp((ri.zy - t1.M) - t1.l()) - 1.0) : 0.0;
     for (int t = 0; t < teachers<MT>(r); ++t) g += T * ri.g_kd[t] * P.alpha * (qy - py[t]);
     write_scalar(r.gz, y, g);
   }
@@ -174,44 +187,60 @@ template <int MT, class A, class TZ, class TV>
 RowOut row_lm(const KernelArgs& P, const Row<TZ, TV>& r, const RowInfo& ri) {
   const int64_t C = r.C;
   Lse<A> S1;
-  LongSum<A> Sd[kCap<MT>];
+  // the means of z and of each v apart (not of z - v: with different offsets, z_j - v_j rounds at the
+  // offsets' scale, and the centred difference (z_j - zbar) - (v_j - vbar) does not), each summed
+  // relative to the row's first value (a float sum of values with a large common offset rounds at
+  // the offset's scale)
+  LongSum<A> Szs, Sd[kCap<MT>];
+  const A z0 = A(r.z[0]);
+  A v0[kCap<MT>] = {};
+  for (int t = 0; t < teachers<MT>(r); ++t) v0[t] = A(r.v[t][0]);
   if (P.center || ri.ce) {
     sweep<A>(r, -1, false, [&](auto sp, Block<A>& b, int64_t, const auto& io) {
       Vec<A> v[kBlock];  // the current teacher's block (locals: kept in registers)
       Vec<A> e[kBlock];
       if (P.center) {
+        for (int k = 0; k < kBlock; ++k) Szs.add(live_only(sp, b, k, b.z[k] - Vec<A>(z0)));
+        Szs.end_block();
         for (int t = 0; t < teachers<MT>(r); ++t) {
           io.load(t, v);
-          for (int k = 0; k < kBlock; ++k) Sd[t].add(live_only(sp, b, k, b.z[k] - v[k]));
+          for (int k = 0; k < kBlock; ++k) Sd[t].add(live_only(sp, b, k, v[k] - Vec<A>(v0[t])));
           Sd[t].end_block();
         }
       }
       if (ri.ce) S1.update(b.z, e);
     });
   }
-  const double L1 = ri.ce ? total(S1).lse() : 0.0;
-  // dD/dz_j = (d_j - dbar) / C (the dbar term's own derivative sums to zero); dD/dv_j = -dD/dz_j;
-  // dCE/dz_j = exp(z_j - L1) - [j = y]. M teachers: dz = sum_t g_t (d_tj - dbar_t) / C.
-  A cz[kCap<MT>] = {}, cv[kCap<MT>] = {}, ndbar[kCap<MT>] = {};
+  const LseTotal t1 = ri.ce ? total(S1) : LseTotal{0.0, 1.0};
+  // u_j = (z_j - zbar) - (v_j - vbar) (center) or z_j - v_j, D = sum u^2 / 2C:
+  // dD/dz_j = u_j / C (the means' own derivatives sum to zero); dD/dv_j = -dD/dz_j;
+  // dCE/dz_j = exp((z_j - M1) - l1) - [j = y] (M1 + l1 = lse(z), never rounded as one number). M teachers: dz = sum_t g_t (d_tj - dbar_t) / C.
+  // (the means are rounded to A for the vector code; what the rounding took off, fix[t], is added
+  // back to u: a constant shift of u would otherwise survive in the gradient, whose exact row sum is 0)
+  A cz[kCap<MT>] = {}, cv[kCap<MT>] = {}, nvbar[kCap<MT>] = {}, fix[kCap<MT>] = {};
+  const double zbar = P.center ? double(z0) + Szs.total() / double(C) : 0.0;
+  const A nzbar = A(-zbar);
   for (int t = 0; t < teachers<MT>(r); ++t) {
-    ndbar[t] = A(P.center ? -Sd[t].total() / double(C) : 0.0);
+    const double vbar = P.center ? double(v0[t]) + Sd[t].total() / double(C) : 0.0;
+    nvbar[t] = A(-vbar);
+    fix[t] = A((-zbar - double(nzbar)) - (-vbar - double(nvbar[t])));
     cz[t] = A(ri.g_kd[t] / double(C));
     cv[t] = A(-ri.g_kd[t] / double(C) * r.w_v);
   }
-  const A gce = A(ri.ce ? ri.g_ce : 0.0), nL1 = A(-L1);
+  const A gce = A(ri.ce ? ri.g_ce : 0.0), nM1 = A(-t1.M), nl1 = A(-t1.l());
   const bool grads = r.gz || r.gv[0];
   LongSum<A> SS[kCap<MT>];
   sweep<A>(r, -1, grads, [&](auto sp, Block<A>& b, int64_t j0, const auto& io) {
     Vec<A> v[kBlock], gv[kBlock];  // the current teacher's block and gradient (locals: kept in registers)
     if (grads) {
       for (int k = 0; k < kBlock; ++k)
-        b.gz[k] = ri.ce ? vexp(b.z[k] + Vec<A>(nL1)) * Vec<A>(gce) : Vec<A>(A(0));
+        b.gz[k] = ri.ce ? vexp((b.z[k] + Vec<A>(nM1)) + Vec<A>(nl1)) * Vec<A>(gce) : Vec<A>(A(0));
     }
     for (int t = 0; t < teachers<MT>(r); ++t) {
       io.load(t, v);
       SS[t].end_block();
       for (int k = 0; k < kBlock; ++k) {
-        const Vec<A> u = live_only(sp, b, k, b.z[k] - v[k] + Vec<A>(ndbar[t]));
+        const Vec<A> u = live_only(sp, b, k, ((b.z[k] + Vec<A>(nzbar)) - (v[k] + Vec<A>(nvbar[t]))) + Vec<A>(fix[t]));
         SS[t].fma(u, u);
         if (grads) {
           b.gz[k] = vec::fmadd(u, Vec<A>(cz[t]), b.gz[k]);
@@ -224,7 +253,7 @@ RowOut row_lm(const KernelArgs& P, const Row<TZ, TV>& r, const RowInfo& ri) {
   });
   RowOut out;
   for (int t = 0; t < teachers<MT>(r); ++t) out.D[t] = SS[t].total() / (2.0 * double(C));
-  out.CE = ri.ce ? L1 - ri.zy : 0.0;
+  out.CE = ri.ce ? (t1.M - ri.zy) + t1.l() : 0.0;
   return out;
 }
 
@@ -240,22 +269,34 @@ RowOut row_ls(const KernelArgs& P, const Row<TZ, TV>& r, const RowInfo& ri) {
   const bool gz_on = r.gz != nullptr, gv_on = r.gv[0] != nullptr;
   Lse<A> S1;
   LongSum<A> Sz, Sv[kCap<MT>];
+  // means summed relative to the row's first value (see row_lm)
+  const A z0 = A(r.z[0]);
+  A v0[kCap<MT>] = {};
+  for (int t = 0; t < teachers<MT>(r); ++t) v0[t] = A(r.v[t][0]);
   sweep<A>(r, -1, false, [&](auto sp, Block<A>& b, int64_t, const auto& io) {
     Vec<A> v[kBlock];  // the current teacher's block (locals: kept in registers)
     Vec<A> e[kBlock];
-    for (int k = 0; k < kBlock; ++k) Sz.add(live_only(sp, b, k, b.z[k]));
+    for (int k = 0; k < kBlock; ++k) Sz.add(live_only(sp, b, k, b.z[k] - Vec<A>(z0)));
     Sz.end_block();
     for (int t = 0; t < teachers<MT>(r); ++t) {
       io.load(t, v);
-      for (int k = 0; k < kBlock; ++k) Sv[t].add(live_only(sp, b, k, v[k]));
+      for (int k = 0; k < kBlock; ++k) Sv[t].add(live_only(sp, b, k, v[k] - Vec<A>(v0[t])));
       Sv[t].end_block();
     }
     if (ri.ce) S1.update(b.z, e);
   });
-  const double zbar = Sz.total() / double(C);
+  // means rounded to A; fz / fv[t], what the rounding took off, are added back where a constant shift
+  // of u would survive (the sigma terms of the gradients; the softmaxes do not see a shift)
+  const double zbar = double(z0) + Sz.total() / double(C);
   const A nzbar = A(-zbar);
+  const double fz = -zbar - double(nzbar);
   A nvbar[kCap<MT>] = {};
-  for (int t = 0; t < teachers<MT>(r); ++t) nvbar[t] = A(-Sv[t].total() / double(C));
+  double fv[kCap<MT>] = {};
+  for (int t = 0; t < teachers<MT>(r); ++t) {
+    const double vbar = double(v0[t]) + Sv[t].total() / double(C);
+    nvbar[t] = A(-vbar);
+    fv[t] = -vbar - double(nvbar[t]);
+  }
   LongSum<A> Qz, Qv[kCap<MT>];
   sweep<A>(r, -1, false, [&](auto sp, Block<A>& b, int64_t, const auto& io) {
     Vec<A> v[kBlock];  // the current teacher's block (locals: kept in registers)
@@ -282,13 +323,14 @@ RowOut row_ls(const KernelArgs& P, const Row<TZ, TV>& r, const RowInfo& ri) {
     kv[t] = eps + sv[t];
     iv[t] = A(1.0 / (kv[t] * T));
   }
-  // Pass 3, with a = u_z / (k_z T), c = u_v / (k_v T): the KL-kind statistics, plus
-  //   Qu = sum e^z u_z, Pu = sum e^v u_z     (student chain rule: sum_k gamma_k u_k)
-  //   PCu = sum e^v (c - a) u_v, PUv = sum e^v u_v   (teacher chain rule)
+  // Pass 3, with a = u_z / (k_z T), c = u_v / (k_v T): the KL-kind statistics (W of d_j = (c_j - m_v) -
+  // (a_j - m_z), shifted when the lane maxima move, see row_kl), plus
+  //   Qu = sum e^a u_z, Pu = sum e^c u_z     (student chain rule: sum_k gamma_k u_k)
+  //   PCu = sum e^c d u_v, PUv = sum e^c u_v  (teacher chain rule; PCu shifted like W, with PUv as mass)
   // each at the scale of its stream's running max (rescaled with it); Qu once, the others per teacher.
   Lse<A> La, Lc[kCap<MT>];
-  Vec<A> Qu(A(0)), Wk[kCap<MT>], Pu[kCap<MT>], PCu[kCap<MT>], PUv[kCap<MT>];
-  for (int t = 0; t < teachers<MT>(r); ++t) Wk[t] = Pu[t] = PCu[t] = PUv[t] = Vec<A>(A(0));
+  Vec<A> Qu(A(0)), Wk[kCap<MT>], Pu[kCap<MT>], PCu[kCap<MT>], PUv[kCap<MT>], R[kCap<MT>];
+  for (int t = 0; t < teachers<MT>(r); ++t) Wk[t] = Pu[t] = PCu[t] = PUv[t] = R[t] = Vec<A>(A(0));
   sweep<A>(r, -1, false, [&](auto sp, Block<A>& b, int64_t, const auto& io) {
     Vec<A> v[kBlock];  // the current teacher's block (locals: kept in registers)
     Vec<A> a[kBlock], c[kBlock], uz[kBlock], uv[kBlock], e[kBlock];
@@ -309,10 +351,15 @@ RowOut row_ls(const KernelArgs& P, const Row<TZ, TV>& r, const RowInfo& ri) {
         c[k] = uv[k] * Vec<A>(iv[t]);
         if constexpr (decltype(sp)::value) c[k] = Vec<A>::blendv(Vec<A>(ninf<A>()), c[k], b.live[k]);
       }
+      const Vec<A> mc0 = Lc[t].m, sc0 = Lc[t].s, puv0 = PUv[t];
       const Vec<A> rc = Lc[t].update(c, e);
-      Vec<A> w = Wk[t] * rc, pu = Pu[t] * rc, pcu = PCu[t] * rc, puv = PUv[t] * rc;
+      const Vec<A> R1 = track_ref(R[t], c, a, Lc[t].m);
+      const Vec<A> dmc = Lc[t].m - mc0, dR = R1 - R[t];
+      R[t] = R1;
+      Vec<A> w = shift_w(Wk[t], rc, sc0, dmc, dR), pu = Pu[t] * rc;
+      Vec<A> pcu = shift_w(PCu[t], rc, puv0, dmc, dR), puv = PUv[t] * rc;
       for (int k = 0; k < kBlock; ++k) {
-        const Vec<A> d = finite_floor(c[k]) - finite_floor(a[k]);
+        const Vec<A> d = finite_floor(c[k] - Lc[t].m) - finite_floor(a[k] - R1);
         w = vec::fmadd(e[k], d, w);
         pu = vec::fmadd(e[k], uz[k], pu);
         if (gv_on) {
@@ -324,65 +371,84 @@ RowOut row_ls(const KernelArgs& P, const Row<TZ, TV>& r, const RowInfo& ri) {
     }
   });
   const LseTotal ta = total(La);
-  const double Lz = ta.lse();
-  const double L1 = ri.ce ? total(S1).lse() : 0.0;
+  const double lz = ta.l();
+  const LseTotal t1 = ri.ce ? total(S1) : LseTotal{0.0, 1.0};
   RowOut out;
-  out.CE = ri.ce ? L1 - ri.zy : 0.0;
-  double Lv[kCap<MT>] = {}, KL[kCap<MT>] = {};
+  out.CE = ri.ce ? (t1.M - ri.zy) + t1.l() : 0.0;
+  double Mv[kCap<MT>] = {}, lv[kCap<MT>] = {}, Rr[kCap<MT>] = {}, dbar[kCap<MT>] = {}, KL1[kCap<MT>] = {};
   LseTotal tc[kCap<MT>] = {};
+  bool refine = false;
   for (int t = 0; t < teachers<MT>(r); ++t) {
     tc[t] = total(Lc[t]);
-    Lv[t] = tc[t].lse();
-    KL[t] = rescaled_sum(Wk[t], Lc[t], tc[t]) / tc[t].S - Lv[t] + Lz;
-    out.D[t] = T * T * KL[t];
+    Mv[t] = tc[t].M, lv[t] = tc[t].l();
+    Rr[t] = at_row_max(Lc[t], tc[t], R[t]);
+    dbar[t] = shifted_sum(Wk[t], Lc[t].s, Lc[t], tc[t], R[t], Rr[t]) / tc[t].S;
+    const double off = (ta.M - Rr[t]) - (lv[t] - lz);
+    KL1[t] = dbar[t] + off;
+    out.D[t] = T * T * KL1[t];
+    refine |= !(KL1[t] > 0.125 * (std::abs(dbar[t]) + std::abs(off) + lv[t] + lz + 1.0));
   }
-  if (!gz_on && !gv_on) return out;
+  if (!gz_on && !gv_on && !refine) return out;
 
   // Student: gamma_j = dD/dz'_j = T (q_j - p_j), sum_j gamma_j = 0. With z' = u / k, k = eps + sigma,
   // d sigma / d z_j = u_j / ((C-1) sigma) and d u_k / d z_j = delta_jk - 1/C (the -1/C term meets
   // sum gamma = 0):  dD/dz_j = gamma_j / k - (sum_k gamma_k u_k) u_j / (k^2 (C-1) sigma).
-  // Teacher: the same chain with gamma^v_j = T p_j (c_j - a_j + Lz - Lv - KL) (sum = 0).
+  // Teacher: the same chain with gamma^v_j = T p_j (log p_j - log q_j - KL) = T p_j (d_j - dbar) (see
+  // row_kl; sum = 0), so sum_k gamma^v_k u_vk = T (sum p d u_v - dbar sum p u_v).
   // A constant row (sigma = 0, u = 0) has no sigma term (its 0/0 is taken as 0).
   // M teachers: dz = q_j sum_t cq_t - sum_t p_tj cq_t + u_zj sum_t cu_t.
   const double Qs = rescaled_sum(Qu, La, ta) / ta.S;
   double cqs = 0, cus = 0;
-  A cq[kCap<MT>] = {}, cp[kCap<MT>] = {}, cuv[kCap<MT>] = {}, nLv[kCap<MT>] = {}, AK[kCap<MT>] = {};
+  A cq[kCap<MT>] = {}, cp[kCap<MT>] = {}, cuv[kCap<MT>] = {}, fcuv[kCap<MT>] = {}, nMv[kCap<MT>] = {}, nlv[kCap<MT>] = {};
+  A ndbar[kCap<MT>] = {}, E[kCap<MT>] = {}, nR[kCap<MT>] = {};
   for (int t = 0; t < teachers<MT>(r); ++t) {
+    nR[t] = A(-Rr[t]);
     const double Gz = T * (Qs - rescaled_sum(Pu[t], Lc[t], tc[t]) / tc[t].S);
-    const double K = Lz - Lv[t] - KL[t];
-    const double Gv = T * (rescaled_sum(PCu[t], Lc[t], tc[t]) / tc[t].S + K * rescaled_sum(PUv[t], Lc[t], tc[t]) / tc[t].S);
+    const double Gv = T * (shifted_sum(PCu[t], PUv[t], Lc[t], tc[t], R[t], Rr[t]) / tc[t].S
+                           - dbar[t] * rescaled_sum(PUv[t], Lc[t], tc[t]) / tc[t].S);
     const double g = ri.g_kd[t], gv = ri.g_kd[t] * r.w_v;
     cq[t] = A(g * T / kz);
     cqs += g * T / kz;
     cus += sz > 0 ? -g * Gz / (kz * kz * double(C - 1) * sz) : 0.0;
     cp[t] = A(gv * T / kv[t]);
     cuv[t] = A(sv[t] > 0 ? -gv * Gv / (kv[t] * kv[t] * double(C - 1) * sv[t]) : 0.0);
-    nLv[t] = A(-Lv[t]);
-    AK[t] = A(K);
+    fcuv[t] = A(fv[t] * double(cuv[t]));
+    nMv[t] = A(-Mv[t]);
+    nlv[t] = A(-lv[t]);
+    ndbar[t] = A(-dbar[t]);
+    E[t] = A(std::exp(std::min(KL1[t], 80.0)));
   }
-  const A Acq = A(cqs), Acu = A(cus);
-  const A nLz = A(-Lz), nL1 = A(-L1), gce = A(ri.ce ? ri.g_ce : 0.0);
-  sweep<A>(r, -1, true, [&](auto, Block<A>& b, int64_t j0, const auto& io) {
+  const A Acq = A(cqs), Acu = A(cus), fAcu = A(fz * cus);
+  const A nMz = A(-ta.M), nlz = A(-lz), nM1 = A(-t1.M), nl1 = A(-t1.l()), gce = A(ri.ce ? ri.g_ce : 0.0);
+  LongSum<A> X[kCap<MT>];
+  sweep<A>(r, -1, gz_on || gv_on, [&](auto, Block<A>& b, int64_t j0, const auto& io) {
     Vec<A> v[kBlock], gv[kBlock];  // the current teacher's block and gradient (locals: kept in registers)
+    Vec<A> q[kBlock], a[kBlock];
     for (int t = 0; t < teachers<MT>(r); ++t) {
       io.load(t, v);
       for (int k = 0; k < kBlock; ++k) {
         const Vec<A> uz = b.z[k] + Vec<A>(nzbar), uv = v[k] + Vec<A>(nvbar[t]);
-        const Vec<A> a = uz * Vec<A>(iz), c = uv * Vec<A>(iv[t]);
         if (t == 0) {  // the student's terms, once
-          Vec<A> gz = vec::fmadd(vexp(a + Vec<A>(nLz)), Vec<A>(Acq), uz * Vec<A>(Acu));
-          if (ri.ce) gz = vec::fmadd(vexp(b.z[k] + Vec<A>(nL1)), Vec<A>(gce), gz);
+          a[k] = uz * Vec<A>(iz);
+          q[k] = vexp((a[k] + Vec<A>(nMz)) + Vec<A>(nlz));
+          Vec<A> gz = vec::fmadd(q[k], Vec<A>(Acq), vec::fmadd(uz, Vec<A>(Acu), Vec<A>(fAcu)));
+          if (ri.ce) gz = vec::fmadd(vexp((b.z[k] + Vec<A>(nM1)) + Vec<A>(nl1)), Vec<A>(gce), gz);
           b.gz[k] = gz;
         }
-        const Vec<A> p = vexp(c + Vec<A>(nLv[t]));
+        const Vec<A> xc = uv * Vec<A>(iv[t]) + Vec<A>(nMv[t]);
+        const Vec<A> p = vexp(xc + Vec<A>(nlv[t]));
+        const Vec<A> u = (finite_floor(xc) - finite_floor(a[k] + Vec<A>(nR[t]))) + Vec<A>(ndbar[t]);
         b.gz[k] = b.gz[k] - p * Vec<A>(cq[t]);
-        gv[k] = vec::fmadd(p * (finite_floor(c) - finite_floor(a) + Vec<A>(AK[t])), Vec<A>(cp[t]),
-                             uv * Vec<A>(cuv[t]));
+        gv[k] = vec::fmadd(p * u, Vec<A>(cp[t]), vec::fmadd(uv, Vec<A>(cuv[t]), Vec<A>(fcuv[t])));
+        if (refine) X[t].add(phi_term(p, u, q[k], Vec<A>(E[t])));
       }
+      if (refine) X[t].end_block();
       io.store(t, gv);
     }
     if (ri.ce) add_at(b.gz, j0, ri.y, A(-gce));
   });
+  if (refine)
+    for (int t = 0; t < teachers<MT>(r); ++t) out.D[t] = T * T * std::log1p(X[t].total());
   return out;
 }
 
@@ -413,7 +479,7 @@ RowOut row_jsd(const KernelArgs& P, const Row<TZ, TV>& r, const RowInfo& ri) {
   constexpr int64_t B = int64_t(kBlock) * W;
   const int M = teachers<MT>(r);
   const double T = P.ts, beta = P.beta;
-  const A iT = A(1.0 / T), Ab = A(beta), A1b = A(1.0 - beta);
+  const A iT = A(1.0 / T);
   const bool ce_sep = ri.ce && T != 1.0;
   const bool gz_on = r.gz != nullptr, gv_on = r.gv[0] != nullptr;
   // scratch (rows padded to whole blocks): sq holds exp(a - m_run) after sweep 1, then q; sh the
@@ -458,44 +524,55 @@ RowOut row_jsd(const KernelArgs& P, const Row<TZ, TV>& r, const RowInfo& ri) {
       lv.m.store(mv[t] + j0 / B * W);
     }
   });
-  const double Lz = total(Sz).lse();
-  const double L1 = ri.ce ? (ce_sep ? total(S1).lse() : Lz) : 0.0;
-  const A nLz = A(-Lz);
-  A nLv[kCap<MT>] = {}, cz[kCap<MT>] = {};
+  // log-softmaxes as (x - M) - l (M the row max, l = log S): no rounded lse is subtracted from a logit
+  const LseTotal tz = total(Sz);
+  const LseTotal t1 = ri.ce ? (ce_sep ? total(S1) : tz) : LseTotal{0.0, 1.0};
+  const A nMz = A(-tz.M), nlz = A(-tz.l());
+  A nMv[kCap<MT>] = {}, nlv[kCap<MT>] = {}, cz[kCap<MT>] = {};
   for (int t = 0; t < teachers<MT>(r); ++t) {
-    nLv[t] = A(-total(Sv[t]).lse());
+    const LseTotal tv = total(Sv[t]);
+    nMv[t] = A(-tv.M), nlv[t] = A(-tv.l());
     cz[t] = A(ri.g_kd[t] * (1.0 - beta) / T);
   }
-  // per element: log q, log p, q, p, log m; zero probabilities contribute 0 (floors keep 0 * finite)
-  LongSum<A> Kp[kCap<MT>], Kq[kCap<MT>];
+  // Per element, log m in log space (never the log of beta p + (1 - beta) q, which is log 0 when both
+  // underflow): with delta_j = log(beta / (1 - beta)) + log p_j - log q_j and sp(x) = log(1 + e^x),
+  //   hq_j = log q_j - log m_j = -log(1 - beta) - sp(delta_j),  hp_j = log p_j - log m_j = -log beta - sp(-delta_j),
+  // sp(-x) = sp(x) - x. KL(q || m) = -log(1 - beta) - SQ, KL(p || m) = -log beta - SP with the sums of
+  // nonnegative terms SQ = sum_j q_j sp(delta_j), SP = sum_j p_j sp(-delta_j); and the gradients'
+  //   hq_j - KL(q || m) = SQ - sp(delta_j),  hp_j - KL(p || m) = SP - sp(-delta_j)
+  // are differences of small accurate terms in saturated rows (no -log(1 - beta) to cancel).
+  // A zero probability (log floored to `lowest`) gives delta = -+huge: its sp terms are 0 or huge, times 0.
+  const A lb = A(std::log(beta) - std::log1p(-beta));
+  LongSum<A> SP[kCap<MT>], SQ[kCap<MT>];
   // (the student's values are computed with teacher 0, in the same loop: with one teacher this is
   // one fused loop per vector; q, log q and H are kept for the other teachers)
   sweep<A>(r, -1, false, [&](auto, Block<A>& b, int64_t j0, const auto& io) {
     Vec<A> v[kBlock];  // the current teacher's block (locals: kept in registers)
-    const Vec<A> fz = vexp(Vec<A>::loadu(mz + j0 / B * W) + Vec<A>(nLz));
+    const Vec<A> fz = vexp((Vec<A>::loadu(mz + j0 / B * W) + Vec<A>(nMz)) + Vec<A>(nlz));
     Vec<A> q[kBlock], lq[kBlock], H[kBlock], p[kBlock], hp[kBlock];
     for (int t = 0; t < teachers<MT>(r); ++t) {
       io.load(t, v);
-      const Vec<A> fv = vexp(Vec<A>::loadu(mv[t] + j0 / B * W) + Vec<A>(nLv[t]));
-      Vec<A> kp = Kp[t].part, kq = Kq[t].part;
+      const Vec<A> fv = vexp((Vec<A>::loadu(mv[t] + j0 / B * W) + Vec<A>(nMv[t])) + Vec<A>(nlv[t]));
+      Vec<A> kp = SP[t].part, kq = SQ[t].part;
       for (int k = 0; k < kBlock; ++k) {
         if (t == 0) {
-          lq[k] = finite_floor(vec::fmadd(b.z[k], Vec<A>(iT), Vec<A>(nLz)));
+          lq[k] = finite_floor((b.z[k] * Vec<A>(iT) + Vec<A>(nMz)) + Vec<A>(nlz));
           q[k] = Vec<A>::loadu(sq + j0 + k * W) * fz;
         }
-        const Vec<A> lp = finite_floor(vec::fmadd(v[k], Vec<A>(iT), Vec<A>(nLv[t])));
+        const Vec<A> lp = finite_floor((v[k] * Vec<A>(iT) + Vec<A>(nMv[t])) + Vec<A>(nlv[t]));
         p[k] = Vec<A>::loadu(sp[t] + j0 + k * W) * fv;
-        const Vec<A> lm = finite_floor(vlog(vec::fmadd(p[k], Vec<A>(Ab), q[k] * Vec<A>(A1b))));
-        hp[k] = lp - lm;
-        const Vec<A> hq = lq[k] - lm;
-        kp = vec::fmadd(p[k], hp[k], kp);
-        kq = vec::fmadd(q[k], hq, kq);
-        H[k] = t == 0 ? hq * Vec<A>(cz[t]) : vec::fmadd(hq, Vec<A>(cz[t]), H[k]);
+        const Vec<A> delta = (lp - lq[k]) + Vec<A>(lb);
+        const Vec<A> spd = vec::clamp_min(delta, Vec<A>(A(0))) + vlog1p(vexp(Vec<A>(A(0)) - delta.abs()));
+        const Vec<A> spn = spd - delta;  // sp(-delta)
+        hp[k] = Vec<A>(A(0)) - spn;
+        kp = vec::fmadd(p[k], spn, kp);
+        kq = vec::fmadd(q[k], spd, kq);
+        H[k] = t == 0 ? spd * Vec<A>(-cz[t]) : vec::fnmadd(spd, Vec<A>(cz[t]), H[k]);
       }
-      Kp[t].part = kp;
-      Kq[t].part = kq;
-      Kp[t].end_block();
-      Kq[t].end_block();
+      SP[t].part = kp;
+      SQ[t].part = kq;
+      SP[t].end_block();
+      SQ[t].end_block();
       if (gv_on) {
         for (int k = 0; k < kBlock; ++k) {
           p[k].store(sp[t] + j0 + k * W);
@@ -511,26 +588,29 @@ RowOut row_jsd(const KernelArgs& P, const Row<TZ, TV>& r, const RowInfo& ri) {
     }
   });
   RowOut out;
-  out.CE = ri.ce ? L1 - ri.zy : 0.0;
-  double KLp[kCap<MT>] = {}, Kqs = 0;
+  out.CE = ri.ce ? (t1.M - ri.zy) + t1.l() : 0.0;
+  double KLp[kCap<MT>] = {}, SPs[kCap<MT>] = {}, Kqs = 0;
   for (int t = 0; t < teachers<MT>(r); ++t) {
-    KLp[t] = Kp[t].total();
-    const double KLq = Kq[t].total();
+    SPs[t] = SP[t].total();
+    const double SQs = SQ[t].total();
+    KLp[t] = -std::log(beta) - SPs[t];
+    const double KLq = -std::log1p(-beta) - SQs;
     out.D[t] = beta * KLp[t] + (1.0 - beta) * KLq;
-    Kqs += double(cz[t]) * KLq;
+    Kqs += double(cz[t]) * SQs;
   }
   if (!gz_on && !gv_on) return out;
   // dD/dq_k = (1 - beta)(log q_k - log m_k) (the p/m and q/m terms cancel), then the softmax chain
   // d q_k / d a_j = q_k (delta_jk - q_j), a = z / T:
-  //   dD/dz_j = (1/T)(1 - beta) q_j (log q_j - log m_j - KLq),  dD/dv_j = (1/T) beta p_j (log p_j - log m_j - KLp)
-  // M teachers, cz_t = g_t (1 - beta) / T: dz_j = q_j (H_j - sum_t cz_t KLq_t), H_j = sum_t cz_t (log q_j - log m_tj).
+  //   dD/dz_j = (1/T)(1 - beta) q_j (hq_j - KLq) = (1/T)(1 - beta) q_j (SQ - sp(delta_j)),
+  //   dD/dv_j = (1/T) beta p_j (hp_j - KLp) = (1/T) beta p_j (SP - sp(-delta_j))
+  // M teachers, cz_t = g_t (1 - beta) / T: dz_j = q_j (H_j + sum_t cz_t SQ_t), H_j = -sum_t cz_t sp(delta_tj).
   // CE: g_ce (softmax(z)_j - [j = y]), softmax(z) = q when T == 1.
   A cv[kCap<MT>] = {}, nKp[kCap<MT>] = {};
   for (int t = 0; t < teachers<MT>(r); ++t) {
     cv[t] = A(ri.g_kd[t] * beta / T * r.w_v);
-    nKp[t] = A(-KLp[t]);
+    nKp[t] = A(SPs[t]);
   }
-  const A nKq = A(-Kqs), nL1 = A(-L1), gce = A(ri.ce ? ri.g_ce : 0.0);
+  const A nKq = A(Kqs), nM1 = A(-t1.M), nl1 = A(-t1.l()), gce = A(ri.ce ? ri.g_ce : 0.0);
   Row<TZ, TV> rg = r;  // writes only: no loads of z, v (z only for CE's softmax at T = 1)
   rg.zp = nullptr;
   if (!(ce_sep && gz_on)) rg.z = nullptr;
@@ -541,7 +621,7 @@ RowOut row_jsd(const KernelArgs& P, const Row<TZ, TV>& r, const RowInfo& ri) {
         const int64_t o = j0 + k * W;
         const Vec<A> q = Vec<A>::loadu(sq + o), h = Vec<A>::loadu(sh + o);
         Vec<A> gz = q * (h + Vec<A>(nKq));
-        if (ri.ce) gz = vec::fmadd(ce_sep ? vexp(b.z[k] + Vec<A>(nL1)) : q, Vec<A>(gce), gz);
+        if (ri.ce) gz = vec::fmadd(ce_sep ? vexp((b.z[k] + Vec<A>(nM1)) + Vec<A>(nl1)) : q, Vec<A>(gce), gz);
         b.gz[k] = gz;
       }
       if (ri.ce) add_at(b.gz, j0, ri.y, A(-gce));
@@ -592,8 +672,9 @@ RowOut row_topk(const KernelArgs& P, const Row<TZ, TV>& r, const RowInfo& ri, in
     Sz.update(a, e);
     if (ce_sep) S1.update(b.z, e);
   });
-  const double Lz = total(Sz).lse();
-  const double L1 = ri.ce ? (ce_sep ? total(S1).lse() : Lz) : 0.0;
+  const LseTotal tz = total(Sz);  // log q_j = (a_j - Mz) - lz (no rounded lse subtracted from a logit)
+  const double Mz = tz.M, lz = tz.l();
+  const LseTotal t1 = ri.ce ? (ce_sep ? total(S1) : tz) : LseTotal{0.0, 1.0};
   double Lt = 0.0;  // lse_k(lp / T): max first, then the sum (k is small: plain double loops)
   if (P.renormalize) {
     double M = -INFINITY;
@@ -609,7 +690,7 @@ RowOut row_topk(const KernelArgs& P, const Row<TZ, TV>& r, const RowInfo& ri, in
   // the student at the k classes, read before the gradient sweep writes (grad_z may alias z)
   double* zk = scratch<double>(2 * K);
   double* pk = zk + K;
-  double Pm = 0.0, S = 0.0;  // P = sum_k p_k, S = sum_k p_k (log p_k - a_{i_k})
+  double Pm = 0.0, S = 0.0;  // P = sum_k p_k, S = sum_k p_k (log p_k - log q_{i_k})
   for (int64_t k = 0; k < K; ++k) {
     zk[k] = double(r.z[idx[k]]);
     // (-inf stays -inf: with no teacher mass in the row, Lt = -inf too, and p = 0 for every k)
@@ -617,29 +698,29 @@ RowOut row_topk(const KernelArgs& P, const Row<TZ, TV>& r, const RowInfo& ri, in
     pk[k] = std::exp(l);
     if (pk[k] > 0 || std::isnan(l)) {
       Pm += pk[k];
-      S += pk[k] * (l - zk[k] / T);
+      S += pk[k] * (l - ((zk[k] / T - Mz) - lz));
     }
   }
   const double s = P.scale;
   RowOut out;
-  out.D[0] = s * (S + Pm * Lz);
-  out.CE = ri.ce ? L1 - ri.zy : 0.0;
+  out.D[0] = s * S;
+  out.CE = ri.ce ? (t1.M - ri.zy) + t1.l() : 0.0;
   if (!r.gz) return out;
   // dD/da_j = s (P q_j - sum_k p_k [i_k = j]), a = z / T:  dD/dz_j = (s / T)(P q_j - p_j [j in top-k]);
   // plus CE g_ce (softmax(z)_j - [j = y]), softmax(z) = q when T == 1. Dense part in the sweep, the
   // label column and the k teacher columns rewritten after it, in double.
   const double cp = ri.g_kd[0] * s / T;
   const A cq = A(cp * Pm + (ri.ce && !ce_sep ? ri.g_ce : 0.0));
-  const A B1 = A(ce_sep ? ri.g_ce : 0.0), nLz = A(-Lz), nL1 = A(-L1);
+  const A B1 = A(ce_sep ? ri.g_ce : 0.0), nMz = A(-Mz), nlz = A(-lz), nM1 = A(-t1.M), nl1 = A(-t1.l());
   sweep<A>(r, -1, true, [&](auto, Block<A>& b, int64_t, const auto&) {
     for (int k = 0; k < kBlock; ++k) {
-      Vec<A> gz = vexp(vec::fmadd(b.z[k], Vec<A>(iT), Vec<A>(nLz))) * Vec<A>(cq);
-      if (ce_sep) gz = vec::fmadd(vexp(b.z[k] + Vec<A>(nL1)), Vec<A>(B1), gz);
+      Vec<A> gz = vexp((b.z[k] * Vec<A>(iT) + Vec<A>(nMz)) + Vec<A>(nlz)) * Vec<A>(cq);
+      if (ce_sep) gz = vec::fmadd(vexp((b.z[k] + Vec<A>(nM1)) + Vec<A>(nl1)), Vec<A>(B1), gz);
       b.gz[k] = gz;
     }
   });
   auto dense = [&](double zj) {
-    return cp * Pm * std::exp(zj / T - Lz) + (ri.ce ? ri.g_ce * std::exp(zj - L1) : 0.0);
+    return cp * Pm * std::exp((zj / T - Mz) - lz) + (ri.ce ? ri.g_ce * std::exp((zj - t1.M) - t1.l()) : 0.0);
   };
   if (ri.ce) write_scalar(r.gz, ri.y, dense(ri.zy) - ri.g_ce);
   for (int64_t k = 0; k < K; ++k) {
