@@ -61,7 +61,7 @@ class Build(BuildExtension):
             self.compiler.compile = inner
 
 
-cxx_flags = ["-O3", "-g0", "-fopenmp", "-ffp-contract=fast", "-Wall", "-Wno-unknown-pragmas"]
+cxx_flags = ["-O3", "-g0", "-fopenmp", "-ffp-contract=off", "-Wall", "-Wno-unknown-pragmas"]
 if os.environ.get("KDFAST_DEBUG"):
     cxx_flags = ["-O0", "-g", "-fopenmp"]
 

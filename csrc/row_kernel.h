@@ -143,6 +143,18 @@ inline Vec<A> vlog1p(const Vec<A>& x) {
 // fwd+bwd on the AVX2 dev machine, for fp32 gradients ~1.5x closer to float64: not worth it; the
 // tests bound the fp32 error with the 20-ulp term.)
 
+// 1/T as hi + lo (hi = fl(1/T)): x * hi + x * lo rounds like x / T (one rounding of a nearly exact
+// value), where x * fl(1/T) alone scales every logit by the same relative error of fl(1/T): a
+// systematic temperature error of up to eps, which moves p_j / p_k by eps * |c_j - c_k| (6e-6 at
+// logits of 100). lo = 0 for T a power of two (T = 1: x exactly).
+template <class A>
+struct InvT {
+  A hi, lo;
+  explicit InvT(double T) : hi(A(1.0 / T)), lo(A(1.0 / T - double(A(1.0 / T)))) {}
+};
+template <class A>
+KD_INLINE Vec<A> vscale(const Vec<A>& x, const InvT<A>& it) { return vec::fmadd(x, Vec<A>(it.hi), x * Vec<A>(it.lo)); }
+
 // max(x, lowest): maps -inf to the most negative finite number so that 0 * (x - y) stays 0 where the
 // probability is 0 (guards 0 * inf without a blend); NaN propagates.
 template <class A>
@@ -356,6 +368,13 @@ struct LongSum {
   int n = 0;
   void fma(const Vec<A>& a, const Vec<A>& b) { part = vec::fmadd(a, b, part); }
   void add(const Vec<A>& a) { part = part + a; }
+  // each value straight into the double lanes (no float partial sum: the sum of n floats is then
+  // exact to ~n eps64, for means that must not round at the values' offset)
+  void add_exact(const Vec<A>& a) {
+    alignas(64) A t[W];
+    a.store(t);
+    for (int l = 0; l < W; ++l) acc[l] += double(t[l]);
+  }
   void end_block() {
     if (++n == kFlush) flush();
   }
@@ -426,6 +445,16 @@ KD_INLINE Vec<A> shift_w(const Vec<A>& W, const Vec<A>& r, const Vec<A>& s_old, 
   return r * vec::fnmadd(s_old, sh, W);
 }
 
+// Whether a row's one-pass KL1 (docs/kernel-math.md, rule 3) is replaced by log1p of the phi sum: when
+// its cancellation costs more than 3 bits (KL1 small against the magnitudes `mag` it is the
+// difference of), and KL1 < 64 (the sum's large-|u| terms carry exp(KL1); above that the one-pass
+// value has lost nothing that matters).
+inline bool needs_refine(double KL1, double mag) { return !(KL1 > 0.125 * mag) && KL1 < 64.0; }
+
+// w phi(x) with w = exp(lw) > 0 (DKD's binary TCKD terms): the series (phi) for moderate x, and
+// exp(lw + x) - w (1 + x) for x > 1/2, which cannot overflow where w e^x is finite (w tiny, x large).
+inline double wphi(double lw, double w, double x);
+
 // phi(x) = e^x - 1 - x in double (scalar terms: DKD's binary TCKD): the series below |x| < 1/2.
 inline double phi(double x) {
   if (!(std::abs(x) < 0.5)) return std::expm1(x) - x;
@@ -437,6 +466,7 @@ inline double phi(double x) {
   }
   return x * x * P;
 }
+inline double wphi(double lw, double w, double x) { return x > 0.5 ? std::exp(lw + x) - w * (1.0 + x) : w * phi(x); }
 
 // phi(x) = e^x - 1 - x >= 0, the terms of the accurate KL (docs/kernel-math.md, "accurate loss"):
 // KL = log1p(sum_j w_j phi(-u_j)) with sum_j w_j u_j = 0. Returns w phi(-u): for |u| <= 1 the series
@@ -493,6 +523,19 @@ struct RowOut {
 template <class T>
 inline double at_label(const T* p, int64_t y) { return y >= 0 ? static_cast<double>(p[y]) : 0.0; }
 
+// Scalar recomputations of one column (the label's) round exactly as the vector code does: a logit
+// scaled by 1/T in A, and retro_kd's teacher mix as BlockIO::load forms it. (A value computed in double
+// instead differs from the lane's by up to an ulp of the logit: at |z/T| ~ 10^3 that is 6e-5 of a
+// probability, against an exact 0 at the row max.)
+template <class A>
+inline double scaled(double x, const InvT<A>& it) { return double(A(std::fma(A(x), it.hi, A(x) * it.lo))); }
+template <class A, class TZ, class TV>
+inline double mixed(const Row<TZ, TV>& r, int t, int64_t y) {
+  A v = A(r.v[t][y]);
+  if (r.zp) v = std::fma(v, A(r.w_v), A(A(r.zp[y]) * A(r.w_zp)));
+  return double(v);
+}
+
 template <class T>
 inline void write_scalar(T* p, int64_t y, double x) { if (p) p[y] = static_cast<T>(x); }
 
@@ -504,7 +547,7 @@ inline void write_scalar(T* p, int64_t y, double x) { if (p) p[y] = static_cast<
 // ===================================================================================================
 template <bool Rev, int MT, class A, class TZ, class TV>
 RowOut row_kl(const KernelArgs& P, const Row<TZ, TV>& r, const RowInfo& ri) {
-  const A its = A(1.0 / P.ts), itt = A(1.0 / P.tt);
+  const InvT<A> its(P.ts), itt(P.tt);
   const bool ce_sep = ri.ce && P.ts != 1.0;  // CE needs lse(z) at T = 1: its own stream unless Ts == 1
   const bool wttm = P.wttm;
   Lse<A> Sz, S1, Sv[kCap<MT>], Sv1[kCap<MT>];
@@ -519,7 +562,7 @@ RowOut row_kl(const KernelArgs& P, const Row<TZ, TV>& r, const RowInfo& ri) {
   sweep<A>(r, -1, false, [&](auto, Block<A>& b, int64_t, const auto& io) {
     Vec<A> v[kBlock];  // the current teacher's block (locals: kept in registers)
     Vec<A> a[kBlock], c[kBlock], ez[kBlock], e[kBlock], xa[kBlock];
-    for (int k = 0; k < kBlock; ++k) a[k] = b.z[k] * Vec<A>(its);
+    for (int k = 0; k < kBlock; ++k) a[k] = vscale(b.z[k], its);
     const Vec<A> mz0 = Sz.m, sz0 = Sz.s;
     const Vec<A> rz = Sz.update(a, ez);
     if (ce_sep) S1.update(b.z, e);
@@ -527,7 +570,7 @@ RowOut row_kl(const KernelArgs& P, const Row<TZ, TV>& r, const RowInfo& ri) {
       for (int k = 0; k < kBlock; ++k) xa[k] = finite_floor(a[k] - Sz.m);
     for (int t = 0; t < teachers<MT>(r); ++t) {
       io.load(t, v);
-      for (int k = 0; k < kBlock; ++k) c[k] = v[k] * Vec<A>(itt);
+      for (int k = 0; k < kBlock; ++k) c[k] = vscale(v[k], itt);
       const Vec<A> mv0 = Sv[t].m, sv0 = Sv[t].s;
       const Vec<A> rv = Sv[t].update(c, e);
       if constexpr (Rev) {
@@ -557,7 +600,7 @@ RowOut row_kl(const KernelArgs& P, const Row<TZ, TV>& r, const RowInfo& ri) {
   //   KL1 = dbar + (M_z - Rr) - (l_v - l_z);   Rev: KL1 = dbar + (M_v - Rr) - (l_z - l_v).
   double Mv[kCap<MT>] = {}, lv[kCap<MT>] = {}, Rr[kCap<MT>] = {}, dbar[kCap<MT>] = {}, KL1[kCap<MT>] = {};
   double s[kCap<MT>] = {};
-  bool refine = false;
+  bool refine = false, rf[kCap<MT>] = {};
   for (int t = 0; t < teachers<MT>(r); ++t) {
     const LseTotal tv = total(Sv[t]);
     Mv[t] = tv.M, lv[t] = tv.l();
@@ -574,14 +617,17 @@ RowOut row_kl(const KernelArgs& P, const Row<TZ, TV>& r, const RowInfo& ri) {
     KL1[t] = dbar[t] + off;
     if (wttm) {
       const LseTotal t1v = total(Sv1[t]);
-      s[t] = std::exp((tv.M - t1v.M / P.tt) + (lv[t] - t1v.l() / P.tt));
+      // lse(v/T) - lse(v)/T = (max(v)/T + l_v) - (max(v) + l_1v)/T = l_v - l_1v/T: the maxima cancel
+      // exactly (their roundings, fl(max(v) / T) against max(v) / T, would not)
+      s[t] = std::exp(lv[t] - t1v.l() / P.tt);
     } else {
       s[t] = P.scale;
     }
     out.D[t] = s[t] * KL1[t];
     // cancellation in KL1 costs more than 3 bits: the accurate sum of the gradient pass (log1p of
     // nonnegative terms), in a sweep of its own for a forward-only call
-    refine |= !(KL1[t] > 0.125 * (std::abs(dbar[t]) + std::abs(off) + lv[t] + lz + 1.0));
+    rf[t] = needs_refine(KL1[t], std::abs(dbar[t]) + std::abs(off) + lv[t] + lz + 1.0);
+    refine |= rf[t];
   }
   const bool grads = r.gz || r.gv[0];
   if (!grads && !refine) return out;
@@ -596,10 +642,10 @@ RowOut row_kl(const KernelArgs& P, const Row<TZ, TV>& r, const RowInfo& ri) {
   // KL = log1p(sum_j p_j phi(-u_j)) (phi_term; Rev: q weights), accurate relative to its own size.
   // dCE/dz_j = softmax(z)_j - [j = y]: the softmax part here (= q_j when Ts == 1), the -1 below.
   // Every constant (grad_scale, kd_w, s / T, retro's 1 - rho) is folded into one coefficient per
-  // teacher; with M teachers dz sums them: forward q_j (sum_t Az_t + Bq) - sum_t Az_t p_tj.
+  // teacher; with M teachers dz sums them: forward q_j Bq + sum_t Az_t (q_j - p_tj) (the difference
+  // first: where q ~ p, rounding the two products apart would cost the difference its precision).
   A Az[kCap<MT>] = {}, Av[kCap<MT>] = {}, nMv[kCap<MT>] = {}, nlv[kCap<MT>] = {}, nR[kCap<MT>] = {};
   A ndbar[kCap<MT>] = {}, E[kCap<MT>] = {};
-  double Azs = 0;
   for (int t = 0; t < teachers<MT>(r); ++t) {
     Az[t] = A(ri.g_kd[t] * s[t] / P.ts);
     Av[t] = A(ri.g_kd[t] * s[t] / P.tt * r.w_v);
@@ -607,11 +653,9 @@ RowOut row_kl(const KernelArgs& P, const Row<TZ, TV>& r, const RowInfo& ri) {
     nlv[t] = A(-lv[t]);
     nR[t] = A(-Rr[t]);
     ndbar[t] = A(-dbar[t]);
-    E[t] = A(std::exp(std::min(KL1[t], 80.0)));
-    Azs += double(Az[t]);
+    E[t] = A(rf[t] ? std::exp(KL1[t]) : 0.0);
   }
   const A Bq = A(ri.ce && !ce_sep ? ri.g_ce : 0.0);  // CE folded into the q coefficient (Ts == 1)
-  const A Aq = A(Azs) + Bq;
   const A B1 = A(ce_sep ? ri.g_ce : 0.0);
   const A nMz = A(-tz.M), nlz = A(-lz), nM1 = A(-t1.M), nl1 = A(-t1.l());
   LongSum<A> X[kCap<MT>];
@@ -624,19 +668,19 @@ RowOut row_kl(const KernelArgs& P, const Row<TZ, TV>& r, const RowInfo& ri) {
       io.load(t, v);
       for (int k = 0; k < kBlock; ++k) {
         if (t == 0) {
-          a[k] = b.z[k] * Vec<A>(its);
+          a[k] = vscale(b.z[k], its);
           xa[k] = a[k] + Vec<A>(nMz);
           q[k] = vexp(xa[k] + Vec<A>(nlz));
           xa[k] = finite_floor(xa[k]);
-          Vec<A> gz = q[k] * Vec<A>(Rev ? Bq : Aq);
+          Vec<A> gz = q[k] * Vec<A>(Bq);
           if (ce_sep) gz = vec::fmadd(vexp((b.z[k] + Vec<A>(nM1)) + Vec<A>(nl1)), Vec<A>(B1), gz);
           b.gz[k] = gz;
         }
-        const Vec<A> c = v[k] * Vec<A>(itt);
+        const Vec<A> c = vscale(v[k], itt);
         const Vec<A> p = vexp((c + Vec<A>(nMv[t])) + Vec<A>(nlv[t]));
         if constexpr (!Rev) {
           const Vec<A> u = (finite_floor(c + Vec<A>(nMv[t])) - finite_floor(a[k] + Vec<A>(nR[t]))) + Vec<A>(ndbar[t]);
-          b.gz[k] = b.gz[k] - p * Vec<A>(Az[t]);
+          b.gz[k] = vec::fmadd(q[k] - p, Vec<A>(Az[t]), b.gz[k]);
           gv[k] = p * Vec<A>(Av[t]) * u;
           if (refine) X[t].add(phi_term(p, u, q[k], Vec<A>(E[t])));
         } else {
@@ -650,13 +694,13 @@ RowOut row_kl(const KernelArgs& P, const Row<TZ, TV>& r, const RowInfo& ri) {
       io.store(t, gv);
     }
   });
-  if (refine)
-    for (int t = 0; t < teachers<MT>(r); ++t) out.D[t] = s[t] * std::log1p(X[t].total());
+  for (int t = 0; t < teachers<MT>(r); ++t)
+    if (rf[t]) out.D[t] = s[t] * std::log1p(X[t].total());
   if (ri.ce && r.gz) {  // the label column, recomputed in double from values read before any write
-    const double ay = ri.zy / P.ts, q = std::exp((ay - tz.M) - lz);
+    const double ay = scaled(ri.zy, its), q = std::exp((ay - tz.M) - lz);
     double g = ri.g_ce * (std::exp((ri.zy - t1.M) - t1.l()) - 1.0);
     for (int t = 0; t < teachers<MT>(r); ++t) {
-      const double cy = ri.vy[t] / P.tt, p = std::exp((cy - Mv[t]) - lv[t]);
+      const double cy = scaled(ri.vy[t], itt), p = std::exp((cy - Mv[t]) - lv[t]);
       g += Rev ? double(Az[t]) * q * (((ay - tz.M) - (cy - Rr[t])) - dbar[t]) : double(Az[t]) * (q - p);
     }
     write_scalar(r.gz, ri.y, g);
@@ -715,7 +759,7 @@ void rows(const KernelArgs& P, int64_t begin, int64_t end) {
       ri.g_ce = ri.ce ? P.grad_scale * double(ce_w[i]) : 0.0;
       ri.zy = double(r.z[y]);
       for (int t = 0; t < M; ++t)
-        ri.vy[t] = r.v[t] ? r.w_v * double(r.v[t][y]) + (zp ? r.w_zp * double(r.zp[y]) : 0.0) : 0.0;
+        ri.vy[t] = r.v[t] ? mixed<A>(r, t, y) : 0.0;
     }
     RowOut o;
     switch (P.kind) {

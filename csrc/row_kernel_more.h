@@ -35,7 +35,7 @@ inline double clamp_finite(double x) {
 template <int MT, class A, class TZ, class TV>
 RowOut row_dkd(const KernelArgs& P, const Row<TZ, TV>& r, const RowInfo& ri) {
   const double T = P.ts;
-  const A iT = A(1.0 / T);
+  const InvT<A> iT(T);
   const int64_t y = ri.y;
   const bool ce_sep = ri.ce && T != 1.0;
   Lse<A> Sz, S1, Sv[kCap<MT>];
@@ -46,12 +46,12 @@ RowOut row_dkd(const KernelArgs& P, const Row<TZ, TV>& r, const RowInfo& ri) {
   sweep<A>(r, y, false, [&](auto, Block<A>& b, int64_t, const auto& io) {
     Vec<A> v[kBlock];  // the current teacher's block (locals: kept in registers)
     Vec<A> a[kBlock], c[kBlock], e[kBlock];
-    for (int k = 0; k < kBlock; ++k) a[k] = b.z[k] * Vec<A>(iT);
+    for (int k = 0; k < kBlock; ++k) a[k] = vscale(b.z[k], iT);
     Sz.update(a, e);
     if (ce_sep) S1.update(b.z, e);
     for (int t = 0; t < teachers<MT>(r); ++t) {
       io.load(t, v);
-      for (int k = 0; k < kBlock; ++k) c[k] = v[k] * Vec<A>(iT);
+      for (int k = 0; k < kBlock; ++k) c[k] = vscale(v[k], iT);
       const Vec<A> mv0 = Sv[t].m, sv0 = Sv[t].s;
       const Vec<A> rv = Sv[t].update(c, e);
       const Vec<A> R1 = track_ref(R[t], c, a, Sv[t].m);
@@ -63,7 +63,7 @@ RowOut row_dkd(const KernelArgs& P, const Row<TZ, TV>& r, const RowInfo& ri) {
   });
   const LseTotal tz = total(Sz);  // over j != y
   const double lzn = tz.l(), Lzn = tz.lse();
-  const double ay = ri.zy / T;
+  const double ay = scaled(ri.zy, iT);
   const double Lz = logaddexp(Lzn, ay);
   const double lqy = ay - Lz, l1qy = Lzn - Lz, qy = std::exp(lqy), qy1 = std::exp(l1qy);
   // CE's lse(z) at T = 1: its own stream (over j != y) or the student's (T == 1), plus the label column
@@ -79,12 +79,12 @@ RowOut row_dkd(const KernelArgs& P, const Row<TZ, TV>& r, const RowInfo& ri) {
   // NCKD1 = dbar + (M_z\y - Rr) - (l_v\y - l_z\y), p_y, 1 - p_y, G p_y
   double Mvn[kCap<MT>] = {}, lvn[kCap<MT>] = {}, Rr[kCap<MT>] = {}, dbar[kCap<MT>] = {}, NCKD1[kCap<MT>] = {};
   double py[kCap<MT>] = {}, py1[kCap<MT>] = {}, Gp[kCap<MT>] = {}, TCKD[kCap<MT>] = {};
-  bool refine = false;
+  bool refine = false, rf[kCap<MT>] = {};
   for (int t = 0; t < teachers<MT>(r); ++t) {
     const LseTotal tv = total(Sv[t]);
     Mvn[t] = tv.M, lvn[t] = tv.l();
     const double Lvn = tv.lse();
-    const double cy = ri.vy[t] / T;
+    const double cy = scaled(ri.vy[t], iT);
     const double Lv = logaddexp(Lvn, cy);
     // NCKD = KL(p_hat || q_hat) over j != y (0 if the teacher has no non-target mass)
     if (tv.S > 0) {
@@ -92,7 +92,8 @@ RowOut row_dkd(const KernelArgs& P, const Row<TZ, TV>& r, const RowInfo& ri) {
       dbar[t] = shifted_sum(W[t], Sv[t].s, Sv[t], tv, R[t], Rr[t]) / tv.S;
       const double off = (tz.M - Rr[t]) - (lvn[t] - lzn);
       NCKD1[t] = dbar[t] + off;
-      refine |= !(NCKD1[t] > 0.125 * (std::abs(dbar[t]) + std::abs(off) + lvn[t] + lzn + 1.0));
+      rf[t] = needs_refine(NCKD1[t], std::abs(dbar[t]) + std::abs(off) + lvn[t] + lzn + 1.0);
+      refine |= rf[t];
     }
     const double lpy = cy - Lv, l1py = Lvn - Lv;  // log p_y, log(1 - p_y)
     py[t] = std::exp(lpy), py1[t] = std::exp(l1py);
@@ -100,8 +101,10 @@ RowOut row_dkd(const KernelArgs& P, const Row<TZ, TV>& r, const RowInfo& ri) {
     // tb = p_y rr + (1 - p_y) rs cancels when p_y ~ q_y; log1p of the phi terms does not (see "KL")
     const double rr = lpy - lqy, rs = l1py - l1qy;
     const double tb = (py[t] > 0 ? py[t] * rr : 0.0) + (py1[t] > 0 ? py1[t] * rs : 0.0);
-    const double X = (py[t] > 0 ? py[t] * phi(tb - rr) : 0.0) + (py1[t] > 0 ? py1[t] * phi(tb - rs) : 0.0);
-    TCKD[t] = std::isfinite(tb) && std::abs(tb) < 1.0 ? std::log1p(X) : tb;
+    const double X = (py[t] > 0 ? wphi(lpy, py[t], tb - rr) : 0.0) + (py1[t] > 0 ? wphi(l1py, py1[t], tb - rs) : 0.0);
+    // (a bucket without teacher mass leaves one term: tb itself, no cancellation; the phi form would
+    // need that bucket's q e^KL term)
+    TCKD[t] = py[t] > 0 && py1[t] > 0 && std::isfinite(tb) && std::abs(tb) < 1.0 ? std::log1p(X) : tb;
     out.D[t] = T * T * (P.alpha * TCKD[t] + P.beta * NCKD1[t]);
     Gp[t] = clamp_finite(py[t] > 0 ? (rr - rs) * py[t] : 0.0);
   }
@@ -111,7 +114,8 @@ RowOut row_dkd(const KernelArgs& P, const Row<TZ, TV>& r, const RowInfo& ri) {
   // Gradients (s = T^2, da/dz = 1/T: a factor T overall). With q_hat_j = exp((a_j - M_z\y) - l_z\y),
   // q_j = q_hat_j (1 - q_y), and TCKD = const - p_y a_y - (1 - p_y) Lz\y + Lz in a:
   //   dD/dz_j = T g (alpha (q_j - (1 - p_y) q_hat_j) + beta (q_hat_j - p_hat_j))              j != y
-  //           = q_hat_j * T g (alpha (1 - q_y) - alpha (1 - p_y) + beta) - p_hat_j * T g beta
+  //           = q_hat_j * T g alpha (p_y - q_y) + T g beta (q_hat_j - p_hat_j)
+  //   (the difference q_hat - p_hat taken first, as in row_kl)
   //   dD/dz_y = T g alpha (q_y - p_y)
   // In c, TCKD's gradient is G p_y ([j = y] - p_j), G = log(p_y/q_y) - log((1-p_y)/(1-q_y)), and
   // NCKD's is the KL-kind teacher gradient over j != y, p_hat_j u_j (u_j = d_j - dbar, see row_kl);
@@ -119,7 +123,7 @@ RowOut row_dkd(const KernelArgs& P, const Row<TZ, TV>& r, const RowInfo& ri) {
   //   dD/dv_j = p_hat_j * (T g beta u_j - T g alpha G p_y (1 - p_y))                          j != y
   //   dD/dv_y = T g alpha G p_y (1 - p_y)
   // plus CE: g_ce (softmax(z)_j - [j = y]); softmax(z)_j = q_j = q_hat_j (1 - q_y) when T == 1.
-  // M teachers: dz sums the q_hat coefficients (Aq) and subtracts each teacher's p_hat term.
+  // M teachers: dz sums the q_hat coefficients (Aq) and each teacher's (q_hat - p_hat) term.
   // NCKD = log1p(sum_{j != y} p_hat_j phi(-u_j)) (refine), accurate relative to its own size.
   double Aqs = ri.ce && !ce_sep ? ri.g_ce * qy1 : 0.0;
   A Ap[kCap<MT>] = {}, Bv1[kCap<MT>] = {}, Bv0[kCap<MT>] = {}, nMvn[kCap<MT>] = {}, nlvn[kCap<MT>] = {};
@@ -127,14 +131,14 @@ RowOut row_dkd(const KernelArgs& P, const Row<TZ, TV>& r, const RowInfo& ri) {
   for (int t = 0; t < teachers<MT>(r); ++t) {
     const double Tg = T * ri.g_kd[t], Tgv = Tg * r.w_v;
     nR[t] = A(-Rr[t]);
-    Aqs += Tg * (P.alpha * qy1 - P.alpha * py1[t] + P.beta);
+    Aqs += Tg * P.alpha * (py[t] - qy);
     Ap[t] = A(Tg * P.beta);
     Bv1[t] = A(Tgv * P.beta);
     Bv0[t] = A(-Tgv * P.alpha * Gp[t] * py1[t]);
     nMvn[t] = A(-Mvn[t]);
     nlvn[t] = A(-lvn[t]);
     ndbar[t] = A(-dbar[t]);
-    E[t] = A(std::exp(std::min(NCKD1[t], 80.0)));
+    E[t] = A(rf[t] ? std::exp(NCKD1[t]) : 0.0);
   }
   const A Aq = A(Aqs);
   const A B1 = A(ce_sep ? ri.g_ce : 0.0);
@@ -147,16 +151,16 @@ RowOut row_dkd(const KernelArgs& P, const Row<TZ, TV>& r, const RowInfo& ri) {
       io.load(t, v);
       for (int k = 0; k < kBlock; ++k) {
         if (t == 0) {  // the student's terms, once
-          a[k] = b.z[k] * Vec<A>(iT);
+          a[k] = vscale(b.z[k], iT);
           qh[k] = vexp((a[k] + Vec<A>(nMzn)) + Vec<A>(nlzn));
           Vec<A> gz = qh[k] * Vec<A>(Aq);
           if (ce_sep) gz = vec::fmadd(vexp((b.z[k] + Vec<A>(nM1)) + Vec<A>(nl1)), Vec<A>(B1), gz);
           b.gz[k] = gz;
         }
-        const Vec<A> xc = v[k] * Vec<A>(iT) + Vec<A>(nMvn[t]);
+        const Vec<A> xc = vscale(v[k], iT) + Vec<A>(nMvn[t]);
         const Vec<A> ph = vexp(xc + Vec<A>(nlvn[t]));
         const Vec<A> u = (finite_floor(xc) - finite_floor(a[k] + Vec<A>(nR[t]))) + Vec<A>(ndbar[t]);
-        b.gz[k] = b.gz[k] - ph * Vec<A>(Ap[t]);
+        b.gz[k] = vec::fmadd(qh[k] - ph, Vec<A>(Ap[t]), b.gz[k]);
         // (p_hat * coefficient) first: a masked teacher column has p_hat = 0 and u = lowest
         gv[k] = vec::fmadd(ph * Vec<A>(Bv1[t]), u, ph * Vec<A>(Bv0[t]));
         if (refine) X[t].add(phi_term(ph, u, qh[k], Vec<A>(E[t])));
@@ -165,10 +169,8 @@ RowOut row_dkd(const KernelArgs& P, const Row<TZ, TV>& r, const RowInfo& ri) {
       io.store(t, gv);
     }
   });
-  if (refine) {
-    for (int t = 0; t < teachers<MT>(r); ++t)
-      out.D[t] = T * T * (P.alpha * TCKD[t] + P.beta * (total(Sv[t]).S > 0 ? std::log1p(X[t].total()) : 0.0));
-  }
+  for (int t = 0; t < teachers<MT>(r); ++t)
+    if (rf[t]) out.D[t] = T * T * (P.alpha * TCKD[t] + P.beta * std::log1p(X[t].total()));
   // the label column (its lane in the block above held padding): recomputed in double
   if (r.gz) {
     double g = ri.ce ? ri.g_ce * (std::exp((ri.zy - t1.M) - t1.l()) - 1.0) : 0.0;
@@ -189,22 +191,18 @@ RowOut row_lm(const KernelArgs& P, const Row<TZ, TV>& r, const RowInfo& ri) {
   Lse<A> S1;
   // the means of z and of each v apart (not of z - v: with different offsets, z_j - v_j rounds at the
   // offsets' scale, and the centred difference (z_j - zbar) - (v_j - vbar) does not), each summed
-  // relative to the row's first value (a float sum of values with a large common offset rounds at
-  // the offset's scale)
+  // exactly in double lanes (a float sum rounds at the values' offset, and a mean off by e leaves e / C
+  // in every gradient entry, whose exact row sum is 0)
   LongSum<A> Szs, Sd[kCap<MT>];
-  const A z0 = A(r.z[0]);
-  A v0[kCap<MT>] = {};
-  for (int t = 0; t < teachers<MT>(r); ++t) v0[t] = A(r.v[t][0]);
   if (P.center || ri.ce) {
     sweep<A>(r, -1, false, [&](auto sp, Block<A>& b, int64_t, const auto& io) {
       Vec<A> v[kBlock];  // the current teacher's block (locals: kept in registers)
       Vec<A> e[kBlock];
       if (P.center) {
-        for (int k = 0; k < kBlock; ++k) Szs.add(live_only(sp, b, k, b.z[k] - Vec<A>(z0)));
-        Szs.end_block();
+        for (int k = 0; k < kBlock; ++k) Szs.add_exact(live_only(sp, b, k, b.z[k]));
         for (int t = 0; t < teachers<MT>(r); ++t) {
           io.load(t, v);
-          for (int k = 0; k < kBlock; ++k) Sd[t].add(live_only(sp, b, k, v[k] - Vec<A>(v0[t])));
+          for (int k = 0; k < kBlock; ++k) Sd[t].add_exact(live_only(sp, b, k, v[k]));
           Sd[t].end_block();
         }
       }
@@ -218,10 +216,10 @@ RowOut row_lm(const KernelArgs& P, const Row<TZ, TV>& r, const RowInfo& ri) {
   // (the means are rounded to A for the vector code; what the rounding took off, fix[t], is added
   // back to u: a constant shift of u would otherwise survive in the gradient, whose exact row sum is 0)
   A cz[kCap<MT>] = {}, cv[kCap<MT>] = {}, nvbar[kCap<MT>] = {}, fix[kCap<MT>] = {};
-  const double zbar = P.center ? double(z0) + Szs.total() / double(C) : 0.0;
+  const double zbar = P.center ? Szs.total() / double(C) : 0.0;
   const A nzbar = A(-zbar);
   for (int t = 0; t < teachers<MT>(r); ++t) {
-    const double vbar = P.center ? double(v0[t]) + Sd[t].total() / double(C) : 0.0;
+    const double vbar = P.center ? Sd[t].total() / double(C) : 0.0;
     nvbar[t] = A(-vbar);
     fix[t] = A((-zbar - double(nzbar)) - (-vbar - double(nvbar[t])));
     cz[t] = A(ri.g_kd[t] / double(C));
@@ -235,6 +233,7 @@ RowOut row_lm(const KernelArgs& P, const Row<TZ, TV>& r, const RowInfo& ri) {
     if (grads) {
       for (int k = 0; k < kBlock; ++k)
         b.gz[k] = ri.ce ? vexp((b.z[k] + Vec<A>(nM1)) + Vec<A>(nl1)) * Vec<A>(gce) : Vec<A>(A(0));
+      if (ri.ce) add_at(b.gz, j0, ri.y, A(-gce));  // CE's -1 before the (small) KD terms
     }
     for (int t = 0; t < teachers<MT>(r); ++t) {
       io.load(t, v);
@@ -249,7 +248,6 @@ RowOut row_lm(const KernelArgs& P, const Row<TZ, TV>& r, const RowInfo& ri) {
       }
       if (grads) io.store(t, gv);
     }
-    if (grads && ri.ce) add_at(b.gz, j0, ri.y, A(-gce));
   });
   RowOut out;
   for (int t = 0; t < teachers<MT>(r); ++t) out.D[t] = SS[t].total() / (2.0 * double(C));
@@ -269,31 +267,27 @@ RowOut row_ls(const KernelArgs& P, const Row<TZ, TV>& r, const RowInfo& ri) {
   const bool gz_on = r.gz != nullptr, gv_on = r.gv[0] != nullptr;
   Lse<A> S1;
   LongSum<A> Sz, Sv[kCap<MT>];
-  // means summed relative to the row's first value (see row_lm)
-  const A z0 = A(r.z[0]);
-  A v0[kCap<MT>] = {};
-  for (int t = 0; t < teachers<MT>(r); ++t) v0[t] = A(r.v[t][0]);
+  // the means summed exactly (in double lanes, see row_lm)
   sweep<A>(r, -1, false, [&](auto sp, Block<A>& b, int64_t, const auto& io) {
     Vec<A> v[kBlock];  // the current teacher's block (locals: kept in registers)
     Vec<A> e[kBlock];
-    for (int k = 0; k < kBlock; ++k) Sz.add(live_only(sp, b, k, b.z[k] - Vec<A>(z0)));
-    Sz.end_block();
+    for (int k = 0; k < kBlock; ++k) Sz.add_exact(live_only(sp, b, k, b.z[k]));
     for (int t = 0; t < teachers<MT>(r); ++t) {
       io.load(t, v);
-      for (int k = 0; k < kBlock; ++k) Sv[t].add(live_only(sp, b, k, v[k] - Vec<A>(v0[t])));
+      for (int k = 0; k < kBlock; ++k) Sv[t].add_exact(live_only(sp, b, k, v[k]));
       Sv[t].end_block();
     }
     if (ri.ce) S1.update(b.z, e);
   });
   // means rounded to A; fz / fv[t], what the rounding took off, are added back where a constant shift
   // of u would survive (the sigma terms of the gradients; the softmaxes do not see a shift)
-  const double zbar = double(z0) + Sz.total() / double(C);
+  const double zbar = Sz.total() / double(C);
   const A nzbar = A(-zbar);
   const double fz = -zbar - double(nzbar);
   A nvbar[kCap<MT>] = {};
   double fv[kCap<MT>] = {};
   for (int t = 0; t < teachers<MT>(r); ++t) {
-    const double vbar = double(v0[t]) + Sv[t].total() / double(C);
+    const double vbar = Sv[t].total() / double(C);
     nvbar[t] = A(-vbar);
     fv[t] = -vbar - double(nvbar[t]);
   }
@@ -377,7 +371,7 @@ RowOut row_ls(const KernelArgs& P, const Row<TZ, TV>& r, const RowInfo& ri) {
   out.CE = ri.ce ? (t1.M - ri.zy) + t1.l() : 0.0;
   double Mv[kCap<MT>] = {}, lv[kCap<MT>] = {}, Rr[kCap<MT>] = {}, dbar[kCap<MT>] = {}, KL1[kCap<MT>] = {};
   LseTotal tc[kCap<MT>] = {};
-  bool refine = false;
+  bool refine = false, rf[kCap<MT>] = {};
   for (int t = 0; t < teachers<MT>(r); ++t) {
     tc[t] = total(Lc[t]);
     Mv[t] = tc[t].M, lv[t] = tc[t].l();
@@ -386,7 +380,8 @@ RowOut row_ls(const KernelArgs& P, const Row<TZ, TV>& r, const RowInfo& ri) {
     const double off = (ta.M - Rr[t]) - (lv[t] - lz);
     KL1[t] = dbar[t] + off;
     out.D[t] = T * T * KL1[t];
-    refine |= !(KL1[t] > 0.125 * (std::abs(dbar[t]) + std::abs(off) + lv[t] + lz + 1.0));
+    rf[t] = needs_refine(KL1[t], std::abs(dbar[t]) + std::abs(off) + lv[t] + lz + 1.0);
+    refine |= rf[t];
   }
   if (!gz_on && !gv_on && !refine) return out;
 
@@ -396,9 +391,9 @@ RowOut row_ls(const KernelArgs& P, const Row<TZ, TV>& r, const RowInfo& ri) {
   // Teacher: the same chain with gamma^v_j = T p_j (log p_j - log q_j - KL) = T p_j (d_j - dbar) (see
   // row_kl; sum = 0), so sum_k gamma^v_k u_vk = T (sum p d u_v - dbar sum p u_v).
   // A constant row (sigma = 0, u = 0) has no sigma term (its 0/0 is taken as 0).
-  // M teachers: dz = q_j sum_t cq_t - sum_t p_tj cq_t + u_zj sum_t cu_t.
+  // M teachers: dz = sum_t cq_t (q_j - p_tj) + u_zj sum_t cu_t (the differences first, as in row_kl).
   const double Qs = rescaled_sum(Qu, La, ta) / ta.S;
-  double cqs = 0, cus = 0;
+  double cus = 0;
   A cq[kCap<MT>] = {}, cp[kCap<MT>] = {}, cuv[kCap<MT>] = {}, fcuv[kCap<MT>] = {}, nMv[kCap<MT>] = {}, nlv[kCap<MT>] = {};
   A ndbar[kCap<MT>] = {}, E[kCap<MT>] = {}, nR[kCap<MT>] = {};
   for (int t = 0; t < teachers<MT>(r); ++t) {
@@ -408,7 +403,6 @@ RowOut row_ls(const KernelArgs& P, const Row<TZ, TV>& r, const RowInfo& ri) {
                            - dbar[t] * rescaled_sum(PUv[t], Lc[t], tc[t]) / tc[t].S);
     const double g = ri.g_kd[t], gv = ri.g_kd[t] * r.w_v;
     cq[t] = A(g * T / kz);
-    cqs += g * T / kz;
     cus += sz > 0 ? -g * Gz / (kz * kz * double(C - 1) * sz) : 0.0;
     cp[t] = A(gv * T / kv[t]);
     cuv[t] = A(sv[t] > 0 ? -gv * Gv / (kv[t] * kv[t] * double(C - 1) * sv[t]) : 0.0);
@@ -416,39 +410,42 @@ RowOut row_ls(const KernelArgs& P, const Row<TZ, TV>& r, const RowInfo& ri) {
     nMv[t] = A(-Mv[t]);
     nlv[t] = A(-lv[t]);
     ndbar[t] = A(-dbar[t]);
-    E[t] = A(std::exp(std::min(KL1[t], 80.0)));
+    E[t] = A(rf[t] ? std::exp(KL1[t]) : 0.0);
   }
-  const A Acq = A(cqs), Acu = A(cus), fAcu = A(fz * cus);
+  const A Acu = A(cus), fAcu = A(fz * cus);
   const A nMz = A(-ta.M), nlz = A(-lz), nM1 = A(-t1.M), nl1 = A(-t1.l()), gce = A(ri.ce ? ri.g_ce : 0.0);
   LongSum<A> X[kCap<MT>];
   sweep<A>(r, -1, gz_on || gv_on, [&](auto, Block<A>& b, int64_t j0, const auto& io) {
     Vec<A> v[kBlock], gv[kBlock];  // the current teacher's block and gradient (locals: kept in registers)
     Vec<A> q[kBlock], a[kBlock];
+    // the student's terms, once; CE's -1 at the label before the small KD terms are added (added
+    // after them, the rounding of g_ce (softmax - 1) + small would be at g_ce's scale)
+    for (int k = 0; k < kBlock; ++k) {
+      const Vec<A> uz = b.z[k] + Vec<A>(nzbar);
+      a[k] = uz * Vec<A>(iz);
+      q[k] = vexp((a[k] + Vec<A>(nMz)) + Vec<A>(nlz));
+      b.gz[k] = ri.ce ? vexp((b.z[k] + Vec<A>(nM1)) + Vec<A>(nl1)) * Vec<A>(gce) : Vec<A>(A(0));
+    }
+    if (ri.ce) add_at(b.gz, j0, ri.y, A(-gce));
+    for (int k = 0; k < kBlock; ++k)
+      b.gz[k] = vec::fmadd(b.z[k] + Vec<A>(nzbar), Vec<A>(Acu), b.gz[k] + Vec<A>(fAcu));
     for (int t = 0; t < teachers<MT>(r); ++t) {
       io.load(t, v);
       for (int k = 0; k < kBlock; ++k) {
-        const Vec<A> uz = b.z[k] + Vec<A>(nzbar), uv = v[k] + Vec<A>(nvbar[t]);
-        if (t == 0) {  // the student's terms, once
-          a[k] = uz * Vec<A>(iz);
-          q[k] = vexp((a[k] + Vec<A>(nMz)) + Vec<A>(nlz));
-          Vec<A> gz = vec::fmadd(q[k], Vec<A>(Acq), vec::fmadd(uz, Vec<A>(Acu), Vec<A>(fAcu)));
-          if (ri.ce) gz = vec::fmadd(vexp((b.z[k] + Vec<A>(nM1)) + Vec<A>(nl1)), Vec<A>(gce), gz);
-          b.gz[k] = gz;
-        }
+        const Vec<A> uv = v[k] + Vec<A>(nvbar[t]);
         const Vec<A> xc = uv * Vec<A>(iv[t]) + Vec<A>(nMv[t]);
         const Vec<A> p = vexp(xc + Vec<A>(nlv[t]));
         const Vec<A> u = (finite_floor(xc) - finite_floor(a[k] + Vec<A>(nR[t]))) + Vec<A>(ndbar[t]);
-        b.gz[k] = b.gz[k] - p * Vec<A>(cq[t]);
+        b.gz[k] = vec::fmadd(q[k] - p, Vec<A>(cq[t]), b.gz[k]);
         gv[k] = vec::fmadd(p * u, Vec<A>(cp[t]), vec::fmadd(uv, Vec<A>(cuv[t]), Vec<A>(fcuv[t])));
         if (refine) X[t].add(phi_term(p, u, q[k], Vec<A>(E[t])));
       }
       if (refine) X[t].end_block();
       io.store(t, gv);
     }
-    if (ri.ce) add_at(b.gz, j0, ri.y, A(-gce));
   });
-  if (refine)
-    for (int t = 0; t < teachers<MT>(r); ++t) out.D[t] = T * T * std::log1p(X[t].total());
+  for (int t = 0; t < teachers<MT>(r); ++t)
+    if (rf[t]) out.D[t] = T * T * std::log1p(X[t].total());
   return out;
 }
 
@@ -479,7 +476,7 @@ RowOut row_jsd(const KernelArgs& P, const Row<TZ, TV>& r, const RowInfo& ri) {
   constexpr int64_t B = int64_t(kBlock) * W;
   const int M = teachers<MT>(r);
   const double T = P.ts, beta = P.beta;
-  const A iT = A(1.0 / T);
+  const InvT<A> iT(T);
   const bool ce_sep = ri.ce && T != 1.0;
   const bool gz_on = r.gz != nullptr, gv_on = r.gv[0] != nullptr;
   // scratch (rows padded to whole blocks): sq holds exp(a - m_run) after sweep 1, then q; sh the
@@ -502,7 +499,7 @@ RowOut row_jsd(const KernelArgs& P, const Row<TZ, TV>& r, const RowInfo& ri) {
   sweep<A>(r, -1, false, [&](auto, Block<A>& b, int64_t j0, const auto& io) {
     Vec<A> v[kBlock];  // the current teacher's block (locals: kept in registers)
     Vec<A> a[kBlock], c[kBlock], e[kBlock];
-    for (int k = 0; k < kBlock; ++k) a[k] = b.z[k] * Vec<A>(iT);
+    for (int k = 0; k < kBlock; ++k) a[k] = vscale(b.z[k], iT);
     Lse<A> lz = Sz;
     lz.update(a, e);
     if (ce_sep) {
@@ -516,7 +513,7 @@ RowOut row_jsd(const KernelArgs& P, const Row<TZ, TV>& r, const RowInfo& ri) {
     lz.m.store(mz + j0 / B * W);
     for (int t = 0; t < teachers<MT>(r); ++t) {
       io.load(t, v);
-      for (int k = 0; k < kBlock; ++k) c[k] = v[k] * Vec<A>(iT);
+      for (int k = 0; k < kBlock; ++k) c[k] = vscale(v[k], iT);
       Lse<A> lv = Sv[t];
       lv.update(c, e);
       Sv[t] = lv;
@@ -536,8 +533,7 @@ RowOut row_jsd(const KernelArgs& P, const Row<TZ, TV>& r, const RowInfo& ri) {
   }
   // Per element, log m in log space (never the log of beta p + (1 - beta) q, which is log 0 when both
   // underflow): with delta_j = log(beta / (1 - beta)) + log p_j - log q_j and sp(x) = log(1 + e^x),
-  //   hq_j = log q_j - log m_j = -log(1 - beta) - sp(delta_j),  hp_j = log p_j - log m_j = -log beta - sp(-delta_j),
-  // sp(-x) = sp(x) - x. KL(q || m) = -log(1 - beta) - SQ, KL(p || m) = -log beta - SP with the sums of
+  //   hq_j = log q_j - log m_j = -log(1 - beta) - sp(delta_j),  hp_j = log p_j - log m_j = -log beta - sp(-delta_j). KL(q || m) = -log(1 - beta) - SQ, KL(p || m) = -log beta - SP with the sums of
   // nonnegative terms SQ = sum_j q_j sp(delta_j), SP = sum_j p_j sp(-delta_j); and the gradients'
   //   hq_j - KL(q || m) = SQ - sp(delta_j),  hp_j - KL(p || m) = SP - sp(-delta_j)
   // are differences of small accurate terms in saturated rows (no -log(1 - beta) to cancel).
@@ -556,14 +552,17 @@ RowOut row_jsd(const KernelArgs& P, const Row<TZ, TV>& r, const RowInfo& ri) {
       Vec<A> kp = SP[t].part, kq = SQ[t].part;
       for (int k = 0; k < kBlock; ++k) {
         if (t == 0) {
-          lq[k] = finite_floor((b.z[k] * Vec<A>(iT) + Vec<A>(nMz)) + Vec<A>(nlz));
+          lq[k] = finite_floor((vscale(b.z[k], iT) + Vec<A>(nMz)) + Vec<A>(nlz));
           q[k] = Vec<A>::loadu(sq + j0 + k * W) * fz;
         }
-        const Vec<A> lp = finite_floor((v[k] * Vec<A>(iT) + Vec<A>(nMv[t])) + Vec<A>(nlv[t]));
+        const Vec<A> lp = finite_floor((vscale(v[k], iT) + Vec<A>(nMv[t])) + Vec<A>(nlv[t]));
         p[k] = Vec<A>::loadu(sp[t] + j0 + k * W) * fv;
         const Vec<A> delta = (lp - lq[k]) + Vec<A>(lb);
-        const Vec<A> spd = vec::clamp_min(delta, Vec<A>(A(0))) + vlog1p(vexp(Vec<A>(A(0)) - delta.abs()));
-        const Vec<A> spn = spd - delta;  // sp(-delta)
+        // sp(+-delta) = max(+-delta, 0) + log1p(e^-|delta|): both from the one log1p (not sp(-delta) =
+        // sp(delta) - delta, which cancels for large delta)
+        const Vec<A> L = vlog1p(vexp(Vec<A>(A(0)) - delta.abs()));
+        const Vec<A> spd = vec::clamp_min(delta, Vec<A>(A(0))) + L;
+        const Vec<A> spn = vec::clamp_min(Vec<A>(A(0)) - delta, Vec<A>(A(0))) + L;
         hp[k] = Vec<A>(A(0)) - spn;
         kp = vec::fmadd(p[k], spn, kp);
         kq = vec::fmadd(q[k], spd, kq);
@@ -619,12 +618,15 @@ RowOut row_jsd(const KernelArgs& P, const Row<TZ, TV>& r, const RowInfo& ri) {
     if (gz_on) {
       for (int k = 0; k < kBlock; ++k) {
         const int64_t o = j0 + k * W;
-        const Vec<A> q = Vec<A>::loadu(sq + o), h = Vec<A>::loadu(sh + o);
-        Vec<A> gz = q * (h + Vec<A>(nKq));
-        if (ri.ce) gz = vec::fmadd(ce_sep ? vexp((b.z[k] + Vec<A>(nM1)) + Vec<A>(nl1)) : q, Vec<A>(gce), gz);
-        b.gz[k] = gz;
+        b.gz[k] = ri.ce ? (ce_sep ? vexp((b.z[k] + Vec<A>(nM1)) + Vec<A>(nl1)) : Vec<A>::loadu(sq + o)) * Vec<A>(gce)
+                        : Vec<A>(A(0));
       }
-      if (ri.ce) add_at(b.gz, j0, ri.y, A(-gce));
+      if (ri.ce) add_at(b.gz, j0, ri.y, A(-gce));  // CE's -1 before the (small) KD terms
+      for (int k = 0; k < kBlock; ++k) {
+        const int64_t o = j0 + k * W;
+        const Vec<A> q = Vec<A>::loadu(sq + o), h = Vec<A>::loadu(sh + o);
+        b.gz[k] = vec::fmadd(q, h + Vec<A>(nKq), b.gz[k]);
+      }
     }
     if (gv_on) {
       for (int t = 0; t < teachers<MT>(r); ++t) {
@@ -655,7 +657,7 @@ RowOut row_topk(const KernelArgs& P, const Row<TZ, TV>& r, const RowInfo& ri, in
   const int64_t* idx = P.t_idx + i * P.sti;
   const int64_t K = P.K, C = r.C;
   const double T = P.ts;
-  const A iT = A(1.0 / T);
+  const InvT<A> iT(T);
   const bool ce_sep = ri.ce && T != 1.0;
   for (int64_t k = 0; k < K; ++k) {
     if (idx[k] < 0 || idx[k] >= C) {
@@ -668,7 +670,7 @@ RowOut row_topk(const KernelArgs& P, const Row<TZ, TV>& r, const RowInfo& ri, in
   Lse<A> Sz, S1;
   sweep<A>(r, -1, false, [&](auto, Block<A>& b, int64_t, const auto&) {
     Vec<A> a[kBlock], e[kBlock];
-    for (int k = 0; k < kBlock; ++k) a[k] = b.z[k] * Vec<A>(iT);
+    for (int k = 0; k < kBlock; ++k) a[k] = vscale(b.z[k], iT);
     Sz.update(a, e);
     if (ce_sep) S1.update(b.z, e);
   });
@@ -698,7 +700,7 @@ RowOut row_topk(const KernelArgs& P, const Row<TZ, TV>& r, const RowInfo& ri, in
     pk[k] = std::exp(l);
     if (pk[k] > 0 || std::isnan(l)) {
       Pm += pk[k];
-      S += pk[k] * (l - ((zk[k] / T - Mz) - lz));
+      S += pk[k] * (l - ((scaled(zk[k], iT) - Mz) - lz));
     }
   }
   const double s = P.scale;
@@ -714,13 +716,13 @@ RowOut row_topk(const KernelArgs& P, const Row<TZ, TV>& r, const RowInfo& ri, in
   const A B1 = A(ce_sep ? ri.g_ce : 0.0), nMz = A(-Mz), nlz = A(-lz), nM1 = A(-t1.M), nl1 = A(-t1.l());
   sweep<A>(r, -1, true, [&](auto, Block<A>& b, int64_t, const auto&) {
     for (int k = 0; k < kBlock; ++k) {
-      Vec<A> gz = vexp((b.z[k] * Vec<A>(iT) + Vec<A>(nMz)) + Vec<A>(nlz)) * Vec<A>(cq);
+      Vec<A> gz = vexp((vscale(b.z[k], iT) + Vec<A>(nMz)) + Vec<A>(nlz)) * Vec<A>(cq);
       if (ce_sep) gz = vec::fmadd(vexp((b.z[k] + Vec<A>(nM1)) + Vec<A>(nl1)), Vec<A>(B1), gz);
       b.gz[k] = gz;
     }
   });
   auto dense = [&](double zj) {
-    return cp * Pm * std::exp((zj / T - Mz) - lz) + (ri.ce ? ri.g_ce * std::exp((zj - t1.M) - t1.l()) : 0.0);
+    return cp * Pm * std::exp((scaled(zj, iT) - Mz) - lz) + (ri.ce ? ri.g_ce * std::exp((zj - t1.M) - t1.l()) : 0.0);
   };
   if (ri.ce) write_scalar(r.gz, ri.y, dense(ri.zy) - ri.g_ce);
   for (int64_t k = 0; k < K; ++k) {
