@@ -208,7 +208,7 @@ void multi_forward(const at::Tensor& z, const std::vector<at::Tensor>& vs, const
 
 // The top-k (sparse teacher) form: the teacher is t_lp (N, k) log-probabilities in the accumulation
 // dtype and t_idx (N, k) int64 classes; fparams = [T, scale], iparams = [renormalize, has_ce,
-// ignore_index] (kdfast/topk.py).
+// ignore_index] (API: topk_kd_loss in kdfast/functional.py; Triton kernel: kdfast/_triton/topk.py).
 void topk_forward(const at::Tensor& z, const at::Tensor& t_lp, const at::Tensor& t_idx,
                   const std::optional<at::Tensor>& labels, const at::Tensor& kd_w, const at::Tensor& ce_w,
                   const at::Tensor& grad_scale, const at::Tensor& d_out, const at::Tensor& ce_out,

@@ -170,7 +170,8 @@ def topk_distill(z: Tensor, t_lp: Tensor, t_idx: Tensor, labels: Optional[Tensor
                  need_grad_z: bool, need_grad_v: bool, inplace_backward: bool = False
                  ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """``fparams = [T, scale]``, ``iparams = [renormalize, has_ce, ignore_index]``; returns
-    ``(loss, d, ce, grad_z, empty, grad_scale)``; see ``kdfast/topk.py``."""
+    ``(loss, d, ce, grad_z, empty, grad_scale)``; the API is ``kdfast.functional.topk_kd_loss``,
+    the kernels ``kdfast/_triton/topk.py`` and ``csrc/row_kernel_more.h`` (``row_topk``)."""
     d, ce, grad_scale = _row_outputs(z, labels, kd_w, iparams[2], reduction)
     grad_z = _grad_buffer(z) if need_grad_z else z.new_empty(0)
     _backend_fn(backend, "topk_forward")(z, t_lp, t_idx, labels, kd_w, ce_w, grad_scale, d, ce,

@@ -1,6 +1,6 @@
 """The loss declarations and the contract between the Python layer and the backend kernels.
 
-Every loss of SPEC.md is one *kind* of the fused row kernel plus a few parameters; a named loss
+Every loss of docs/spec.md is one *kind* of the fused row kernel plus a few parameters; a named loss
 (``kd``, ``ttm``, ...) is a :class:`KernelParams` built by a small function in ``functional.py``.
 
 Backend contract

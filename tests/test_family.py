@@ -1,5 +1,5 @@
-"""DKD, logit matching, logit standardisation, JSD, RetroKD on every fused backend, and the SPEC
-identities that tie the losses together."""
+"""DKD, logit matching, logit standardisation, JSD, RetroKD on every fused backend, and the
+identities of docs/spec.md that tie the losses together."""
 import pytest
 import torch
 
