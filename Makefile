@@ -43,7 +43,7 @@ bench-quick: $(BUILT)
 	$(VPY) -m pytest -q benchmarks
 
 inspect: $(BUILT)
-	$(VPY) -m kdfast.inspect
+	$(VPY) -m kdfast.aot
 
 # kdfast built into .venv-vision (non-editable) from a copy of the sources in $(VSRC), so its build
 # directory and extension never touch build/ or kdfast/_C*.so of the main .venv.
