@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import kdfast
-from conftest import CASES, FAMILY, LOSSES as CORE
+from conftest import CASES, FAMILY, LOSSES as CORE, NO_NEG_INF
 from conftest import max_err, rand_labels, rand_logits, rand_weights, run_case, scale_of
 from kdfast.losses import REGISTRY
 
@@ -18,7 +18,6 @@ R = kdfast.reference
 LOSSES = {**CORE, **FAMILY}   # name -> (fused, reference, hyperparameters), tests/conftest.py
 # the kernel parameters of each case (kdfast.losses.REGISTRY), for direct backend calls
 PARAMS = {case: REGISTRY[name].params(**hyper) for case, (name, hyper) in CASES.items()}
-NO_NEG_INF = ("lm", "lm_raw", "ls_kd", "jsd_rev")   # a mean / std of the row, or KL(q || p) = inf
 
 
 @pytest.fixture

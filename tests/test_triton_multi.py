@@ -8,7 +8,7 @@ the interpreter is slow."""
 import pytest
 import torch
 
-from conftest import CASES, max_err, rand_labels, rand_logits, scale_of
+from conftest import CASES, NO_NEG_INF, max_err, rand_labels, rand_logits, scale_of
 from kdfast.functional import METHODS
 
 tb = pytest.importorskip("kdfast._triton")
@@ -16,7 +16,6 @@ tb = pytest.importorskip("kdfast._triton")
 # name -> (method, hyperparameters): every case of every loss (kdfast.losses.REGISTRY, via conftest):
 # every kind and variant of the kernel family
 VARIANTS = CASES
-NO_NEG_INF = ("lm", "lm_raw", "ls_kd", "jsd_rev")   # a mean / std of the row, or KL(q || p) = inf
 
 
 def params(name):
