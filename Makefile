@@ -15,7 +15,17 @@ VVPY   := $(VVENV)/bin/python
 VPKGS  := torch==2.14.1 torchvision==0.29.1 ninja pybind11 setuptools wheel numpy
 VSRC   := build/vision-src
 
-.PHONY: all build test bench bench-quick inspect vision-smoke clean
+# The GPU path (issue 13): `make gpu` on a CUDA machine uses the python3 there (no venv, no network;
+# PyTorch with CUDA and Triton preinstalled): the C++ extension builds in the background (MAX_JOBS =
+# the cores; KDFAST_SKIP_BUILD=1 skips it: nothing on the GPU path loads it), then the CUDA test
+# cases (tests/test_cuda.py, TRITON_INTERPRET=0), then the GPU benchmark -> benchmarks/RESULTS-gpu.md
+# and results-gpu.json, within ~8-9 minutes (benchmarks/run_gpu.py). `make gpu-dry`: the same path
+# minus the build on the CPU (Triton interpreter, tiny shapes, output in a temp dir); `make test`
+# runs it. `make gpu-wheels` (needs network) puts the Liger-Kernel wheel, an optional baseline, in
+# .whl/: carry it to the GPU machine and `make gpu` installs it into build/gpu/site.
+GPU_PYTHON ?= python3
+
+.PHONY: all build test bench bench-quick inspect vision-smoke clean gpu gpu-dry gpu-wheels
 
 all: test
 
@@ -32,6 +42,16 @@ build: $(BUILT)
 
 test: $(BUILT)
 	TRITON_INTERPRET=1 $(VPY) -m pytest -q tests
+	$(VPY) -m benchmarks.run_gpu --dry
+
+gpu:
+	$(GPU_PYTHON) -m benchmarks.run_gpu
+
+gpu-dry: $(BUILT)
+	$(VPY) -m benchmarks.run_gpu --dry
+
+gpu-wheels: $(DEPS)
+	$(VPY) -m pip download -q --no-deps -d .whl liger-kernel
 
 bench: $(BUILT)
 	$(VPY) -m benchmarks.bench_fused_linear --json benchmarks/fused_linear.json
@@ -43,7 +63,7 @@ bench-quick: $(BUILT)
 	$(VPY) -m pytest -q benchmarks
 
 inspect: $(BUILT)
-	$(VPY) -m kdfast.inspect
+	$(VPY) -m kdfast.aot
 
 # kdfast built into .venv-vision (non-editable) from a copy of the sources in $(VSRC), so its build
 # directory and extension never touch build/ or kdfast/_C*.so of the main .venv.

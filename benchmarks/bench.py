@@ -60,18 +60,16 @@ import torch  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
-# loss name -> (needs labels, takes past student logits as third positional argument)
-LOSSES = {
-    "kd": (False, False),
-    "ttm": (False, False),
-    "wttm": (False, False),
-    "dkd": (True, False),
-    "logit_matching": (False, False),
-    "ls_kd": (False, False),
-    "jsd": (False, False),
-    "retro_kd": (False, True),
-    "topk_kd": (False, False),   # the teacher as its top-TOPK_K log-probabilities and classes
-}
+
+def _losses() -> dict:
+    """loss name -> (needs labels, takes past student logits as third positional argument): every
+    loss of ``kdfast.losses.REGISTRY``; ``topk_kd`` (its teacher the top-TOPK_K log-probabilities
+    and classes) is the one of a top-k teacher."""
+    from kdfast.losses import REGISTRY
+    return {name: (bool(loss.needs_labels), loss.past_student) for name, loss in REGISTRY.items()}
+
+
+LOSSES = _losses()
 TOPK_K = 64
 
 # used by --check and by custom sweeps (--losses/--shapes/--dtypes); the default and --quick sweeps
@@ -104,6 +102,12 @@ def loss_fns(name: str) -> dict:
     return out
 
 
+def _topk(loss: str) -> bool:
+    """The loss's teacher is its top-k log-probabilities and classes."""
+    from kdfast.losses import REGISTRY
+    return REGISTRY[loss].teacher == "topk"
+
+
 def make_inputs(loss: str, n: int, c: int, dtype, device, labels: bool, seed: int = 0):
     """(z, v, extra positional args, kwargs). Logits ~ 2·N(0, 1), labels uniform in [0, C)."""
     g = torch.Generator(device="cpu").manual_seed(seed)
@@ -111,7 +115,7 @@ def make_inputs(loss: str, n: int, c: int, dtype, device, labels: bool, seed: in
     v = (2 * torch.randn(n, c, generator=g)).to(dtype=dtype, device=device)
     need_labels, past = LOSSES[loss]
     extra = []
-    if loss == "topk_kd":   # (z, teacher top-k log-probabilities, their classes[, labels])
+    if _topk(loss):   # (z, teacher top-k log-probabilities, their classes[, labels])
         lp, idx = torch.log_softmax(v.float(), -1).topk(min(TOPK_K, c), dim=-1)
         v = lp.to(dtype)
         extra.append(idx)
@@ -257,7 +261,7 @@ def bytes_moved(mode: str, loss: str, n: int, c: int, dtype) -> int:
     ``bwd`` alone: read the saved gradient, write ``z.grad`` (what a backward separate from the
     forward must move at least). Labels and per-row outputs are negligible and not counted."""
     el = n * c * torch.empty((), dtype=dtype).element_size()
-    inputs = 3 if LOSSES[loss][1] else 1 if loss == "topk_kd" else 2   # topk: the teacher is (N, k)
+    inputs = 3 if LOSSES[loss][1] else 1 if _topk(loss) else 2   # topk: the teacher is (N, k)
     per_mode = {"fwd": inputs, "fwdbwd": inputs + 1, "fwdbwd_tgrad": inputs + 2, "bwd": 2}
     return per_mode[mode] * el
 

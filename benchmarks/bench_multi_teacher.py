@@ -61,7 +61,7 @@ def _step_fn(variant, method):
     if variant == "fused":
         return lambda z, t, y: kdfast.multi_teacher_loss(method, z, t, y, backend="cpu", **hyper)
     if variant == "per-teacher":
-        fn = MT._LOSSES[method]
+        fn = MT._LOSSES[method].function
         m_of = lambda t: t.shape[0]  # noqa: E731
         return lambda z, t, y: MT._unfused(fn, z, list(t.unbind(0)), [1.0 / m_of(t)] * m_of(t), y, 1.0, 1.0,
                                            "mean", None, {"backend": "cpu", **hyper})

@@ -123,7 +123,8 @@ void run(const KernelArgs& a) {
 void set_teachers(KernelArgs& a, const at::Tensor& z, const std::vector<at::Tensor>& vs,
                   const std::vector<at::Tensor>& grad_v, const std::optional<at::Tensor>& zp,
                   const std::vector<double>& fparams, const std::vector<int64_t>& iparams, int64_t N, int64_t C) {
-  TORCH_CHECK(fparams.size() == 6 && iparams.size() == 6, "kdfast: fparams / iparams must have 6 entries");
+  TORCH_CHECK(fparams.size() == size_t(fparam::COUNT) && iparams.size() == size_t(iparam::COUNT), "kdfast: fparams / iparams must have ",
+              int(fparam::COUNT), " / ", int(iparam::COUNT), " entries");
   const int64_t M = int64_t(vs.size());
   TORCH_CHECK(M >= 1 && M <= kMaxTeachers, "kdfast: 1 to ", kMaxTeachers, " teachers per kernel call, got ", M);
   TORCH_CHECK(grad_v.empty() || int64_t(grad_v.size()) == M, "kdfast: one grad_v per teacher or none");
@@ -152,13 +153,15 @@ void set_teachers(KernelArgs& a, const at::Tensor& z, const std::vector<at::Tens
   }
   a.zp = zp && N > 0 && C > 0 ? zp->data_ptr() : nullptr;
   a.szp = zp ? zp->stride(0) : 0;
-  a.ts = fparams[0], a.tt = fparams[1], a.scale = fparams[2];
-  a.rho = fparams[3], a.alpha = fparams[4], a.beta = fparams[5];
-  TORCH_CHECK(iparams[0] >= 0 && iparams[0] <= 4, "kdfast: unknown kernel kind ", iparams[0], " for distill_forward");
-  a.kind = static_cast<Kind>(iparams[0]);
-  a.wttm = iparams[1] != 0, a.reverse = iparams[2] != 0, a.center = iparams[3] != 0;
-  a.has_ce = iparams[4] != 0;
-  a.ignore_index = iparams[5];
+  a.ts = fparams[fparam::T_STUDENT], a.tt = fparams[fparam::T_TEACHER], a.scale = fparams[fparam::SCALE];
+  a.rho = fparams[fparam::RHO], a.alpha = fparams[fparam::ALPHA], a.beta = fparams[fparam::BETA];
+  const int64_t kind = iparams[iparam::KIND];
+  TORCH_CHECK(kind >= int64_t(Kind::KL) && kind <= int64_t(Kind::JSD), "kdfast: unknown kernel kind ", kind,
+              " for distill_forward");
+  a.kind = static_cast<Kind>(kind);
+  a.wttm = iparams[iparam::WTTM] != 0, a.reverse = iparams[iparam::REVERSE] != 0, a.center = iparams[iparam::CENTER] != 0;
+  a.has_ce = iparams[iparam::HAS_CE] != 0;
+  a.ignore_index = iparams[iparam::IGNORE_INDEX];
 }
 
 // The backend contract of kdfast/_spec.py.
@@ -207,14 +210,16 @@ void multi_forward(const at::Tensor& z, const std::vector<at::Tensor>& vs, const
 }
 
 // The top-k (sparse teacher) form: the teacher is t_lp (N, k) log-probabilities in the accumulation
-// dtype and t_idx (N, k) int64 classes; fparams = [T, scale], iparams = [renormalize, has_ce,
-// ignore_index] (kdfast/topk.py).
+// dtype and t_idx (N, k) int64 classes; fparams / iparams in the topk_fparam / topk_iparam layouts
+// (API: kdfast.topk_kd_loss, declared in kdfast/losses.py; Triton kernel: kdfast/_triton/topk.py).
 void topk_forward(const at::Tensor& z, const at::Tensor& t_lp, const at::Tensor& t_idx,
                   const std::optional<at::Tensor>& labels, const at::Tensor& kd_w, const at::Tensor& ce_w,
                   const at::Tensor& grad_scale, const at::Tensor& d_out, const at::Tensor& ce_out,
                   const std::optional<at::Tensor>& grad_z, const std::vector<double>& fparams,
                   const std::vector<int64_t>& iparams) {
-  TORCH_CHECK(fparams.size() == 2 && iparams.size() == 3, "kdfast: topk fparams / iparams must have 2 / 3 entries");
+  TORCH_CHECK(fparams.size() == size_t(topk_fparam::COUNT) && iparams.size() == size_t(topk_iparam::COUNT),
+              "kdfast: topk fparams / iparams must have ", int(topk_fparam::COUNT), " / ", int(topk_iparam::COUNT),
+              " entries");
   TORCH_CHECK(z.dim() == 2, "kdfast: student logits must be 2-D (N, C)");
   const int64_t N = z.size(0), C = z.size(1);
   check_rows(z, "student logits", N, C);
@@ -235,9 +240,10 @@ void topk_forward(const at::Tensor& z, const at::Tensor& t_lp, const at::Tensor&
   a.K = K;
   a.stk = t_lp.stride(0);
   a.sti = t_idx.stride(0);
-  a.ts = a.tt = fparams[0], a.scale = fparams[1];
+  a.ts = a.tt = fparams[topk_fparam::T], a.scale = fparams[topk_fparam::SCALE];
   a.kind = Kind::TOPK;
-  a.renormalize = iparams[0] != 0, a.has_ce = iparams[1] != 0, a.ignore_index = iparams[2];
+  a.renormalize = iparams[topk_iparam::RENORMALIZE] != 0, a.has_ce = iparams[topk_iparam::HAS_CE] != 0;
+  a.ignore_index = iparams[topk_iparam::IGNORE_INDEX];
   run(a);
 }
 
@@ -281,7 +287,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         pybind11::arg("kd_w"), pybind11::arg("ce_w"), pybind11::arg("grad_scale"), pybind11::arg("d_out"),
         pybind11::arg("ce_out"), pybind11::arg("grad_z"), pybind11::arg("grad_v"), pybind11::arg("fparams"),
         pybind11::arg("iparams"));
-  m.def("topk_forward", &kdfast::topk_forward, "Fused KD rows against a top-k teacher (see kdfast/topk.py)",
+  m.def("topk_forward", &kdfast::topk_forward, "Fused KD rows against a top-k teacher (see kdfast/_spec.py)",
         pybind11::arg("z"), pybind11::arg("t_lp"), pybind11::arg("t_idx"), pybind11::arg("labels"),
         pybind11::arg("kd_w"), pybind11::arg("ce_w"), pybind11::arg("grad_scale"), pybind11::arg("d_out"),
         pybind11::arg("ce_out"), pybind11::arg("grad_z"), pybind11::arg("fparams"), pybind11::arg("iparams"));

@@ -8,6 +8,13 @@ namespace kdfast {
 enum class DType : int { F32 = 0, BF16 = 1, F16 = 2, F64 = 3 };
 enum class Kind : int { KL = 0, DKD = 1, LM = 2, LS = 3, JSD = 4, TOPK = 5 };  // == kdfast/_spec.py Kind
 
+// The layout of the fparams / iparams lists the Python layer passes (kdfast/_spec.py FParam, IParam,
+// TopkFParam, TopkIParam: the same names and values; tests/test_spec.py checks it). COUNT: the length.
+namespace fparam { enum : int { T_STUDENT = 0, T_TEACHER = 1, SCALE = 2, RHO = 3, ALPHA = 4, BETA = 5, COUNT = 6 }; }
+namespace iparam { enum : int { KIND = 0, WTTM = 1, REVERSE = 2, CENTER = 3, HAS_CE = 4, IGNORE_INDEX = 5, COUNT = 6 }; }
+namespace topk_fparam { enum : int { T = 0, SCALE = 1, COUNT = 2 }; }
+namespace topk_iparam { enum : int { RENORMALIZE = 0, HAS_CE = 1, IGNORE_INDEX = 2, COUNT = 3 }; }
+
 // Teachers one kernel call reads per row (multi-teacher distillation): the row kernel keeps this many
 // teachers' statistics at once; the Python layer splits more teachers into groups of this size.
 constexpr int kMaxTeachers = 8;

@@ -1,5 +1,6 @@
-"""Instance-wise loss mixing (in the spirit of ALM-KD, Sarkar et al., AAAI 2023), learnt on a small
-problem with kdfast's per-row weight gradients.
+"""Instance-wise loss mixing, learnt on a small problem with kdfast's per-row weight gradients, in the
+spirit of ALM-KD (Sivasubramanian, Maheshwari, Shenoy, Prathosh & Ramakrishnan, "Adaptive Mixing of
+Auxiliary Losses in Supervised Learning", arXiv 2202.03250, 2022).
 
 Each training sample i gets its own mixing weight lambda_i = sigmoid(a_i) and the student minimises
     mean_i [ lambda_i * KD_i + (1 - lambda_i) * CE_i ]

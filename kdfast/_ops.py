@@ -1,10 +1,20 @@
-"""The fused loss as one ``torch.library`` custom op, with its fake (meta) kernel and autograd.
+"""The fused losses as ``torch.library`` custom ops, with their fake (meta) kernels and autograd.
+Every entry point of the package calls one of them:
 
-``kdfast::distill`` runs a backend kernel that writes the per-row terms and the gradients in one
-call (the gradients are computed in the forward, already multiplied by the row weights and by the
-reduction's ``1 / n_valid``); backward only multiplies the saved gradients by the upstream gradient.
-Registering it as a custom op lets ``torch.compile`` trace a training step through the loss without a
-graph break.
+- ``kdfast::distill``: the logits losses (``kdfast.kd_loss`` & co.);
+- ``kdfast::topk_distill``: ``kdfast.topk_kd_loss`` (a sparse top-k teacher);
+- ``kdfast::multi_distill``: ``kdfast.multi_teacher_loss`` (M teachers, one kernel call);
+- ``kdfast::linear_distill``: ``kdfast.fused_linear_distill_loss`` (the head's matmuls and the kernel
+  chunk by chunk: the logits are never materialised);
+- ``kdfast::vocab_parallel_distill``: the ``process_group=`` losses (vocabulary shards; the
+  collectives run inside the op).
+
+Each runs a backend kernel (``kdfast._C`` or ``kdfast._triton``; vocabulary-parallel: eager torch
+ops and collectives) that writes the per-row terms and the gradients in one call (the gradients are
+computed in the forward, already multiplied by the row weights and by the reduction's
+``1 / n_valid``); backward only multiplies the saved gradients by the upstream gradient (the fused
+linear op with ``reduction="none"`` excepted: it runs its chunk loop again). Registering them as
+custom ops lets ``torch.compile`` trace a training step through the loss without a graph break.
 """
 from __future__ import annotations
 
@@ -14,7 +24,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ._spec import KernelParams
+from ._spec import IParam, KernelParams, TopkIParam
 
 REDUCTIONS = ("mean", "sum", "none")
 
@@ -37,18 +47,35 @@ def acc_dtype(*dtypes: torch.dtype) -> torch.dtype:
     return torch.float64 if torch.float64 in dtypes else torch.float32
 
 
-def _grad_buffer(x: Tensor, shape: Optional[tuple] = None) -> Tensor:
-    """The (N, C) gradient buffer the kernel writes. On the CPU, a large buffer is advised to use
-    transparent huge pages before its first touch: the kernel's first write into fresh memory
-    otherwise costs a page fault per 4 KiB, which on the 2-core dev machine took longer than the
-    whole fused kernel at 4096 x 32000 fp32 (torch's own THP_MEM_ALLOC_ENABLE=1 does the same for
-    every allocation). ``shape``: another shape in ``x``'s dtype (the multi-teacher (M, N, C) buffer)."""
-    buf = torch.empty(x.shape if shape is None else shape, dtype=x.dtype, device=x.device)
+def buffer(shape, dtype: torch.dtype, device) -> Tensor:
+    """A buffer the kernels (or the fused linear chunk loop) write. On the CPU, a large buffer is
+    advised to use transparent huge pages before its first touch: the kernel's first write into fresh
+    memory otherwise costs a page fault per 4 KiB, which on the 2-core dev machine took longer than
+    the whole fused kernel at 4096 x 32000 fp32 (torch's own THP_MEM_ALLOC_ENABLE=1 does the same
+    for every allocation)."""
+    buf = torch.empty(shape, dtype=dtype, device=device)
     if buf.device.type == "cpu" and buf.numel() * buf.element_size() >= (8 << 20):
         from . import _cpu
         if _cpu.available():
             _cpu.load().advise_huge_pages(buf)
     return buf
+
+
+def _grad_buffer(x: Tensor, shape: Optional[tuple] = None) -> Tensor:
+    """The (N, C) gradient buffer of ``x`` (``shape``: another shape in ``x``'s dtype, the
+    multi-teacher (M, N, C) buffer)."""
+    return buffer(x.shape if shape is None else shape, x.dtype, x.device)
+
+
+def grad_scale(labels: Optional[Tensor], ignore_index: int, n: int, reduction: str, acc: torch.dtype,
+               device) -> Tensor:
+    """The factor folded into the gradients, a (1,) ``acc`` tensor: ``1 / max(n_valid, 1)`` for
+    ``reduction="mean"`` (``n_valid``: the rows whose label is not ``ignore_index``; all ``n``
+    without labels), else 1. Computed on the device: no host synchronisation."""
+    if reduction == "mean":
+        n_valid = (labels != ignore_index).sum() if labels is not None else torch.tensor(n, device=device)
+        return n_valid.to(acc).clamp_min(1).reciprocal().reshape(1)  # in acc: exact 1/n
+    return torch.ones(1, dtype=acc, device=device)
 
 
 @torch.library.custom_op("kdfast::distill", mutates_args=())
@@ -61,7 +88,7 @@ def distill(z: Tensor, v: Tensor, zp: Optional[Tensor], labels: Optional[Tensor]
     ``grad_z`` / ``grad_v`` are empty when not asked for. ``loss`` is a scalar, or per row for
     ``reduction="none"``.
     """
-    d, ce, grad_scale = _row_outputs(z, labels, kd_w, iparams[5], reduction)
+    d, ce, grad_scale = _row_outputs(z, labels, kd_w, iparams[IParam.IGNORE_INDEX], reduction)
     grad_z = _grad_buffer(z) if need_grad_z else z.new_empty(0)
     grad_v = _grad_buffer(v) if need_grad_v else v.new_empty(0)
     _backend_fn(backend)(z, v, zp, labels, kd_w, ce_w, grad_scale, d, ce,
@@ -76,12 +103,7 @@ def _row_outputs(z: Tensor, labels: Optional[Tensor], kd_w: Tensor, ignore_index
     acc = kd_w.dtype
     d = torch.empty(kd_w.shape, dtype=acc, device=z.device)   # (N,), or (M, N) for M teachers
     ce = torch.empty(n, dtype=acc, device=z.device)
-    if reduction == "mean":   # 1 / n_valid as a device tensor: no host synchronisation
-        n_valid = (labels != ignore_index).sum() if labels is not None else torch.tensor(n, device=z.device)
-        grad_scale = n_valid.to(acc).clamp_min(1).reciprocal().reshape(1)  # in acc: exact 1/n
-    else:
-        grad_scale = torch.ones(1, dtype=acc, device=z.device)
-    return d, ce, grad_scale
+    return d, ce, grad_scale(labels, ignore_index, n, reduction, acc, z.device)
 
 
 def _reduce(kd_w: Tensor, d: Tensor, ce_w: Tensor, ce: Tensor, reduction: str, grad_scale: Tensor) -> Tensor:
@@ -108,10 +130,16 @@ def _(z, v, zp, labels, kd_w, ce_w, fparams, iparams, reduction, backend, need_g
     return _fake_outputs(z, kd_w, reduction, need_grad_z, grad_v)
 
 
+# The positions of the ops' arguments that autograd reads (the same in distill, topk_distill,
+# multi_distill and vocab_parallel_distill): the inputs with a gradient, the reduction and the
+# inplace_backward flag.
+_Z, _V, _KD_W, _CE_W, _REDUCTION, _INPLACE = 0, 1, 4, 5, 8, 12
+
+
 def _setup_context(ctx, inputs, output):
     loss, d, ce, grad_z, grad_v, grad_scale = output
-    ctx.reduction = inputs[8]
-    ctx.inplace = inputs[12] if len(inputs) > 12 else False
+    ctx.reduction = inputs[_REDUCTION]
+    ctx.inplace = inputs[_INPLACE] if len(inputs) > _INPLACE else False
     ctx.save_for_backward(grad_z, grad_v, d, ce, grad_scale)
     ctx.mark_non_differentiable(d, ce, grad_z, grad_v, grad_scale)
     # only the loss is differentiable: without this, autograd would build zero (N, C) upstream
@@ -140,21 +168,31 @@ def _scaled(saved: Tensor, g: Tensor, inplace: bool) -> Tensor:
     return saved * g
 
 
+def _upstream(g_loss: Tensor, reduction: str, grad_scale: Tensor) -> tuple[Tensor, Tensor]:
+    """(factor of the per-row terms, factor of the saved (N, C) gradients) for the upstream
+    gradient ``g_loss`` of the loss."""
+    if reduction == "none":
+        return g_loss, g_loss.unsqueeze(-1)
+    return g_loss * grad_scale[0], g_loss
+
+
 def _backward(ctx, g_loss, _gd, _gce, _ggz, _ggv, _gscale):
     grad_z, grad_v, d, ce, grad_scale = ctx.saved_tensors
-    if g_loss is None:   # grads are not materialised: nothing flowed into the loss
-        return (None,) * 13
     need = ctx.needs_input_grad
-    if ctx.reduction == "none":
-        g_rows, g_mat = g_loss, g_loss.unsqueeze(-1)
-    else:
-        g_rows, g_mat = g_loss * grad_scale[0], g_loss
+    grads = [None] * len(need)
+    if g_loss is None:   # grads are not materialised: nothing flowed into the loss
+        return tuple(grads)
+    g_rows, g_mat = _upstream(g_loss, ctx.reduction, grad_scale)
     # need[i] implies the forward computed that gradient (run() asks for it when the input requires grad)
-    gz = _scaled(grad_z, g_mat, ctx.inplace) if need[0] else None
-    gv = _scaled(grad_v, g_mat, ctx.inplace) if need[1] else None
-    g_kd = g_rows * d if need[4] else None      # d loss / d kd_w_i = D_i (times the reduction's scale)
-    g_ce = g_rows * ce if need[5] else None     # d loss / d ce_w_i = CE_i
-    return gz, gv, None, None, g_kd, g_ce, None, None, None, None, None, None, None
+    if need[_Z]:
+        grads[_Z] = _scaled(grad_z, g_mat, ctx.inplace)
+    if need[_V] and grad_v.numel():
+        grads[_V] = _scaled(grad_v, g_mat, ctx.inplace)
+    if need[_KD_W]:
+        grads[_KD_W] = g_rows * d      # d loss / d kd_w_i = D_i (times the reduction's scale)
+    if need[_CE_W]:
+        grads[_CE_W] = g_rows * ce     # d loss / d ce_w_i = CE_i
+    return tuple(grads)
 
 
 distill.register_autograd(_backward, setup_context=_setup_context)
@@ -169,9 +207,10 @@ def topk_distill(z: Tensor, t_lp: Tensor, t_idx: Tensor, labels: Optional[Tensor
                  ce_w: Tensor, fparams: list[float], iparams: list[int], reduction: str, backend: str,
                  need_grad_z: bool, need_grad_v: bool, inplace_backward: bool = False
                  ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """``fparams = [T, scale]``, ``iparams = [renormalize, has_ce, ignore_index]``; returns
-    ``(loss, d, ce, grad_z, empty, grad_scale)``; see ``kdfast/topk.py``."""
-    d, ce, grad_scale = _row_outputs(z, labels, kd_w, iparams[2], reduction)
+    """``fparams`` / ``iparams``: ``kdfast._spec.TopkParams``; returns
+    ``(loss, d, ce, grad_z, empty, grad_scale)``; the API is ``kdfast.topk_kd_loss``, the kernels
+    ``kdfast/_triton/topk.py`` and ``csrc/row_kernel_more.h`` (``row_topk``)."""
+    d, ce, grad_scale = _row_outputs(z, labels, kd_w, iparams[TopkIParam.IGNORE_INDEX], reduction)
     grad_z = _grad_buffer(z) if need_grad_z else z.new_empty(0)
     _backend_fn(backend, "topk_forward")(z, t_lp, t_idx, labels, kd_w, ce_w, grad_scale, d, ce,
                               grad_z if need_grad_z else None, fparams, iparams)
@@ -198,7 +237,7 @@ def multi_distill(z: Tensor, vs: list[Tensor], zp: Optional[Tensor], labels: Opt
                   need_grad_z: bool, need_grad_v: bool, inplace_backward: bool = False
                   ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Returns ``(loss, d (M, N), ce, grad_z, grad_v (M, N, C), grad_scale)``; see ``kdfast/_spec.py``."""
-    d, ce, grad_scale = _row_outputs(z, labels, kd_w, iparams[5], reduction)
+    d, ce, grad_scale = _row_outputs(z, labels, kd_w, iparams[IParam.IGNORE_INDEX], reduction)
     grad_z = _grad_buffer(z) if need_grad_z else z.new_empty(0)
     grad_v = _grad_buffer(vs[0], (len(vs), *z.shape)) if need_grad_v else vs[0].new_empty(0)
     _backend_fn(backend, "multi_forward")(z, vs, zp, labels, kd_w, ce_w, grad_scale, d, ce,
@@ -217,45 +256,276 @@ def _(z, vs, zp, labels, kd_w, ce_w, fparams, iparams, reduction, backend, need_
 def _multi_backward(ctx, g_loss, _gd, _gce, _ggz, _ggv, _gscale):
     grad_z, grad_v, d, ce, grad_scale = ctx.saved_tensors
     need = ctx.needs_input_grad   # as many entries as the op got arguments (a trailing default is dropped)
-    rest = (None,) * (len(need) - 6)
+    grads = [None] * len(need)
+    grads[_V] = [None] * len(need[_V])
     if g_loss is None:
-        return (None, [None] * len(need[1]), None, None, None, None) + rest
-    if ctx.reduction == "none":
-        g_rows, g_mat = g_loss, g_loss.unsqueeze(-1)
-    else:
-        g_rows, g_mat = g_loss * grad_scale[0], g_loss
-    gz = _scaled(grad_z, g_mat, ctx.inplace) if need[0] else None
+        return tuple(grads)
+    g_rows, g_mat = _upstream(g_loss, ctx.reduction, grad_scale)
+    if need[_Z]:
+        grads[_Z] = _scaled(grad_z, g_mat, ctx.inplace)
     # (the forward computed grad_v when any teacher requires grad; the others get None)
-    gv = [None] * len(need[1])
     if grad_v.numel():
-        gv = [g if n else None for g, n in zip(_scaled(grad_v, g_mat, ctx.inplace).unbind(0), need[1])]
-    g_kd = g_rows * d if need[4] else None      # d loss / d kd_w_{m,i} = D_{m,i}
-    g_ce = g_rows * ce if need[5] else None
-    return (gz, gv, None, None, g_kd, g_ce) + rest
+        grads[_V] = [g if n else None
+                     for g, n in zip(_scaled(grad_v, g_mat, ctx.inplace).unbind(0), need[_V])]
+    if need[_KD_W]:
+        grads[_KD_W] = g_rows * d      # d loss / d kd_w_{m,i} = D_{m,i}
+    if need[_CE_W]:
+        grads[_CE_W] = g_rows * ce
+    return tuple(grads)
 
 
 multi_distill.register_autograd(_multi_backward, setup_context=_setup_context)
 
 
+# ---------------------------------------------------------------------------------------------------
+# The fused linear op: the student's head ``z = h @ w.T (+ b)`` and the loss, chunk by chunk of rows,
+# the logits never materialised. The teacher (and retro_kd's past student) are constants given as
+# logits ``t`` (``t_w`` None) or as hidden states ``t`` with a head ``t_w`` (+ ``t_b``). See
+# kdfast/fused_linear.py for the algorithm and the memory it needs.
+@torch.library.custom_op("kdfast::linear_distill", mutates_args=())
+def linear_distill(h: Tensor, w: Tensor, b: Optional[Tensor], t: Tensor, t_w: Optional[Tensor],
+                   t_b: Optional[Tensor], p: Optional[Tensor], p_w: Optional[Tensor], p_b: Optional[Tensor],
+                   labels: Optional[Tensor], kd_w: Tensor, ce_w: Tensor, fparams: list[float],
+                   iparams: list[int], reduction: str, backend: str, chunk: int, need_grad_h: bool,
+                   need_grad_w: bool, need_grad_b: bool
+                   ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Returns ``(loss, d, ce, grad_h, grad_w, grad_b, grad_scale)`` (gradients empty when not asked
+    for). ``h`` (N, H), ``w`` (V, H), ``b`` (V,) or None; ``labels`` (N,) int64 or None; ``kd_w``,
+    ``ce_w`` (N,) contiguous in the accumulation dtype; ``chunk``: rows per chunk."""
+    gs = grad_scale(labels, iparams[IParam.IGNORE_INDEX], h.shape[0], reduction, kd_w.dtype, h.device)
+    d, ce, gh, gw, gb = _linear_sweep(h, w, b, (t, t_w, t_b), None if p is None else (p, p_w, p_b),
+                                      labels, kd_w, ce_w, fparams, iparams, backend, chunk,
+                                      (need_grad_h, need_grad_w, need_grad_b), gs)
+    empty = w.new_empty(0)
+    return (_reduce(kd_w, d, ce_w, ce, reduction, gs), d, ce, h.new_empty(0) if gh is None else gh,
+            empty if gw is None else gw, empty.clone() if gb is None else gb, gs)
+
+
+@linear_distill.register_fake
+def _(h, w, b, t, t_w, t_b, p, p_w, p_b, labels, kd_w, ce_w, fparams, iparams, reduction, backend, chunk,
+      need_grad_h, need_grad_w, need_grad_b):
+    n, acc = h.shape[0], kd_w.dtype
+    return (h.new_empty(n if reduction == "none" else (), dtype=acc), h.new_empty(n, dtype=acc),
+            h.new_empty(n, dtype=acc),
+            torch.empty_like(h, memory_format=torch.contiguous_format) if need_grad_h else h.new_empty(0),
+            w.new_empty(w.shape) if need_grad_w else w.new_empty(0),
+            b.new_empty(b.shape) if need_grad_b and b is not None else w.new_empty(0),
+            h.new_empty(1, dtype=acc))
+
+
+# the positions of linear_distill's arguments that autograd reads
+_L_H, _L_B, _L_KD_W, _L_CE_W, _L_FPARAMS, _L_IPARAMS, _L_REDUCTION, _L_BACKEND, _L_CHUNK = (
+    0, 2, 10, 11, 12, 13, 14, 15, 16)
+
+
+def _linear_setup_context(ctx, inputs, output):
+    loss, d, ce, gh, gw, gb, gs = output
+    ctx.reduction = inputs[_L_REDUCTION]
+    if ctx.reduction == "none":
+        # the per-row gradient needs the upstream g_i: backward runs the chunk loop again
+        ctx.consts = tuple(inputs[i] for i in (_L_FPARAMS, _L_IPARAMS, _L_BACKEND, _L_CHUNK))
+        ctx.save_for_backward(*inputs[:_L_CE_W + 1], d, ce)
+    else:
+        ctx.save_for_backward(gh, gw, gb, d, ce, gs)
+    ctx.mark_non_differentiable(d, ce, gh, gw, gb, gs)
+    ctx.set_materialize_grads(False)
+
+
+def _linear_backward(ctx, g_loss, _gd, _gce, _ggh, _ggw, _ggb, _gs):
+    need = ctx.needs_input_grad
+    grads = [None] * len(need)
+    if g_loss is None:
+        return tuple(grads)
+    want = need[_L_H:_L_B + 1]
+    if ctx.reduction == "none":
+        *inputs, d, ce = ctx.saved_tensors
+        g_rows = g_loss.to(d.dtype)
+        if any(want):   # the gradient is linear in the row weights: fold g_i into them
+            fparams, iparams, backend, chunk = ctx.consts
+            kd_w, ce_w = inputs[_L_KD_W], inputs[_L_CE_W]
+            out = torch.ops.kdfast.linear_distill(
+                *inputs[:_L_KD_W], (kd_w * g_rows).contiguous(), (ce_w * g_rows).contiguous(),
+                fparams, iparams, "none", backend, chunk, *want)
+            for i, x in zip(range(_L_H, _L_B + 1), out[3:6]):
+                grads[i] = x if need[i] else None
+    else:
+        gh, gw, gb, d, ce, gs = ctx.saved_tensors
+        g_rows, g_mat = _upstream(g_loss, ctx.reduction, gs)
+        for i, x in zip(range(_L_H, _L_B + 1), (gh, gw, gb)):
+            grads[i] = _scaled(x, g_mat, False) if need[i] else None
+    if need[_L_KD_W]:
+        grads[_L_KD_W] = g_rows * d    # d loss / d kd_w_i = D_i (times the reduction's scale)
+    if need[_L_CE_W]:
+        grads[_L_CE_W] = g_rows * ce
+    return tuple(grads)
+
+
+linear_distill.register_autograd(_linear_backward, setup_context=_linear_setup_context)
+
+
+def source_rows(src: tuple, s: int, e: int, buf: Optional[Tensor], dtype: torch.dtype) -> Tensor:
+    """Rows ``s:e`` of constant logits ``src = (x, weight, bias)``: ``x[s:e]`` (``x`` the logits,
+    ``weight`` None) or ``x[s:e] @ weight.T (+ bias)`` into ``buf``; unit column stride, in
+    ``dtype`` (a copy only when converting)."""
+    x, weight, bias = src
+    if weight is None:
+        out = x[s:e]
+        if out.stride(-1) != 1 and out.shape[-1] > 1:
+            out = out.contiguous()
+    else:
+        out = buf[:e - s]
+        if bias is None:
+            torch.mm(x[s:e], weight.t(), out=out)
+        else:
+            torch.addmm(bias, x[s:e], weight.t(), out=out)
+    return out if out.dtype == dtype else out.to(dtype)
+
+
+def source_buffer(src: tuple, rows: int, v: int) -> Optional[Tensor]:
+    """The reused (rows, V) buffer :func:`source_rows` computes into (None for given logits)."""
+    x, weight, _ = src
+    return None if weight is None else buffer((rows, v), x.dtype, x.device)
+
+
+def _linear_sweep(h: Tensor, w: Tensor, b: Optional[Tensor], teacher: tuple, past: Optional[tuple],
+                  labels: Optional[Tensor], kd_w: Tensor, ce_w: Tensor, fparams, iparams, backend: str,
+                  chunk: int, want: tuple, gs: Tensor):
+    """One pass over the chunks. Returns ``(d, ce, grad_h, grad_w, grad_b)``: the per-row terms and
+    the gradients asked for by ``want`` (``None`` otherwise), already weighted and scaled by ``gs``."""
+    n, v = h.shape[0], w.shape[0]
+    acc = kd_w.dtype
+    want_h, want_w, want_b = want
+    need_g = want_h or want_w or want_b
+    d = torch.empty(n, dtype=acc, device=h.device)
+    ce = torch.empty(n, dtype=acc, device=h.device)
+    gh = torch.empty(h.shape, dtype=h.dtype, device=h.device) if want_h else None
+    gw_acc = torch.float64 if w.dtype == torch.float64 else torch.float32
+    gw = None   # the first chunk's product initialises it (zeros when there is no chunk)
+    if want_w:
+        gw = (buffer(w.shape, gw_acc, w.device) if n
+              else torch.zeros(w.shape, dtype=gw_acc, device=w.device))
+    gb = torch.zeros(v, dtype=gw_acc, device=h.device) if want_b else None
+    rows = min(chunk, n)
+    zbuf = buffer((rows, v), h.dtype, h.device)
+    tbuf = source_buffer(teacher, rows, v)
+    pbuf = source_buffer(past, rows, v) if past is not None else None
+    # float64 students run float64 kernels; the kernels never mix float64 with another dtype
+    t_dtype = torch.float64 if h.dtype == torch.float64 else (
+        torch.float32 if teacher[0].dtype == torch.float64 else teacher[0].dtype)
+    fn = _backend_fn(backend)
+    for s in range(0, n, chunk):
+        e = min(s + chunk, n)
+        hc, z = h[s:e], zbuf[:e - s]
+        if b is None:
+            torch.mm(hc, w.t(), out=z)
+        else:
+            torch.addmm(b, hc, w.t(), out=z)
+        vc = source_rows(teacher, s, e, tbuf, t_dtype)
+        zp = source_rows(past, s, e, pbuf, h.dtype) if past is not None else None
+        y = labels[s:e] if labels is not None else None
+        # grad_z aliases z: the chunk's logits become d loss / d logits
+        fn(z, vc, zp, y, kd_w[s:e], ce_w[s:e], gs, d[s:e], ce[s:e], z if need_g else None, None,
+           fparams, iparams)
+        if want_h:
+            torch.mm(z, w, out=gh[s:e])
+        if want_w:
+            if z.dtype == gw.dtype:
+                if s == 0:
+                    torch.mm(z.t(), hc, out=gw)
+                else:
+                    gw.addmm_(z.t(), hc)
+            else:   # fp16 / bf16: each chunk's product is rounded once, the sum is in fp32
+                part = torch.mm(z.t(), hc)
+                if s == 0:
+                    gw.copy_(part)
+                else:
+                    gw.add_(part)
+        if want_b:
+            gb.add_(z.sum(0, dtype=gw_acc))
+    if gw is not None and gw.dtype != w.dtype:
+        gw = gw.to(w.dtype)
+    if gb is not None and gb.dtype != b.dtype:
+        gb = gb.to(b.dtype)
+    return d, ce, gh, gw, gb
+
+
+# ---------------------------------------------------------------------------------------------------
+# The vocabulary-parallel op: the logits are this rank's columns of every row; eager torch ops and
+# all_reduce collectives over the process group named ``group`` (its ``group_name``; in the place of
+# ``distill``'s ``backend``) compute the loss of the whole rows (kdfast/vocab_parallel.py).
+# ``layout = [rank, world, vocab_start, vocab_size]``. The rest as in ``distill``; backward runs no
+# collective.
+@torch.library.custom_op("kdfast::vocab_parallel_distill", mutates_args=())
+def vocab_parallel_distill(z: Tensor, v: Tensor, zp: Optional[Tensor], labels: Optional[Tensor],
+                           kd_w: Tensor, ce_w: Tensor, fparams: list[float], iparams: list[int],
+                           reduction: str, group: str, need_grad_z: bool, need_grad_v: bool,
+                           inplace_backward: bool, layout: list[int]
+                           ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Returns ``(loss, d, ce, grad_z, grad_v, grad_scale)`` as ``distill``."""
+    from . import vocab_parallel
+    return vocab_parallel._forward(z, v, zp, labels, kd_w, ce_w, KernelParams.from_lists(fparams, iparams),
+                                   reduction, group, layout, need_grad_z, need_grad_v)
+
+
+@vocab_parallel_distill.register_fake
+def _(z, v, zp, labels, kd_w, ce_w, fparams, iparams, reduction, group, need_grad_z, need_grad_v,
+      inplace_backward, layout):
+    grad_v = torch.empty_like(v, memory_format=torch.contiguous_format) if need_grad_v else v.new_empty(0)
+    return _fake_outputs(z, kd_w, reduction, need_grad_z, grad_v)
+
+
+vocab_parallel_distill.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ---------------------------------------------------------------------------------------------------
+# The calls: each asks the op for the gradients its inputs need, and returns the loss.
+def _needs(*xs) -> bool:
+    return torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in xs)
+
+
 def run(z: Tensor, v: Tensor, zp: Optional[Tensor], labels: Optional[Tensor], kd_w: Tensor,
         ce_w: Tensor, params: KernelParams, reduction: str, backend: str,
         inplace_backward: bool = False) -> Tensor:
-    """Call the op with the gradients the inputs need; returns the loss."""
-    grad_on = torch.is_grad_enabled()
-    need_gz = grad_on and z.requires_grad
-    need_gv = grad_on and v.requires_grad
-    out = torch.ops.kdfast.distill(z, v, zp, labels, kd_w, ce_w, params.fparams(), params.iparams(),
-                                   reduction, backend, need_gz, need_gv, inplace_backward)
-    return out[0]
+    """``kdfast::distill``."""
+    return torch.ops.kdfast.distill(z, v, zp, labels, kd_w, ce_w, params.fparams(), params.iparams(),
+                                    reduction, backend, _needs(z), _needs(v), inplace_backward)[0]
+
+
+def run_topk(z: Tensor, t_lp: Tensor, t_idx: Tensor, labels: Optional[Tensor], kd_w: Tensor,
+             ce_w: Tensor, params, reduction: str, backend: str, inplace_backward: bool = False) -> Tensor:
+    """``kdfast::topk_distill`` (``params``: a ``TopkParams``; the teacher gets no gradient)."""
+    return torch.ops.kdfast.topk_distill(z, t_lp, t_idx, labels, kd_w, ce_w, params.fparams(),
+                                         params.iparams(), reduction, backend, _needs(z), False,
+                                         inplace_backward)[0]
 
 
 def run_multi(z: Tensor, vs: list[Tensor], zp: Optional[Tensor], labels: Optional[Tensor], kd_w: Tensor,
               ce_w: Tensor, params: KernelParams, reduction: str, backend: str,
               inplace_backward: bool = False) -> Tensor:
-    """The multi-teacher op with the gradients the inputs need; returns the loss."""
-    grad_on = torch.is_grad_enabled()
-    need_gz = grad_on and z.requires_grad
-    need_gv = grad_on and any(v.requires_grad for v in vs)
-    out = torch.ops.kdfast.multi_distill(z, vs, zp, labels, kd_w, ce_w, params.fparams(), params.iparams(),
-                                         reduction, backend, need_gz, need_gv, inplace_backward)
-    return out[0]
+    """``kdfast::multi_distill``."""
+    return torch.ops.kdfast.multi_distill(z, vs, zp, labels, kd_w, ce_w, params.fparams(),
+                                          params.iparams(), reduction, backend, _needs(z), _needs(*vs),
+                                          inplace_backward)[0]
+
+
+def run_linear(h: Tensor, w: Tensor, b: Optional[Tensor], teacher: tuple, past: Optional[tuple],
+               labels: Optional[Tensor], kd_w: Tensor, ce_w: Tensor, params: KernelParams,
+               reduction: str, backend: str, chunk: int) -> Tensor:
+    """``kdfast::linear_distill`` (``teacher`` / ``past``: ``(logits, None, None)`` or
+    ``(hidden, weight, bias)``, constants). With ``reduction="none"`` the forward computes no
+    gradient (backward does)."""
+    early = reduction != "none"
+    p = past if past is not None else (None, None, None)
+    return torch.ops.kdfast.linear_distill(h, w, b, *teacher, *p, labels, kd_w, ce_w, params.fparams(),
+                                           params.iparams(), reduction, backend, chunk,
+                                           early and _needs(h), early and _needs(w),
+                                           early and _needs(b))[0]
+
+
+def run_vocab_parallel(z: Tensor, v: Tensor, zp: Optional[Tensor], labels: Optional[Tensor],
+                       kd_w: Tensor, ce_w: Tensor, params: KernelParams, reduction: str, group: str,
+                       layout: list[int], inplace_backward: bool = False) -> Tensor:
+    """``kdfast::vocab_parallel_distill``."""
+    return torch.ops.kdfast.vocab_parallel_distill(z, v, zp, labels, kd_w, ce_w, params.fparams(),
+                                                   params.iparams(), reduction, group, _needs(z),
+                                                   _needs(v), inplace_backward, list(layout))[0]

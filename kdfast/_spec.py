@@ -1,7 +1,8 @@
 """The loss declarations and the contract between the Python layer and the backend kernels.
 
-Every loss of SPEC.md is one *kind* of the fused row kernel plus a few parameters; a named loss
-(``kd``, ``ttm``, ...) is a :class:`KernelParams` built by a small function in ``functional.py``.
+Every loss of docs/spec.md is one *kind* of the fused row kernel plus a few parameters; a named loss
+(``kd``, ``ttm``, ...) is a :class:`KernelParams` built from its hyperparameters by its declaration
+in ``kdfast/losses.py``.
 
 Backend contract
 ----------------
@@ -36,9 +37,23 @@ Tensors (all on one device):
 - ``grad_v``: ``None`` or ``(N, C)`` in ``v``'s dtype: ``grad_scale * kd_w_i * dD_i/dv`` (for
   retro_kd this includes the factor ``1 - rho``). Never aliases anything.
 
-``fparams`` = ``[t_student, t_teacher, scale, rho, alpha, beta]`` (Python floats) and
-``iparams`` = ``[kind, wttm, reverse, center, has_ce, ignore_index]`` (Python ints); see
-:class:`KernelParams` for their meaning per kind.
+``fparams`` (Python floats) and ``iparams`` (Python ints) are :class:`KernelParams` as two lists,
+laid out by :class:`FParam` and :class:`IParam` (``fparams[FParam.RHO]``, ``iparams[IParam.KIND]``);
+see :class:`KernelParams` for their meaning per kind.
+
+Top-k (sparse) teacher (``kdfast.topk_kd_loss``, kind ``TOPK``)::
+
+    topk_forward(z, t_lp, t_idx, labels, kd_w, ce_w, grad_scale, d_out, ce_out, grad_z,
+                 fparams, iparams) -> None
+
+- ``t_lp``: ``(N, k)`` the teacher's log-probabilities (accumulation dtype, ``stride(1) == 1``);
+  ``t_idx``: ``(N, k)`` int64 their classes; the rest as in ``distill_forward`` (no ``grad_v``: the
+  teacher is data). ``fparams`` / ``iparams``: :class:`TopkParams`, laid out by
+  :class:`TopkFParam` and :class:`TopkIParam`.
+
+The layouts (and :class:`Kind`) are also declared in ``csrc/kernel_api.h`` (``fparam::``,
+``iparam::``, ``topk_fparam::``, ``topk_iparam::``) and the kinds in the Triton kernel
+(``KIND_*``); ``tests/test_spec.py`` parses those files and fails when they differ from this one.
 
 Multi-teacher (``kdfast.multi_teacher_loss``), the same contract with M teachers::
 
@@ -70,6 +85,57 @@ class Kind(enum.IntEnum):
     LM = 2   # logit matching, (1 / 2C) * sum_j ((z_j - zbar) - (v_j - vbar))^2 (center) or no centering
     LS = 3   # logit standardisation: kd (scale T^2, T = t_student = t_teacher) on standardised rows
     JSD = 4  # generalised JSD for 0 < beta < 1 at temperature T = t_student = t_teacher
+    TOPK = 5  # kd against a top-k (sparse) teacher: its own entry point, topk_forward (TopkParams)
+
+
+class FParam(enum.IntEnum):
+    """Index of each :class:`KernelParams` float field in ``fparams`` (named as the field)."""
+
+    T_STUDENT = 0
+    T_TEACHER = 1
+    SCALE = 2
+    RHO = 3
+    ALPHA = 4
+    BETA = 5
+
+
+class IParam(enum.IntEnum):
+    """Index of each :class:`KernelParams` int / bool field in ``iparams`` (named as the field)."""
+
+    KIND = 0
+    WTTM = 1
+    REVERSE = 2
+    CENTER = 3
+    HAS_CE = 4
+    IGNORE_INDEX = 5
+
+
+class TopkFParam(enum.IntEnum):
+    """Index of each :class:`TopkParams` float field in the top-k ``fparams``."""
+
+    T = 0
+    SCALE = 1
+
+
+class TopkIParam(enum.IntEnum):
+    """Index of each :class:`TopkParams` int / bool field in the top-k ``iparams``."""
+
+    RENORMALIZE = 0
+    HAS_CE = 1
+    IGNORE_INDEX = 2
+
+
+def _to_lists(p, fields: type[enum.IntEnum], ints: type[enum.IntEnum]) -> tuple[list[float], list[int]]:
+    """``p``'s fields as the two lists of the layouts ``fields`` (floats) and ``ints``."""
+    return ([float(getattr(p, f.name.lower())) for f in fields],
+            [int(getattr(p, f.name.lower())) for f in ints])
+
+
+def _from_lists(cls, fparams, iparams, fields: type[enum.IntEnum], ints: type[enum.IntEnum]):
+    kw = {f.name.lower(): float(fparams[f]) for f in fields}
+    for f in ints:   # each int field back to the type of its default (Kind, bool or int)
+        kw[f.name.lower()] = type(cls.__dataclass_fields__[f.name.lower()].default)(int(iparams[f]))
+    return cls(**kw)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,16 +156,38 @@ class KernelParams:
     ignore_index: int = -100
 
     def fparams(self) -> list[float]:
-        return [float(self.t_student), float(self.t_teacher), float(self.scale), float(self.rho),
-                float(self.alpha), float(self.beta)]
+        """The float fields in the :class:`FParam` layout."""
+        return _to_lists(self, FParam, IParam)[0]
 
     def iparams(self) -> list[int]:
-        return [int(self.kind), int(self.wttm), int(self.reverse), int(self.center),
-                int(self.has_ce), int(self.ignore_index)]
+        """The int / bool fields in the :class:`IParam` layout."""
+        return _to_lists(self, FParam, IParam)[1]
 
     @classmethod
     def from_lists(cls, fparams, iparams) -> "KernelParams":
-        ts, tt, scale, rho, alpha, beta = fparams
-        kind, wttm, reverse, center, has_ce, ignore_index = iparams
-        return cls(Kind(kind), ts, tt, scale, bool(wttm), bool(reverse), rho, alpha, beta,
-                   bool(center), bool(has_ce), int(ignore_index))
+        return _from_lists(cls, fparams, iparams, FParam, IParam)
+
+
+@dataclasses.dataclass(frozen=True)
+class TopkParams:
+    """The top-k kernel's parameters (``topk_forward``; kind :attr:`Kind.TOPK`)."""
+
+    t: float = 1.0             # temperature of the student (and of the teacher when ``renormalize``)
+    scale: float = 1.0         # constant factor of D (T^2)
+    renormalize: bool = True   # the teacher is softmax(logprobs / T) over its k classes
+    has_ce: bool = True        # compute CE (only when labels are given)
+    ignore_index: int = -100
+
+    kind = Kind.TOPK           # (a class constant, not a field)
+
+    def fparams(self) -> list[float]:
+        """The float fields in the :class:`TopkFParam` layout."""
+        return _to_lists(self, TopkFParam, TopkIParam)[0]
+
+    def iparams(self) -> list[int]:
+        """The int / bool fields in the :class:`TopkIParam` layout."""
+        return _to_lists(self, TopkFParam, TopkIParam)[1]
+
+    @classmethod
+    def from_lists(cls, fparams, iparams) -> "TopkParams":
+        return _from_lists(cls, fparams, iparams, TopkFParam, TopkIParam)

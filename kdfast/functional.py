@@ -17,24 +17,29 @@ forward pass and saved; backward only scales it by the upstream gradient (on the
 ``loss.backward()`` hands the saved buffer over as ``.grad`` without a copy). With
 ``inplace_backward=True`` the scaling happens in the saved buffer itself (no second (N, C) buffer on
 any device); a second backward through that graph then raises instead of returning a wrong result.
+
+The named losses (``kd_loss``, ...) are generated from their declarations in :mod:`kdfast.losses`
+(each a real function: positional tensors, the loss's hyperparameters, the options of
+:func:`_options`), and call one shared path. Every entry point of the package (these losses, the
+fused linear head, multi-teacher, vocabulary-parallel) prepares its arguments with :func:`prepare`
+and calls a custom op of :mod:`kdfast._ops`.
 """
 from __future__ import annotations
 
 import dataclasses
-import math
+import functools
+import inspect
 import os
 import warnings
-from typing import Callable, Optional, Union
+from typing import Callable, NamedTuple, Optional, Union
 
 import torch
 from torch import Tensor
 
-from . import _cpu, reference
-from ._ops import REDUCTIONS, acc_dtype, run, topk_distill
-from ._spec import KernelParams, Kind
-
-__all__ = ["kd_loss", "ttm_loss", "wttm_loss", "dkd_loss", "logit_matching_loss", "ls_kd_loss",
-           "jsd_loss", "retro_kd_loss", "topk_kd_loss"]
+from . import _cpu
+from ._ops import REDUCTIONS, acc_dtype, run, run_topk
+from ._spec import KernelParams, TopkParams
+from .losses import REGISTRY, Loss, define
 
 Weight = Union[float, Tensor]
 BACKENDS = ("auto", "cpu", "triton", "torch")
@@ -52,30 +57,6 @@ def _check_logits(name: str, x) -> None:
         raise ValueError(f"{name} must have a class dimension (shape (..., C)), got a 0-d tensor")
     if x.shape[-1] < 1:
         raise ValueError(f"{name} has an empty class dimension (C = 0)")
-
-
-def _check_temperature(t: float, name: str = "temperature") -> float:
-    if isinstance(t, Tensor) or not isinstance(t, (int, float)) or isinstance(t, bool):
-        raise ValueError(f"{name} must be a Python float, got {type(t).__name__}")
-    if not math.isfinite(t) or t <= 0:
-        raise ValueError(f"{name} must be finite and > 0, got {t}")
-    return float(t)
-
-
-def _check_unit(x: float, name: str) -> float:
-    if isinstance(x, Tensor) or not isinstance(x, (int, float)) or isinstance(x, bool):
-        raise ValueError(f"{name} must be a Python float, got {type(x).__name__}")
-    if not 0.0 <= x <= 1.0:
-        raise ValueError(f"{name} must be in [0, 1], got {x}")
-    return float(x)
-
-
-def _check_finite(x: float, name: str) -> float:
-    if isinstance(x, Tensor) or not isinstance(x, (int, float)) or isinstance(x, bool):
-        raise ValueError(f"{name} must be a Python float, got {type(x).__name__}")
-    if not math.isfinite(x):
-        raise ValueError(f"{name} must be finite, got {x}")
-    return float(x)
 
 
 def _check_reduction(ignore_index, reduction: str) -> str:
@@ -131,7 +112,8 @@ def _rows_weight(w: Weight, name: str, lead: torch.Size, n: int, dtype, device) 
         if shape != lead:
             raise ValueError(f"{name} of shape {tuple(w.shape)} does not broadcast to the leading "
                              f"shape of the logits {tuple(lead)}")
-        return w.to(dtype).expand(lead).reshape(n)
+        # contiguous: the kernels read (N,) weights densely (a broadcast tensor is a stride-0 view)
+        return w.to(dtype).expand(lead).reshape(n).contiguous()
     if isinstance(w, bool) or not isinstance(w, (int, float)):
         raise ValueError(f"{name} must be a float or a tensor, got {type(w).__name__}")
     return torch.full((n,), float(w), dtype=dtype, device=device)
@@ -172,69 +154,60 @@ def _as_rows(x: Tensor, c: int) -> Tensor:
     return x2 if x2.stride(-1) == 1 or c == 1 else x2.contiguous()
 
 
-# ----------------------------------------------------------------------------- the declarations
-# Each named loss is a choice of kernel parameters: one builder per loss, from its hyperparameters
-# (their defaults are the loss's), checking them. The functional losses below, fused_linear and
-# vocab_parallel all take their parameters from here.
-def _kd(temperature=4.0):
-    t = _check_temperature(temperature)
-    return KernelParams(Kind.KL, t, t, t * t)
+def _check_classes(z: Tensor, least: int, what: str) -> None:
+    if least > 1 and isinstance(z, Tensor) and z.dim() >= 1 and z.shape[-1] < least:
+        raise ValueError(f"{what} needs at least {least} classes, student_logits has C = {z.shape[-1]}")
 
 
-def _ttm(temperature=2.0):
-    t = _check_temperature(temperature)
-    return KernelParams(Kind.KL, 1.0, t, 1.0)
+def _check_past(zp, z: Tensor) -> None:
+    """retro_kd's past student logits: a float tensor of the student's shape, on its device."""
+    if not isinstance(zp, Tensor) or zp.shape != z.shape:
+        raise ValueError("past_student_logits must be a tensor of the student logits' shape "
+                         f"{tuple(z.shape)}, got {getattr(zp, 'shape', type(zp).__name__)}")
+    _check_logits("past_student_logits", zp)
+    if zp.device != z.device:
+        raise ValueError(f"past_student_logits are on {zp.device}, student_logits on {z.device}")
 
 
-def _wttm(temperature=2.0):
-    t = _check_temperature(temperature)
-    return KernelParams(Kind.KL, 1.0, t, 1.0, wttm=True)
+# ----------------------------------------------------------------------------- the one normalised call
+class Prepared(NamedTuple):
+    """The arguments every entry point hands its custom op, normalised by :func:`prepare`."""
+
+    params: Union[KernelParams, TopkParams]   # ``has_ce`` and ``ignore_index`` filled in
+    labels: Optional[Tensor]   # as given (checked): the eager reference takes them so
+    y: Optional[Tensor]        # (N,) int64 contiguous, or None
+    kd_w: Tensor               # (N,) contiguous, accumulation dtype (keeps autograd)
+    ce_w: Tensor
+    reduction: str             # "mean", "sum" or "none"
+    backend: str               # resolved: "cpu", "triton" or "torch"
+    lead: torch.Size           # the leading (row) shape
+    n: int                     # rows
 
 
-def _dkd(temperature=4.0, alpha=1.0, beta=8.0):
-    t = _check_temperature(temperature)
-    return KernelParams(Kind.DKD, t, t, t * t, alpha=_check_finite(alpha, "alpha"),
-                        beta=_check_finite(beta, "beta"))
-
-
-def _logit_matching(center=True):
-    if not isinstance(center, bool):
-        raise ValueError(f"center must be a bool, got {type(center).__name__}")
-    return KernelParams(Kind.LM, center=center)
-
-
-def _ls_kd(temperature=2.0):
-    t = _check_temperature(temperature)
-    return KernelParams(Kind.LS, t, t, t * t)
-
-
-def _jsd(beta=0.5, temperature=1.0):
-    t, b = _check_temperature(temperature), _check_unit(beta, "beta")
-    if b in (0.0, 1.0):   # exactly forward / reverse KL
-        return KernelParams(Kind.KL, t, t, 1.0, reverse=b == 1.0)
-    return KernelParams(Kind.JSD, t, t, 1.0, beta=b)
-
-
-def _retro_kd(temperature=4.0, past_weight=0.5):
-    t = _check_temperature(temperature)
-    return KernelParams(Kind.KL, t, t, t * t, rho=_check_unit(past_weight, "past_weight"))
-
-
-#: method name -> builder of its KernelParams (keyword arguments: the loss's hyperparameters)
-METHODS = {"kd": _kd, "ttm": _ttm, "wttm": _wttm, "dkd": _dkd, "logit_matching": _logit_matching,
-           "ls_kd": _ls_kd, "jsd": _jsd, "retro_kd": _retro_kd}
-
-
-# ----------------------------------------------------------------------------- the common path
-def _common_args(z, labels, ignore_index, reduction, kd_weight, ce_weight, acc, backend):
-    """Checks of the arguments every loss has; returns (labels, reduction, kd_w, ce_w, backend)."""
+def prepare(params, like: Tensor, labels, *, kd_weight, ce_weight, ignore_index, reduction, backend,
+            acc: torch.dtype, num_classes: Optional[int] = None, what: str = "",
+            resolve_backend: bool = True) -> Prepared:
+    """The argument preparation every entry point (the losses, :mod:`~kdfast.fused_linear`,
+    :mod:`~kdfast.multi_teacher`, :mod:`~kdfast.vocab_parallel`) shares, after checking its own
+    tensors: ``ignore_index`` and ``reduction``, the labels against ``like`` (the ``(..., C)``
+    logits, or a stand-in of their shape; ``num_classes``: the classes when not ``like``'s last dim),
+    the row weights in ``acc``, the backend (``resolve_backend=False``: only its name is checked),
+    and the kernel parameters' ``has_ce`` (labels given and ``ce_weight`` not the constant 0) and
+    ``ignore_index``."""
     reduction = _check_reduction(ignore_index, reduction)
-    labels = _check_labels(labels, z, ignore_index)
-    lead = z.shape[:-1]
+    labels = _check_labels(labels, like, ignore_index, num_classes, what)
+    lead = like.shape[:-1]
     n = lead.numel()
-    kd_w = _rows_weight(kd_weight, "kd_weight", lead, n, acc, z.device)
-    ce_w = _rows_weight(ce_weight, "ce_weight", lead, n, acc, z.device)
-    return labels, reduction, kd_w, ce_w, _resolve_backend(backend, z.device)
+    kd_w = _rows_weight(kd_weight, "kd_weight", lead, n, acc, like.device)
+    ce_w = _rows_weight(ce_weight, "ce_weight", lead, n, acc, like.device)
+    if resolve_backend:
+        backend = _resolve_backend(backend, like.device)
+    elif backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    y = None if labels is None else labels.reshape(n).to(torch.int64).contiguous()
+    has_ce = labels is not None and not (not isinstance(ce_weight, Tensor) and ce_weight == 0)
+    params = dataclasses.replace(params, has_ce=has_ce, ignore_index=ignore_index)
+    return Prepared(params, labels, y, kd_w, ce_w, reduction, backend, lead, n)
 
 
 def _distill(params: KernelParams, ref: Callable[..., Tensor], hyper: dict, z, v, labels, *,
@@ -259,240 +232,26 @@ def _distill(params: KernelParams, ref: Callable[..., Tensor], hyper: dict, z, v
     if v.device != z.device:
         raise ValueError(f"teacher_logits are on {v.device}, student_logits on {z.device}")
     if zp is not None:
-        if zp.shape != z.shape:
-            raise ValueError("past_student_logits must be a tensor of the student logits' shape "
-                             f"{tuple(z.shape)}, got {getattr(zp, 'shape', type(zp).__name__)}")
-        _check_logits("past_student_logits", zp)
-        if zp.device != z.device:
-            raise ValueError(f"past_student_logits are on {zp.device}, student_logits on {z.device}")
+        _check_past(zp, z)
     acc = acc_dtype(z.dtype, v.dtype)
-    labels, reduction, kd_w, ce_w, backend = _common_args(z, labels, ignore_index, reduction,
-                                                          kd_weight, ce_weight, acc, backend)
-    lead, c = z.shape[:-1], z.shape[-1]
-    n = lead.numel()
-    if backend == "torch":
+    a = prepare(params, z, labels, kd_weight=kd_weight, ce_weight=ce_weight, ignore_index=ignore_index,
+                reduction=reduction, backend=backend, acc=acc)
+    if a.backend == "torch":
         extra = () if zp is None else (zp,)
-        return ref(z, v, *extra, labels, **hyper, kd_weight=kd_weight, ce_weight=ce_weight,
-                   ignore_index=ignore_index, reduction=reduction)
-
+        return ref(z, v, *extra, a.labels, **hyper, kd_weight=kd_weight, ce_weight=ce_weight,
+                   ignore_index=ignore_index, reduction=a.reduction)
+    c = z.shape[-1]
     z2, v2 = _as_rows(z, c), _as_rows(v, c)
     if acc == torch.float64:            # the kernels never mix float64 with another dtype
         z2, v2 = z2.to(acc), v2.to(acc)
     zp2 = None if zp is None or params.rho == 0 else _as_rows(zp.detach(), c).to(z2.dtype)
-    y2 = None if labels is None else labels.reshape(n).to(torch.int64).contiguous()
-    has_ce = labels is not None and not (not isinstance(ce_weight, Tensor) and ce_weight == 0)
-    params = dataclasses.replace(params, has_ce=has_ce, ignore_index=ignore_index)
-    loss = run(z2, v2, zp2, y2, kd_w, ce_w, params, reduction, backend, inplace_backward)
-    return loss.view(lead) if reduction == "none" else loss
+    loss = run(z2, v2, zp2, a.y, a.kd_w, a.ce_w, a.params, a.reduction, a.backend, inplace_backward)
+    return loss.view(a.lead) if a.reduction == "none" else loss
 
 
-_COMMON_DOC = """
-    Common arguments (see :mod:`kdfast.functional`): ``labels`` (adds ``ce_weight * CE``),
-    ``kd_weight``, ``ce_weight`` (floats or tensors broadcastable to the leading shape, with
-    gradients), ``ignore_index``, ``reduction`` ("mean"/"batchmean", "sum", "none"), ``backend``
-    ("auto", "cpu", "triton", "torch") and ``inplace_backward`` (scale the saved gradient in place in
-    backward: saves one (N, C) buffer, forbids a second backward through the graph).
-    ``process_group`` (with ``vocab_start`` / ``vocab_size`` for uneven shards): the logits are this
-    rank's shard of the vocabulary (tensor parallelism); see :mod:`kdfast.vocab_parallel`.
-"""
-
-
-def _declare(f):
-    f.__doc__ = (f.__doc__ or "") + _COMMON_DOC
-    return f
-
-
-# ----------------------------------------------------------------------------- the named losses
-@_declare
-def kd_loss(student_logits: Tensor, teacher_logits: Tensor, labels: Optional[Tensor] = None, *,
-            temperature: float = 4.0, kd_weight: Weight = 1.0, ce_weight: Weight = 1.0,
-            ignore_index: int = -100, reduction: str = "mean", backend: str = "auto",
-            inplace_backward: bool = False,
-            process_group=None, vocab_start: Optional[int] = None,
-            vocab_size: Optional[int] = None) -> Tensor:
-    """Hinton et al. (2015): ``T^2 * KL(softmax(v/T) || softmax(z/T))`` per row, plus CE with labels.
-
-    Example::
-
-        loss = kdfast.kd_loss(student(x), teacher(x).detach(), y, temperature=4.0)
-    """
-    return _distill(_kd(temperature), reference.kd_loss, {"temperature": temperature},
-                    student_logits, teacher_logits, labels, kd_weight=kd_weight,
-                    ce_weight=ce_weight, ignore_index=ignore_index, reduction=reduction,
-                    backend=backend, inplace_backward=inplace_backward,
-                    tp=(process_group, vocab_start, vocab_size))
-
-
-@_declare
-def ttm_loss(student_logits: Tensor, teacher_logits: Tensor, labels: Optional[Tensor] = None, *,
-             temperature: float = 2.0, kd_weight: Weight = 1.0, ce_weight: Weight = 1.0,
-             ignore_index: int = -100, reduction: str = "mean", backend: str = "auto",
-             inplace_backward: bool = False,
-             process_group=None, vocab_start: Optional[int] = None,
-             vocab_size: Optional[int] = None) -> Tensor:
-    """Transformed teacher matching (Zheng & Yang, 2024): ``KL(softmax(v/T) || softmax(z))``.
-
-    The temperature acts on the teacher only and there is no ``T^2``. The default ``T = 2``
-    (``gamma = 1/T = 0.5``) sits in the middle of the range the paper tunes (gamma in 0.1-0.8).
-    """
-    return _distill(_ttm(temperature), reference.ttm_loss, {"temperature": temperature},
-                    student_logits, teacher_logits, labels, kd_weight=kd_weight,
-                    ce_weight=ce_weight, ignore_index=ignore_index, reduction=reduction,
-                    backend=backend, inplace_backward=inplace_backward,
-                    tp=(process_group, vocab_start, vocab_size))
-
-
-@_declare
-def wttm_loss(student_logits: Tensor, teacher_logits: Tensor, labels: Optional[Tensor] = None, *,
-              temperature: float = 2.0, kd_weight: Weight = 1.0, ce_weight: Weight = 1.0,
-              ignore_index: int = -100, reduction: str = "mean", backend: str = "auto",
-              inplace_backward: bool = False,
-              process_group=None, vocab_start: Optional[int] = None,
-              vocab_size: Optional[int] = None) -> Tensor:
-    """Weighted TTM (Zheng & Yang, 2024): ``U * KL(softmax(v/T) || softmax(z))`` per row with
-    ``U = sum_j softmax(v)_j^(1/T)`` (a constant: no gradient flows through it). Default ``T = 2``
-    as for :func:`ttm_loss`.
-    """
-    return _distill(_wttm(temperature), reference.wttm_loss,
-                    {"temperature": temperature}, student_logits, teacher_logits, labels,
-                    kd_weight=kd_weight, ce_weight=ce_weight, ignore_index=ignore_index,
-                    reduction=reduction, backend=backend, inplace_backward=inplace_backward,
-                    tp=(process_group, vocab_start, vocab_size))
-
-
-def _check_classes(z: Tensor, least: int, what: str) -> None:
-    if isinstance(z, Tensor) and z.dim() >= 1 and z.shape[-1] < least:
-        raise ValueError(f"{what} needs at least {least} classes, student_logits has C = {z.shape[-1]}")
-
-
-@_declare
-def dkd_loss(student_logits: Tensor, teacher_logits: Tensor, labels: Tensor, *,
-             temperature: float = 4.0, alpha: float = 1.0, beta: float = 8.0,
-             kd_weight: Weight = 1.0, ce_weight: Weight = 1.0, ignore_index: int = -100,
-             reduction: str = "mean", backend: str = "auto", inplace_backward: bool = False,
-             process_group=None, vocab_start: Optional[int] = None,
-             vocab_size: Optional[int] = None) -> Tensor:
-    """Decoupled KD (Zhao et al., 2022): ``T^2 (alpha * TCKD + beta * NCKD)`` per row, where TCKD is the
-    KL of the binary target / non-target split and NCKD the KL among the non-target classes.
-    Needs labels and C >= 2. Defaults as in mdistiller (T = 4, alpha = 1, beta = 8).
-    """
-    params = _dkd(temperature, alpha, beta)
-    if labels is None:
-        raise ValueError("dkd_loss needs labels (the target class splits the distribution)")
-    if process_group is None:   # sharded: the global vocabulary is checked in vocab_parallel
-        _check_classes(student_logits, 2, "dkd_loss")
-    return _distill(params, reference.dkd_loss,
-                    {"temperature": temperature, "alpha": alpha, "beta": beta}, student_logits, teacher_logits,
-                    labels, kd_weight=kd_weight, ce_weight=ce_weight, ignore_index=ignore_index,
-                    reduction=reduction, backend=backend, inplace_backward=inplace_backward,
-                    tp=(process_group, vocab_start, vocab_size), min_classes=2, what="dkd_loss")
-
-
-@_declare
-def logit_matching_loss(student_logits: Tensor, teacher_logits: Tensor,
-                        labels: Optional[Tensor] = None, *, center: bool = True,
-                        kd_weight: Weight = 1.0, ce_weight: Weight = 1.0, ignore_index: int = -100,
-                        reduction: str = "mean", backend: str = "auto",
-                        inplace_backward: bool = False,
-                        process_group=None, vocab_start: Optional[int] = None,
-                        vocab_size: Optional[int] = None) -> Tensor:
-    """Logit matching, the T -> infinity limit of KD: ``(1/2C) ||(z - mean z) - (v - mean v)||^2``
-    per row (``center=False``: ``(1/2C) ||z - v||^2``)."""
-    return _distill(_logit_matching(center), reference.logit_matching_loss,
-                    {"center": center}, student_logits, teacher_logits, labels,
-                    kd_weight=kd_weight, ce_weight=ce_weight, ignore_index=ignore_index,
-                    reduction=reduction, backend=backend, inplace_backward=inplace_backward,
-                    tp=(process_group, vocab_start, vocab_size))
-
-
-@_declare
-def ls_kd_loss(student_logits: Tensor, teacher_logits: Tensor, labels: Optional[Tensor] = None, *,
-               temperature: float = 2.0, kd_weight: Weight = 1.0, ce_weight: Weight = 1.0,
-               ignore_index: int = -100, reduction: str = "mean", backend: str = "auto",
-               inplace_backward: bool = False,
-               process_group=None, vocab_start: Optional[int] = None,
-               vocab_size: Optional[int] = None) -> Tensor:
-    """KD on standardised logits (Sun et al., 2024): each row becomes ``(x - mean) / (1e-7 + std)``
-    (unbiased std) before ``T^2 KL`` at temperature T; the gradient flows through the student's mean
-    and std. Needs C >= 2.
-    """
-    params = _ls_kd(temperature)
-    if process_group is None:
-        _check_classes(student_logits, 2, "ls_kd_loss")
-    return _distill(params, reference.ls_kd_loss, {"temperature": temperature},
-                    student_logits, teacher_logits, labels, kd_weight=kd_weight,
-                    ce_weight=ce_weight, ignore_index=ignore_index, reduction=reduction,
-                    backend=backend, inplace_backward=inplace_backward,
-                    tp=(process_group, vocab_start, vocab_size), min_classes=2, what="ls_kd_loss")
-
-
-@_declare
-def jsd_loss(student_logits: Tensor, teacher_logits: Tensor, labels: Optional[Tensor] = None, *,
-             beta: float = 0.5, temperature: float = 1.0, kd_weight: Weight = 1.0,
-             ce_weight: Weight = 1.0, ignore_index: int = -100, reduction: str = "mean",
-             backend: str = "auto", inplace_backward: bool = False,
-             process_group=None, vocab_start: Optional[int] = None,
-             vocab_size: Optional[int] = None) -> Tensor:
-    """Generalised Jensen-Shannon divergence (GKD, Agarwal et al., 2023):
-    ``beta KL(p || m) + (1 - beta) KL(q || m)``, ``m = beta p + (1 - beta) q``, ``p`` the teacher's and
-    ``q`` the student's softmax at T (no T^2). Exactly forward KL ``KL(p || q)`` at beta = 0 and
-    reverse KL ``KL(q || p)`` at beta = 1 (as TRL's ``generalized_jsd_loss``).
-    """
-    return _distill(_jsd(beta, temperature), reference.jsd_loss,
-                    {"beta": beta, "temperature": temperature}, student_logits, teacher_logits, labels, kd_weight=kd_weight, ce_weight=ce_weight,
-                    ignore_index=ignore_index, reduction=reduction, backend=backend,
-                    inplace_backward=inplace_backward,
-                    tp=(process_group, vocab_start, vocab_size))
-
-
-@_declare
-def retro_kd_loss(student_logits: Tensor, teacher_logits: Tensor, past_student_logits: Tensor,
-                  labels: Optional[Tensor] = None, *, temperature: float = 4.0,
-                  past_weight: float = 0.5, kd_weight: Weight = 1.0, ce_weight: Weight = 1.0,
-                  ignore_index: int = -100, reduction: str = "mean", backend: str = "auto",
-                  inplace_backward: bool = False,
-                  process_group=None, vocab_start: Optional[int] = None,
-                  vocab_size: Optional[int] = None) -> Tensor:
-    """RetroKD (Jandial et al., 2023): KD towards ``r = (1 - rho) v + rho z_past``, ``z_past`` the
-    logits of a past state of the student (a constant; see :class:`kdfast.PastLogits` for a cache),
-    ``rho = past_weight`` in [0, 1]. The teacher's gradient, when it requires grad, is
-    ``(1 - rho)`` times the gradient with respect to ``r``.
-    """
-    params = _retro_kd(temperature, past_weight)
-    if not isinstance(past_student_logits, Tensor):
-        raise ValueError("past_student_logits must be a tensor of the student logits' shape")
-    return _distill(params, reference.retro_kd_loss,
-                    {"temperature": temperature, "past_weight": past_weight}, student_logits, teacher_logits, labels,
-                    kd_weight=kd_weight, ce_weight=ce_weight, ignore_index=ignore_index,
-                    reduction=reduction, backend=backend, inplace_backward=inplace_backward,
-                    zp=past_student_logits, tp=(process_group, vocab_start, vocab_size))
-
-
-@_declare
-def topk_kd_loss(student_logits: Tensor, teacher_topk_logprobs: Tensor, teacher_topk_indices: Tensor,
-                 labels: Optional[Tensor] = None, *, temperature: float = 1.0, renormalize: bool = True,
-                 kd_weight: Weight = 1.0, ce_weight: Weight = 1.0, ignore_index: int = -100,
-                 reduction: str = "mean", backend: str = "auto", inplace_backward: bool = False) -> Tensor:
-    """KD against a sparse teacher that kept only its top-k log-probabilities (offline teachers, k = 8..128):
-    ``T^2 * sum_k p_k (log p_k - log q_{i_k})`` per row, ``q = softmax(z / T)`` over all C classes.
-
-    - ``teacher_topk_logprobs``: ``(..., k)`` floats, the teacher's log-probabilities (or logits) on
-      the classes ``teacher_topk_indices`` (``(..., k)`` integers in ``[0, C)``, distinct within a
-      row; pad a short row with any unused class and ``-inf``).
-    - ``renormalize=True``: the teacher is ``softmax(logprobs / T)`` over its k classes.
-      ``renormalize=False``: ``p_k = exp(logprobs_k)`` as given (its mass may be below 1; only
-      ``temperature=1``); the loss is then the KL restricted to the k classes.
-
-    No dense teacher tensor is built: the kernel sweeps the student row (its log-sum-exp) and gathers
-    the k columns. The teacher gets no gradient (it is data). Equal to :func:`kd_loss` with the
-    teacher scattered into a row of ``-inf`` logits (``kdfast.reference.topk_kd_loss``).
-    """
-    t = _check_temperature(temperature)
-    if not isinstance(renormalize, bool):
-        raise ValueError(f"renormalize must be a bool, got {type(renormalize).__name__}")
-    if not renormalize and t != 1.0:
-        raise ValueError("renormalize=False takes the teacher's probabilities as given: temperature must be 1")
-    z, lp, idx = student_logits, teacher_topk_logprobs, teacher_topk_indices
+def _topk(params: TopkParams, ref: Callable[..., Tensor], hyper: dict, z, lp, idx, labels, *,
+          kd_weight, ce_weight, ignore_index, reduction, backend, inplace_backward) -> Tensor:
+    """:func:`_distill` for a top-k teacher (``kdfast::topk_distill``)."""
     _check_logits("student_logits", z)
     _check_logits("teacher_topk_logprobs", lp)
     if not isinstance(idx, Tensor) or idx.dtype.is_floating_point or idx.dtype.is_complex or idx.dtype == torch.bool:
@@ -508,21 +267,91 @@ def topk_kd_loss(student_logits: Tensor, teacher_topk_logprobs: Tensor, teacher_
         if not bool(((idx >= 0) & (idx < c)).all()):   # CUDA: the kernel makes such a row NaN
             raise ValueError(f"teacher_topk_indices must be in [0, {c})")
     acc = acc_dtype(z.dtype, lp.dtype)
-    labels, reduction, kd_w, ce_w, backend = _common_args(z, labels, ignore_index, reduction,
-                                                          kd_weight, ce_weight, acc, backend)
-    if backend == "torch":
-        return reference.topk_kd_loss(z, lp.detach(), idx, labels, temperature=t, renormalize=renormalize,
-                                      kd_weight=kd_weight, ce_weight=ce_weight,
-                                      ignore_index=ignore_index, reduction=reduction)
-    lead, k = z.shape[:-1], lp.shape[-1]
-    n = lead.numel()
+    a = prepare(params, z, labels, kd_weight=kd_weight, ce_weight=ce_weight, ignore_index=ignore_index,
+                reduction=reduction, backend=backend, acc=acc)
+    if a.backend == "torch":
+        return ref(z, lp.detach(), idx, a.labels, **hyper, kd_weight=kd_weight, ce_weight=ce_weight,
+                   ignore_index=ignore_index, reduction=a.reduction)
+    k = lp.shape[-1]
     z2 = _as_rows(z, c).to(acc) if acc == torch.float64 else _as_rows(z, c)
-    lp2 = lp.detach().reshape(n, k).to(acc).contiguous()
-    idx2 = idx.reshape(n, k).to(torch.int64).contiguous()
-    y2 = None if labels is None else labels.reshape(n).to(torch.int64).contiguous()
-    has_ce = labels is not None and not (not isinstance(ce_weight, Tensor) and ce_weight == 0)
-    need_gz = torch.is_grad_enabled() and z2.requires_grad
-    loss = topk_distill(z2, lp2, idx2, y2, kd_w, ce_w, [t, t * t],
-                        [int(renormalize), int(has_ce), ignore_index], reduction, backend, need_gz,
-                        False, inplace_backward)[0]
-    return loss.view(lead) if reduction == "none" else loss
+    lp2 = lp.detach().reshape(a.n, k).to(acc).contiguous()
+    idx2 = idx.reshape(a.n, k).to(torch.int64).contiguous()
+    loss = run_topk(z2, lp2, idx2, a.y, a.kd_w, a.ce_w, a.params, a.reduction, a.backend,
+                    inplace_backward)
+    return loss.view(a.lead) if a.reduction == "none" else loss
+
+
+def _call(loss: Loss, args: dict) -> Tensor:
+    """The body of every named loss function: ``args`` its arguments by name."""
+    hyper = {k: args[k] for k in loss.hyperparameters}
+    params = loss.params(**hyper)            # checks the hyperparameters
+    z, labels = args["student_logits"], args["labels"]
+    group = args.get("process_group")
+    if loss.needs_labels and labels is None:
+        raise ValueError(f"{loss.function_name} needs labels ({loss.needs_labels})")
+    if group is None:   # sharded: the global vocabulary is checked in vocab_parallel
+        _check_classes(z, loss.min_classes, loss.function_name)
+    if loss.past_student and not isinstance(args["past_student_logits"], Tensor):
+        raise ValueError("past_student_logits must be a tensor of the student logits' shape")
+    common = {k: args[k] for k in _COMMON}
+    if not loss.dense:
+        return _topk(params, loss.reference, hyper, z, args["teacher_topk_logprobs"],
+                     args["teacher_topk_indices"], labels, **common)
+    return _distill(params, loss.reference, hyper, z, args["teacher_logits"], labels, **common,
+                    zp=args.get("past_student_logits"), tp=(group, args["vocab_start"], args["vocab_size"]),
+                    min_classes=loss.min_classes, what=loss.function_name)
+
+
+# ----------------------------------------------------------------------------- the named losses
+def _options(*, kd_weight: Weight = 1.0, ce_weight: Weight = 1.0, ignore_index: int = -100,
+             reduction: str = "mean", backend: str = "auto", inplace_backward: bool = False,
+             process_group=None, vocab_start: Optional[int] = None, vocab_size: Optional[int] = None):
+    """The options every loss takes after its hyperparameters, with their defaults (the last three,
+    the vocabulary shard layout, only the losses of a dense teacher)."""
+
+
+_OPTIONS = inspect.signature(_options).parameters
+_SHARDED = ("process_group", "vocab_start", "vocab_size")
+_COMMON = tuple(k for k in _OPTIONS if k not in _SHARDED)
+
+_COMMON_DOC = """
+    Common arguments (see :mod:`kdfast.functional`): ``labels`` (adds ``ce_weight * CE``),
+    ``kd_weight``, ``ce_weight`` (floats or tensors broadcastable to the leading shape, with
+    gradients), ``ignore_index``, ``reduction`` ("mean"/"batchmean", "sum", "none"), ``backend``
+    ("auto", "cpu", "triton", "torch") and ``inplace_backward`` (scale the saved gradient in place in
+    backward: saves one (N, C) buffer, forbids a second backward through the graph).
+    ``process_group`` (with ``vocab_start`` / ``vocab_size`` for uneven shards): the logits are this
+    rank's shard of the vocabulary (tensor parallelism); see :mod:`kdfast.vocab_parallel`.
+"""
+
+
+def options(loss: Loss) -> list[inspect.Parameter]:
+    """The options ``loss`` takes (keyword-only, after its hyperparameters)."""
+    return [p for k, p in _OPTIONS.items() if loss.dense or k not in _SHARDED]
+
+
+def signature(loss: Loss) -> inspect.Signature:
+    """``kdfast.<name>_loss``'s signature: the positional tensors, then (keyword-only) the
+    hyperparameters of the declaration and the options."""
+    hyper = [p.replace(kind=p.KEYWORD_ONLY) for p in loss.signature().parameters.values()]
+    return inspect.Signature(loss.positional() + hyper + options(loss), return_annotation="Tensor")
+
+
+def _function(loss: Loss) -> Callable[..., Tensor]:
+    return define(loss.function_name, signature(loss), functools.partial(_call_kw, loss),
+                  module=__name__, doc=(loss.params.__doc__ or "") + _COMMON_DOC)
+
+
+def _call_kw(loss: Loss, **args) -> Tensor:
+    return _call(loss, args)
+
+
+for _loss in REGISTRY.values():
+    globals()[_loss.function_name] = _function(_loss)
+del _loss
+
+#: every named loss function (``kdfast.kd_loss``, ...), in declaration order
+__all__ = [loss.function_name for loss in REGISTRY.values()]
+#: method name -> builder of its KernelParams (keyword arguments: the loss's hyperparameters), for
+#: the losses of a dense teacher (derived from ``kdfast.losses.REGISTRY``)
+METHODS = {name: loss.params for name, loss in REGISTRY.items() if loss.dense}

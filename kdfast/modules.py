@@ -1,12 +1,22 @@
-"""``nn.Module`` wrappers: hyperparameters in the constructor, ``forward(student, teacher, labels)``."""
+"""``nn.Module`` wrappers: hyperparameters and options in the constructor, the tensors in ``forward``.
+
+One class per loss of :data:`kdfast.losses.REGISTRY` (``KDLoss`` for ``kd``, ...), generated from
+its declaration: the constructor takes the loss's hyperparameters (with its defaults) and every
+option of the function (``kd_weight``, ``ce_weight``, ``ignore_index``, ``reduction``, ``backend``,
+``inplace_backward``, and for a dense teacher ``process_group``, ``vocab_start``, ``vocab_size``),
+positionally in that order or by keyword; ``forward`` takes the function's positional tensors
+(``forward(student, teacher, labels=None)``; retro_kd: ``forward(student, teacher, past_student,
+labels=None)``; top-k: ``forward(student, teacher_topk_logprobs, teacher_topk_indices,
+labels=None)``).
+"""
 from __future__ import annotations
+
+import inspect
 
 from torch import Tensor, nn
 
-from . import functional as F
-
-__all__ = ["KDLoss", "TTMLoss", "WTTMLoss", "DKDLoss", "LogitMatchingLoss", "LSKDLoss", "JSDLoss",
-           "RetroKDLoss", "TopKKDLoss"]
+from . import functional  # noqa: F401  (defines the functions the classes call)
+from .losses import REGISTRY, Loss, define
 
 
 class _DistillLoss(nn.Module):
@@ -18,122 +28,44 @@ class _DistillLoss(nn.Module):
         super().__init__()
         self.hparams = hparams
 
-    def forward(self, student_logits: Tensor, teacher_logits: Tensor, labels: Tensor | None = None) -> Tensor:
-        return type(self)._fn(student_logits, teacher_logits, labels, **self.hparams)
-
     def extra_repr(self) -> str:
         return ", ".join(f"{k}={v!r}" for k, v in self.hparams.items())
 
 
-class KDLoss(_DistillLoss):
-    """Module form of :func:`kdfast.kd_loss`."""
-
-    _fn = staticmethod(F.kd_loss)
-
-    def __init__(self, temperature=4.0, kd_weight=1.0, ce_weight=1.0, ignore_index=-100,
-                 reduction="mean", backend="auto"):
-        super().__init__(temperature=temperature, kd_weight=kd_weight, ce_weight=ce_weight,
-                         ignore_index=ignore_index, reduction=reduction, backend=backend)
+def _init(self, **hparams) -> None:
+    _DistillLoss.__init__(self, **hparams)
 
 
-class TTMLoss(_DistillLoss):
-    """Module form of :func:`kdfast.ttm_loss`."""
-
-    _fn = staticmethod(F.ttm_loss)
-
-    def __init__(self, temperature=2.0, kd_weight=1.0, ce_weight=1.0, ignore_index=-100,
-                 reduction="mean", backend="auto"):
-        super().__init__(temperature=temperature, kd_weight=kd_weight, ce_weight=ce_weight,
-                         ignore_index=ignore_index, reduction=reduction, backend=backend)
+def _forward(self, *tensors, **named) -> Tensor:
+    return type(self)._fn(*tensors, **named, **self.hparams)
 
 
-class WTTMLoss(_DistillLoss):
-    """Module form of :func:`kdfast.wttm_loss`."""
-
-    _fn = staticmethod(F.wttm_loss)
-
-    def __init__(self, temperature=2.0, kd_weight=1.0, ce_weight=1.0, ignore_index=-100,
-                 reduction="mean", backend="auto"):
-        super().__init__(temperature=temperature, kd_weight=kd_weight, ce_weight=ce_weight,
-                         ignore_index=ignore_index, reduction=reduction, backend=backend)
-
-
-class DKDLoss(_DistillLoss):
-    """Module form of :func:`kdfast.dkd_loss` (``forward(student, teacher, labels)``, labels required)."""
-
-    _fn = staticmethod(F.dkd_loss)
-
-    def __init__(self, temperature=4.0, alpha=1.0, beta=8.0, kd_weight=1.0, ce_weight=1.0,
-                 ignore_index=-100, reduction="mean", backend="auto"):
-        super().__init__(temperature=temperature, alpha=alpha, beta=beta, kd_weight=kd_weight,
-                         ce_weight=ce_weight, ignore_index=ignore_index, reduction=reduction,
-                         backend=backend)
-
-
-class LogitMatchingLoss(_DistillLoss):
-    """Module form of :func:`kdfast.logit_matching_loss`."""
-
-    _fn = staticmethod(F.logit_matching_loss)
-
-    def __init__(self, center=True, kd_weight=1.0, ce_weight=1.0, ignore_index=-100,
-                 reduction="mean", backend="auto"):
-        super().__init__(center=center, kd_weight=kd_weight, ce_weight=ce_weight,
-                         ignore_index=ignore_index, reduction=reduction, backend=backend)
+def _module(loss: Loss) -> type:
+    P = inspect.Parameter
+    fn = loss.function
+    sig = inspect.signature(fn)
+    self_ = P("self", P.POSITIONAL_OR_KEYWORD)
+    # the constructor: hyperparameters then options, positional-or-keyword, the function's defaults
+    kw = [p.replace(kind=P.POSITIONAL_OR_KEYWORD) for p in sig.parameters.values() if p.kind == p.KEYWORD_ONLY]
+    init = define("__init__", inspect.Signature([self_] + kw, return_annotation="None"), _init,
+                  module=__name__, qualname=f"{loss.module}.__init__", doc=None)
+    # forward: the function's positional tensors (labels optional, as in every module)
+    pos = [p for p in sig.parameters.values() if p.kind == p.POSITIONAL_OR_KEYWORD]
+    pos = [p.replace(default=None, annotation="Tensor | None") if p.name == "labels" else p for p in pos]
+    forward = define("forward", inspect.Signature([self_] + pos, return_annotation="Tensor"),
+                     lambda self, **named: _forward(self, **named), module=__name__,
+                     qualname=f"{loss.module}.forward", doc=None)
+    doc = (f"Module form of :func:`kdfast.{loss.function_name}`: ``forward("
+           f"{', '.join(p.name for p in pos)})``{', labels required' if loss.needs_labels else ''}.")
+    cls = type(loss.module, (_DistillLoss,), {"__doc__": doc, "__module__": __name__,
+                                               "__init__": init, "forward": forward,
+                                               "_fn": staticmethod(fn)})
+    return cls
 
 
-class LSKDLoss(_DistillLoss):
-    """Module form of :func:`kdfast.ls_kd_loss`."""
+for _loss in REGISTRY.values():
+    globals()[_loss.module] = _module(_loss)
+del _loss
 
-    _fn = staticmethod(F.ls_kd_loss)
-
-    def __init__(self, temperature=2.0, kd_weight=1.0, ce_weight=1.0, ignore_index=-100,
-                 reduction="mean", backend="auto"):
-        super().__init__(temperature=temperature, kd_weight=kd_weight, ce_weight=ce_weight,
-                         ignore_index=ignore_index, reduction=reduction, backend=backend)
-
-
-class JSDLoss(_DistillLoss):
-    """Module form of :func:`kdfast.jsd_loss`."""
-
-    _fn = staticmethod(F.jsd_loss)
-
-    def __init__(self, beta=0.5, temperature=1.0, kd_weight=1.0, ce_weight=1.0, ignore_index=-100,
-                 reduction="mean", backend="auto"):
-        super().__init__(beta=beta, temperature=temperature, kd_weight=kd_weight,
-                         ce_weight=ce_weight, ignore_index=ignore_index, reduction=reduction,
-                         backend=backend)
-
-
-class RetroKDLoss(_DistillLoss):
-    """Module form of :func:`kdfast.retro_kd_loss`: ``forward(student, teacher, past_student, labels)``."""
-
-    _fn = staticmethod(F.retro_kd_loss)
-
-    def __init__(self, temperature=4.0, past_weight=0.5, kd_weight=1.0, ce_weight=1.0,
-                 ignore_index=-100, reduction="mean", backend="auto"):
-        super().__init__(temperature=temperature, past_weight=past_weight, kd_weight=kd_weight,
-                         ce_weight=ce_weight, ignore_index=ignore_index, reduction=reduction,
-                         backend=backend)
-
-    def forward(self, student_logits: Tensor, teacher_logits: Tensor, past_student_logits: Tensor,
-                labels: Tensor | None = None) -> Tensor:
-        return F.retro_kd_loss(student_logits, teacher_logits, past_student_logits, labels,
-                               **self.hparams)
-
-
-class TopKKDLoss(_DistillLoss):
-    """Module form of :func:`kdfast.topk_kd_loss`:
-    ``forward(student, teacher_topk_logprobs, teacher_topk_indices, labels)``."""
-
-    _fn = staticmethod(F.topk_kd_loss)
-
-    def __init__(self, temperature=1.0, renormalize=True, kd_weight=1.0, ce_weight=1.0,
-                 ignore_index=-100, reduction="mean", backend="auto"):
-        super().__init__(temperature=temperature, renormalize=renormalize, kd_weight=kd_weight,
-                         ce_weight=ce_weight, ignore_index=ignore_index, reduction=reduction,
-                         backend=backend)
-
-    def forward(self, student_logits: Tensor, teacher_topk_logprobs: Tensor,
-                teacher_topk_indices: Tensor, labels: Tensor | None = None) -> Tensor:
-        return F.topk_kd_loss(student_logits, teacher_topk_logprobs, teacher_topk_indices, labels,
-                              **self.hparams)
+#: every loss module class (``KDLoss``, ...), in declaration order
+__all__ = [loss.module for loss in REGISTRY.values()]

@@ -18,16 +18,16 @@ from torch import Tensor
 
 from . import functional as F
 from ._ops import acc_dtype, run_multi
+from .losses import REGISTRY
 
 __all__ = ["multi_teacher_loss", "MAX_TEACHERS"]
 
 #: teachers per kernel call (csrc/kernel_api.h kMaxTeachers; the Triton kernel has no limit of its own)
 MAX_TEACHERS = 8
 
-_LOSSES = {"kd": F.kd_loss, "ttm": F.ttm_loss, "wttm": F.wttm_loss, "dkd": F.dkd_loss,
-           "logit_matching": F.logit_matching_loss, "ls_kd": F.ls_kd_loss, "jsd": F.jsd_loss,
-           "retro_kd": F.retro_kd_loss}
-_NAME_OF = {fn: name for name, fn in _LOSSES.items()}
+#: the methods: the losses of a dense teacher (kdfast.losses.REGISTRY); name -> declaration
+_LOSSES = {name: loss for name, loss in REGISTRY.items() if loss.dense}
+_NAME_OF = {loss.function: name for name, loss in _LOSSES.items()}
 _COMMON = ("backend", "ignore_index", "inplace_backward")
 
 
@@ -40,7 +40,8 @@ def multi_teacher_loss(method: Union[str, Callable[..., Tensor]], student_logits
     """``sum_m w_m * kd_weight * D_m + ce_weight * CE`` per row, then the reduction.
 
     - ``method``: a loss name (``"kd"``, ``"ttm"``, ``"wttm"``, ``"dkd"``, ``"logit_matching"``,
-      ``"ls_kd"``, ``"jsd"``, ``"retro_kd"``) or one of kdfast's loss functions (fused), or any other
+      ``"ls_kd"``, ``"jsd"``, ``"retro_kd"``: every loss of ``kdfast.losses.REGISTRY`` with a dense
+      teacher) or one of kdfast's loss functions (fused), or any other
       loss function with kdfast's signature (unfused: called once per teacher). ``hyperparameters`` are
       the loss's (``temperature=``, ``beta=``, ...) and the common ``backend=``, ``ignore_index=``,
       ``inplace_backward=``.
@@ -91,7 +92,7 @@ def multi_teacher_loss(method: Union[str, Callable[..., Tensor]], student_logits
     common = {k: hyperparameters.pop(k) for k in _COMMON if k in hyperparameters}
     backend = F._resolve_backend(common.get("backend", "auto"), z.device) if isinstance(z, Tensor) else "torch"
     if name is None or backend == "torch":
-        return _unfused(_LOSSES.get(name, method), z, teachers, weights, labels, kd_weight, ce_weight,
+        return _unfused(_LOSSES[name].function if name is not None else method, z, teachers, weights, labels, kd_weight, ce_weight,
                         reduction, past_student_logits, {**hyperparameters, **common})
     return _fused(name, z, teachers, weights, labels, kd_weight, ce_weight, reduction, past_student_logits,
                   hyperparameters, backend, common.get("ignore_index", -100),
@@ -112,8 +113,9 @@ def _unfused(fn, z, teachers, weights, labels, kd_weight, ce_weight, reduction, 
 
 def _fused(name, z, teachers, weights, labels, kd_weight, ce_weight, reduction, zp, hyper, backend,
            ignore_index, inplace_backward) -> Tensor:
+    loss = _LOSSES[name]
     try:
-        params = F.METHODS[name](**hyper)
+        params = loss.params(**hyper)
     except TypeError as e:   # an argument the loss does not have
         raise ValueError(f"{name}: {e}") from None
     F._check_logits("student_logits", z)
@@ -124,23 +126,18 @@ def _fused(name, z, teachers, weights, labels, kd_weight, ce_weight, reduction, 
                              f"{tuple(z.shape)} (same rows and number of classes required)")
         if v.device != z.device:
             raise ValueError(f"teacher_logits[{i}] are on {v.device}, student_logits on {z.device}")
-    if name == "dkd" and labels is None:
-        raise ValueError("dkd needs labels (the target class splits the distribution)")
-    if name in ("dkd", "ls_kd"):
-        F._check_classes(z, 2, f"{name} multi_teacher_loss")
+    if loss.needs_labels and labels is None:
+        raise ValueError(f"{name} needs labels ({loss.needs_labels})")
+    F._check_classes(z, loss.min_classes, f"{name} multi_teacher_loss")
     if zp is not None:
-        if not isinstance(zp, Tensor) or zp.shape != z.shape:
-            raise ValueError("past_student_logits must be a tensor of the student logits' shape "
-                             f"{tuple(z.shape)}, got {getattr(zp, 'shape', type(zp).__name__)}")
-        F._check_logits("past_student_logits", zp)
+        F._check_past(zp, z)
     acc = acc_dtype(z.dtype, *(v.dtype for v in teachers))
-    labels, reduction, kd_w, ce_w, backend = F._common_args(z, labels, ignore_index, reduction, kd_weight,
-                                                            ce_weight, acc, backend)
-    lead, c = z.shape[:-1], z.shape[-1]
-    n = lead.numel()
+    a = F.prepare(params, z, labels, kd_weight=kd_weight, ce_weight=ce_weight, ignore_index=ignore_index,
+                  reduction=reduction, backend=backend, acc=acc)
     # (M, N) row weights of the teachers: teacher weight x kd_weight (gradients flow into both)
-    kd_w = torch.stack([kd_w * F._rows_weight(w, f"teacher_weights[{i}]", lead, n, acc, z.device)
+    kd_w = torch.stack([a.kd_w * F._rows_weight(w, f"teacher_weights[{i}]", a.lead, a.n, acc, z.device)
                         for i, w in enumerate(weights)])
+    c = z.shape[-1]
     z2 = F._as_rows(z, c)
     vs = [F._as_rows(v, c) for v in teachers]
     tv = vs[0].dtype
@@ -150,13 +147,11 @@ def _fused(name, z, teachers, weights, labels, kd_weight, ce_weight, reduction, 
         z2, tv = z2.to(acc), acc
     vs = [v.to(tv) for v in vs]         # (no-ops when the teachers share a dtype)
     zp2 = None if zp is None or params.rho == 0 else F._as_rows(zp.detach(), c).to(z2.dtype)
-    y2 = None if labels is None else labels.reshape(n).to(torch.int64).contiguous()
-    has_ce = labels is not None and not (not isinstance(ce_weight, Tensor) and ce_weight == 0)
-    loss = None
+    out = None
     for g in range(0, len(vs), MAX_TEACHERS):   # groups of MAX_TEACHERS (CE with the first)
-        p = dataclasses.replace(params, has_ce=has_ce and g == 0, ignore_index=ignore_index)
-        cw = ce_w if g == 0 else torch.zeros_like(ce_w)
-        part = run_multi(z2, vs[g:g + MAX_TEACHERS], zp2, y2, kd_w[g:g + MAX_TEACHERS], cw, p, reduction,
-                         backend, inplace_backward)
-        loss = part if loss is None else loss + part
-    return loss.view(lead) if reduction == "none" else loss
+        p = a.params if g == 0 else dataclasses.replace(a.params, has_ce=False)
+        cw = a.ce_w if g == 0 else torch.zeros_like(a.ce_w)
+        part = run_multi(z2, vs[g:g + MAX_TEACHERS], zp2, a.y, kd_w[g:g + MAX_TEACHERS], cw, p,
+                         a.reduction, a.backend, inplace_backward)
+        out = part if out is None else out + part
+    return out.view(a.lead) if a.reduction == "none" else out

@@ -59,7 +59,6 @@ loss is per row. With tensor and data parallelism together, pass the tensor-para
 """
 from __future__ import annotations
 
-import dataclasses
 import math
 from typing import Optional
 
@@ -68,11 +67,11 @@ import torch.distributed as dist
 from torch import Tensor
 
 from . import functional as _F
-from ._ops import _scaled, acc_dtype
+from ._ops import _reduce, acc_dtype, grad_scale, run_vocab_parallel
 from ._spec import KernelParams, Kind
+from .losses import REGISTRY
 
-__all__ = ["vocab_parallel_loss", "shard_bounds", "kd_loss", "ttm_loss", "wttm_loss", "dkd_loss",
-           "logit_matching_loss", "ls_kd_loss", "jsd_loss", "retro_kd_loss", "METHODS"]
+__all__ = ["vocab_parallel_loss", "shard_bounds", "METHODS"]   # + every <name>_loss of METHODS
 
 _CHUNK_ELEMS = 1 << 18          # local elements per row chunk (bounds the temporaries)
 _NEG_INF = float("-inf")
@@ -134,7 +133,7 @@ class _Shard:
         self.start, self.vocab = start, vocab
         self.acc = acc_dtype(z.dtype, v.dtype)
         dev = z.device
-        self.has_ce = p.has_ce and y is not None
+        self.has_ce = p.has_ce   # (prepare: labels given and ce_weight not the constant 0)
         if y is not None:
             self.valid = y != p.ignore_index
             yl = y - start
@@ -142,11 +141,7 @@ class _Shard:
             self.yl = yl.clamp(0, self.cl - 1).unsqueeze(1)           # (N, 1) local column (clamped)
         else:
             self.valid = self.own = self.yl = None
-        if reduction == "mean":     # 1 / n_valid as a tensor (no host synchronisation)
-            n_valid = self.valid.sum() if y is not None else torch.tensor(self.n, device=dev)
-            self.gs = n_valid.to(self.acc).clamp_min(1).reciprocal().reshape(1)
-        else:
-            self.gs = torch.ones(1, dtype=self.acc, device=dev)
+        self.gs = grad_scale(y, p.ignore_index, self.n, reduction, self.acc, dev)
         ck, cc = self.gs * kd_w, self.gs * ce_w        # the gradient's row coefficients
         if self.valid is not None:
             ck, cc = ck.masked_fill(~self.valid, 0.0), cc.masked_fill(~self.valid, 0.0)
@@ -578,47 +573,26 @@ _KINDS = {Kind.KL: _kl_kind, Kind.DKD: _dkd_kind, Kind.JSD: _jsd_kind, Kind.LM: 
           Kind.LS: _ls_kind}
 
 
-# ----------------------------------------------------------------------------- autograd
-class _VocabParallelDistill(torch.autograd.Function):
-    """Forward: the row terms, the reduction and the local gradients (already multiplied by the row
-    weights and the reduction's 1 / n_valid). Backward: scale them by the upstream gradient; no
-    collective."""
-
-    @staticmethod
-    def forward(ctx, z, v, kd_w, ce_w, zp, y, p, reduction, group, layout, need_gz, need_gv, inplace):
-        rank, world, start, vocab = layout
-        s = _Shard(z, v, zp, y, kd_w.detach(), ce_w.detach(), p, reduction, group, rank, world,
-                   start, vocab, need_gz, need_gv)
-        if s.n:
-            d, ce = _KINDS[p.kind](s)
-        else:
-            d = torch.zeros(0, dtype=s.acc, device=z.device)
-            ce = None
-        if ce is None:
-            ce = torch.zeros_like(d)
-        if s.valid is not None:         # ignored rows: 0 (NaN-safe), and no weight gradient
-            d, ce = d.masked_fill(~s.valid, 0.0), ce.masked_fill(~s.valid, 0.0)
-        rows = kd_w.detach() * d + ce_w.detach() * ce
-        loss = rows if reduction == "none" else rows.sum() * s.gs[0]
-        empty = z.new_empty(0)
-        ctx.reduction, ctx.inplace = reduction, inplace
-        ctx.save_for_backward(s.gz if s.gz is not None else empty,
-                              s.gv if s.gv is not None else empty, d, ce, s.gs)
-        return loss
-
-    @staticmethod
-    def backward(ctx, g):
-        gz_s, gv_s, d, ce, gs = ctx.saved_tensors
-        need = ctx.needs_input_grad
-        if ctx.reduction == "none":
-            g_rows, g_mat = g, g.unsqueeze(-1)
-        else:
-            g_rows, g_mat = g * gs[0], g
-        gz = _scaled(gz_s, g_mat, ctx.inplace) if need[0] and gz_s.numel() else None
-        gv = _scaled(gv_s, g_mat, ctx.inplace) if need[1] and gv_s.numel() else None
-        g_kd = g_rows * d if need[2] else None
-        g_ce = g_rows * ce if need[3] else None
-        return gz, gv, g_kd, g_ce, None, None, None, None, None, None, None, None, None
+# ----------------------------------------------------------------------------- the op's forward
+def _forward(z, v, zp, y, kd_w, ce_w, p: KernelParams, reduction, group: str, layout, need_gz, need_gv):
+    """``kdfast::vocab_parallel_distill`` (kdfast/_ops.py): the row terms, the reduction and the local
+    gradients (already multiplied by the row weights and the reduction's 1 / n_valid). Returns
+    ``(loss, d, ce, grad_z, grad_v, grad_scale)`` (gradients empty when not asked for)."""
+    rank, world, start, vocab = layout
+    pg = dist.distributed_c10d._resolve_process_group(group)
+    s = _Shard(z, v, zp, y, kd_w, ce_w, p, reduction, pg, rank, world, start, vocab, need_gz, need_gv)
+    if s.n:
+        d, ce = _KINDS[p.kind](s)
+    else:
+        d = torch.zeros(0, dtype=s.acc, device=z.device)
+        ce = None
+    if ce is None:
+        ce = torch.zeros_like(d)
+    if s.valid is not None:         # ignored rows: 0 (NaN-safe), and no weight gradient
+        d, ce = d.masked_fill(~s.valid, 0.0), ce.masked_fill(~s.valid, 0.0)
+    return (_reduce(kd_w, d, ce_w, ce, reduction, s.gs), d, ce,
+            s.gz if s.gz is not None else z.new_empty(0), s.gv if s.gv is not None else v.new_empty(0),
+            s.gs)
 
 
 # ----------------------------------------------------------------------------- the entry point
@@ -633,34 +607,23 @@ def _run(params: KernelParams, z, v, labels, *, process_group, vocab_start, voca
     if v.device != z.device:
         raise ValueError(f"teacher_logits are on {v.device}, student_logits on {z.device}")
     if zp is not None:
-        if not isinstance(zp, Tensor) or zp.shape != z.shape:
-            raise ValueError("past_student_logits must be a tensor of the student logits' shape "
-                             f"{tuple(z.shape)}, got {getattr(zp, 'shape', type(zp).__name__)}")
-        _F._check_logits("past_student_logits", zp)
-        if zp.device != z.device:
-            raise ValueError(f"past_student_logits are on {zp.device}, student_logits on {z.device}")
+        _F._check_past(zp, z)
     if backend not in _F.BACKENDS:
         raise ValueError(f"backend must be one of {_F.BACKENDS}, got {backend!r}")
-    reduction = _F._check_reduction(ignore_index, reduction)
+    _F._check_reduction(ignore_index, reduction)
     lead, cl = z.shape[:-1], z.shape[-1]
     layout = _layout(process_group, cl, vocab_start, vocab_size)
     if layout[3] < min_classes:
         raise ValueError(f"{what} needs at least {min_classes} classes, the vocabulary has {layout[3]}")
-    labels = _F._check_labels(labels, z, ignore_index, layout[3], "global class ids")
-    n = lead.numel()
-    acc = acc_dtype(z.dtype, v.dtype)
-    kd_w = _F._rows_weight(kd_weight, "kd_weight", lead, n, acc, z.device)
-    ce_w = _F._rows_weight(ce_weight, "ce_weight", lead, n, acc, z.device)
-    y = None if labels is None else labels.reshape(n).to(torch.int64)
-    has_ce = labels is not None and not (not isinstance(ce_weight, Tensor) and ce_weight == 0)
-    p = dataclasses.replace(params, has_ce=has_ce, ignore_index=ignore_index)
-    z2, v2 = z.reshape(n, cl), v.reshape(n, cl)
-    zp2 = None if zp is None or p.rho == 0 else zp.detach().reshape(n, cl)
-    grad_on = torch.is_grad_enabled()
-    loss = _VocabParallelDistill.apply(z2, v2, kd_w, ce_w, zp2, y, p, reduction, process_group,
-                                       layout, grad_on and z.requires_grad,
-                                       grad_on and v.requires_grad, bool(inplace_backward))
-    return loss.view(lead) if reduction == "none" else loss
+    a = _F.prepare(params, z, labels, kd_weight=kd_weight, ce_weight=ce_weight,
+                   ignore_index=ignore_index, reduction=reduction, backend=backend,
+                   acc=acc_dtype(z.dtype, v.dtype), num_classes=layout[3], what="global class ids",
+                   resolve_backend=False)   # (the backend is ignored: eager torch ops)
+    z2, v2 = z.reshape(a.n, cl), v.reshape(a.n, cl)
+    zp2 = None if zp is None or a.params.rho == 0 else zp.detach().reshape(a.n, cl)
+    loss = run_vocab_parallel(z2, v2, zp2, a.y, a.kd_w, a.ce_w, a.params, a.reduction,
+                              process_group.group_name, list(layout), bool(inplace_backward))
+    return loss.view(lead) if a.reduction == "none" else loss
 
 
 def _sharded(name: str):
@@ -684,12 +647,11 @@ def _sharded(name: str):
     return loss
 
 
-kd_loss, ttm_loss, wttm_loss = _sharded("kd"), _sharded("ttm"), _sharded("wttm")
-dkd_loss, logit_matching_loss = _sharded("dkd"), _sharded("logit_matching")
-ls_kd_loss, jsd_loss, retro_kd_loss = _sharded("ls_kd"), _sharded("jsd"), _sharded("retro_kd")
-METHODS = {"kd": kd_loss, "ttm": ttm_loss, "wttm": wttm_loss, "dkd": dkd_loss,
-           "logit_matching": logit_matching_loss, "ls_kd": ls_kd_loss, "jsd": jsd_loss,
-           "retro_kd": retro_kd_loss}
+#: method name -> its vocabulary-parallel function (every loss of a dense teacher in
+#: kdfast.losses.REGISTRY), also a module attribute ``<name>_loss``
+METHODS = {name: _sharded(name) for name, loss in REGISTRY.items() if loss.dense}
+globals().update({fn.__name__: fn for fn in METHODS.values()})
+__all__ += [fn.__name__ for fn in METHODS.values()]
 
 
 def vocab_parallel_loss(method: str, student_logits: Tensor, teacher_logits: Tensor,
@@ -710,11 +672,12 @@ def vocab_parallel_loss(method: str, student_logits: Tensor, teacher_logits: Ten
     if method not in METHODS:
         raise ValueError(f"method must be one of {sorted(METHODS)}, got {method!r}")
     common = dict(process_group=process_group, vocab_start=vocab_start, vocab_size=vocab_size)
-    if method == "retro_kd":
+    if REGISTRY[method].past_student:
         if past_student_logits is None:
-            raise ValueError("retro_kd needs past_student_logits (this rank's shard)")
-        return retro_kd_loss(student_logits, teacher_logits, past_student_logits, labels,
-                             **common, **kwargs)
+            raise ValueError(f"{method} needs past_student_logits (this rank's shard)")
+        return METHODS[method](student_logits, teacher_logits, past_student_logits, labels,
+                               **common, **kwargs)
     if past_student_logits is not None:
-        raise ValueError(f"past_student_logits is only used by retro_kd, not {method!r}")
+        takes = ", ".join(k for k, x in REGISTRY.items() if x.past_student)
+        raise ValueError(f"past_student_logits is only used by {takes}, not {method!r}")
     return METHODS[method](student_logits, teacher_logits, labels, **common, **kwargs)

@@ -8,6 +8,8 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 import kdfast  # noqa: E402
+from kdfast._spec import Kind  # noqa: E402
+from kdfast.losses import REGISTRY  # noqa: E402
 
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
@@ -15,22 +17,35 @@ torch.set_num_threads(min(2, os.cpu_count() or 1))
 # Triton runs on CPU tensors under its interpreter. A missing backend is an error, not a skip.
 BACKENDS = ["cpu", "triton"]
 
-LOSSES = {   # name -> (fused, reference, hyperparameters used by the parametrised tests)
-    "kd": (kdfast.kd_loss, kdfast.reference.kd_loss, {"temperature": 3.0}),
-    "ttm": (kdfast.ttm_loss, kdfast.reference.ttm_loss, {"temperature": 2.5}),
-    "wttm": (kdfast.wttm_loss, kdfast.reference.wttm_loss, {"temperature": 2.5}),
-}
-_R = kdfast.reference
-FAMILY = {   # the rest of the family, same layout; retro_kd's past logits are bound per test
-    "dkd": (kdfast.dkd_loss, _R.dkd_loss, {"temperature": 3.0, "alpha": 0.7, "beta": 5.0}),
-    "lm": (kdfast.logit_matching_loss, _R.logit_matching_loss, {}),
-    "lm_raw": (kdfast.logit_matching_loss, _R.logit_matching_loss, {"center": False}),
-    "ls_kd": (kdfast.ls_kd_loss, _R.ls_kd_loss, {"temperature": 2.0}),
-    "jsd": (kdfast.jsd_loss, _R.jsd_loss, {"beta": 0.3, "temperature": 1.5}),
-    "jsd_fwd": (kdfast.jsd_loss, _R.jsd_loss, {"beta": 0.0, "temperature": 2.0}),
-    "jsd_rev": (kdfast.jsd_loss, _R.jsd_loss, {"beta": 1.0, "temperature": 2.0}),
-    "retro_kd": (kdfast.retro_kd_loss, _R.retro_kd_loss, {"temperature": 3.0, "past_weight": 0.4}),
-}
+# The losses under test, from kdfast.losses.REGISTRY: each loss's cases (named hyperparameter sets
+# that together reach every kernel specialisation of the loss). A loss declared there is tested here.
+#: case name -> (method, hyperparameters), every case of every loss of a dense teacher
+CASES = {case: (name, dict(hyper)) for name, loss in REGISTRY.items() if loss.dense
+         for case, hyper in loss.cases.items()}
+CORE = ("kd", "ttm", "wttm")   # the single-softmax KL losses test_core.py runs everything on
+
+
+def _entry(case):
+    name, hyper = CASES[case]
+    return REGISTRY[name].function, REGISTRY[name].reference, hyper
+
+
+def _takes_masked_teacher(case) -> bool:
+    """The case's loss is finite with -inf teacher logits (classes of probability 0): not for a
+    kind that takes the row's mean / std (LM, LS), nor for the reverse KL (KL(q || p) is +inf where
+    p = 0 < q, in the reference too)."""
+    name, hyper = CASES[case]
+    p = REGISTRY[name].params(**hyper)
+    return p.kind not in (Kind.LM, Kind.LS) and not (p.kind == Kind.KL and p.reverse)
+
+
+#: the cases that get no -inf teacher logits (derived from their kernel parameters)
+NO_NEG_INF = tuple(case for case in CASES if not _takes_masked_teacher(case))
+
+# name -> (fused, reference, hyperparameters used by the parametrised tests)
+LOSSES = {case: _entry(case) for case, (name, _) in CASES.items() if name in CORE}
+# the rest of the family, same layout; retro_kd's past logits are bound per test
+FAMILY = {case: _entry(case) for case, (name, _) in CASES.items() if name not in CORE}
 
 
 def rand_logits(shape, dtype=torch.float64, scale=3.0, gen=None):

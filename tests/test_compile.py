@@ -59,3 +59,35 @@ def test_autocast_takes_low_precision_logits(dtype):
     loss.backward()
     ref = kdfast.reference.kd_loss(z.detach().double(), v.double())
     torch.testing.assert_close(loss.double(), ref, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_fused_linear_no_graph_break_and_same_values(reduction, gen):
+    """fused_linear_distill_loss is one custom op (kdfast::linear_distill): no graph break; "none"
+    also compiles its backward, which runs the chunk loop again through the op."""
+    n, hdim, c = 10, 6, 33
+    h = torch.randn(n, hdim, generator=gen)
+    w = torch.randn(c, hdim, generator=gen) * 0.5
+    b = torch.randn(c, generator=gen)
+    th, tw = torch.randn(n, 5, generator=gen), torch.randn(c, 5, generator=gen)
+    y = rand_labels((n,), c, gen=gen)
+    up = torch.rand(n, generator=gen) + 0.5
+
+    def step(h, w, b, th, tw, y):
+        loss = kdfast.fused_linear_distill_loss(h, w, y, student_bias=b, teacher_hidden=th, teacher_weight=tw,
+                                                method="dkd", temperature=2.0, chunk_size=4,
+                                                reduction=reduction, backend="cpu")
+        return loss if reduction == "mean" else (loss * up).sum()
+
+    explanation = torch._dynamo.explain(step)(h, w, b, th, tw, y)
+    assert explanation.graph_break_count == 0, explanation.break_reasons
+    torch._dynamo.reset()
+    compiled = torch.compile(step, fullgraph=True)
+    leaves_c = [x.clone().requires_grad_(True) for x in (h, w, b)]
+    leaves_e = [x.clone().requires_grad_(True) for x in (h, w, b)]
+    loss_c, loss_e = compiled(*leaves_c, th, tw, y), step(*leaves_e, th, tw, y)
+    loss_c.backward()
+    loss_e.backward()
+    torch.testing.assert_close(loss_c, loss_e, rtol=1e-6, atol=1e-6)
+    for a, e in zip(leaves_c, leaves_e):
+        torch.testing.assert_close(a.grad, e.grad, rtol=1e-5, atol=1e-6)

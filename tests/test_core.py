@@ -151,8 +151,8 @@ def test_non_contiguous_inputs(backend, gen):
 def test_gradcheck_float64(name, gen):
     fused, _, hyper = LOSSES[name]
     z = rand_logits((3, 7), gen=gen).requires_grad_(True)
-    # wttm's factor U(v) is a constant by definition (SPEC: no gradient through U), so its teacher
-    # gradient is not the derivative gradcheck measures: test_float64_matches_reference checks it
+    # wttm's factor U(v) is a constant by definition (docs/spec.md: no gradient through U), so its
+    # teacher gradient is not the derivative gradcheck measures: test_float64_matches_reference checks it
     v = rand_logits((3, 7), gen=gen).requires_grad_(name != "wttm")
     kd_w = torch.rand(3, 1, dtype=torch.float64, generator=gen).requires_grad_(True)   # broadcasts
     ce_w = torch.rand(3, dtype=torch.float64, generator=gen).requires_grad_(True)

@@ -1,4 +1,4 @@
-"""SPEC "Bad input": a ValueError naming the argument, before any kernel runs."""
+"""docs/spec.md, "Errors": a ValueError naming the argument, before any kernel runs."""
 import warnings
 
 import pytest

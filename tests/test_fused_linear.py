@@ -13,25 +13,15 @@ import torch
 import torch.nn.functional as F
 
 import kdfast
+from conftest import CASES as CONFTEST_CASES
 from conftest import low_precision_bound, max_err, rand_labels, scale_of
 from kdfast.fused_linear import (METHODS, FusedLinearDistillLoss, default_chunk_size,
                                  fused_linear_distill_loss)
 
 R = kdfast.reference
-CASES = {   # id -> (method, hyperparameters)
-    "kd": ("kd", {"temperature": 3.0}),
-    "ttm": ("ttm", {"temperature": 2.5}),
-    "wttm": ("wttm", {"temperature": 2.5}),
-    "dkd": ("dkd", {"temperature": 3.0, "alpha": 0.7, "beta": 5.0}),
-    "lm": ("logit_matching", {}),
-    "lm_raw": ("logit_matching", {"center": False}),
-    "ls_kd": ("ls_kd", {"temperature": 2.0}),
-    "jsd": ("jsd", {"beta": 0.3, "temperature": 1.5}),
-    "jsd_fwd": ("jsd", {"beta": 0.0}),
-    "jsd_rev": ("jsd", {"beta": 1.0, "temperature": 2.0}),
-    "retro_kd": ("retro_kd", {"temperature": 3.0, "past_weight": 0.4}),
-    "kd_defaults": ("kd", {}),
-}
+# id -> (method, hyperparameters): every case of every loss (kdfast.losses.REGISTRY, via conftest), and
+# kd at its defaults
+CASES = {**CONFTEST_CASES, "kd_defaults": ("kd", {})}
 
 
 def make(lead, hdim, v, dtype, gen, *, bias=True, teacher="hidden", labels=True, weights=True):

@@ -5,11 +5,12 @@ import torch
 
 import kdfast
 import kdfast.multi_teacher as MT
+from conftest import CASES as CASES_OF
 from conftest import BACKENDS, FAMILY, LOSSES, low_precision_bound, max_err, rand_labels, rand_logits
 
 R = kdfast.reference
 CASES = {**{k: v for k, v in LOSSES.items()}, **FAMILY}   # name -> (fused, reference, hyper)
-METHOD = {"lm": "logit_matching", "lm_raw": "logit_matching", "jsd_fwd": "jsd", "jsd_rev": "jsd"}
+METHOD = {case: method for case, (method, _) in CASES_OF.items()}   # case -> method
 
 
 def _reference_sum(ref, z, teachers, y, w_rows, ce_weight, hyper, zp=None, reduction="none"):

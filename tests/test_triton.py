@@ -2,33 +2,22 @@
 CPU tensors): multi-block rows (a tiny MAX_BLOCK), the backend contract called directly (bad labels
 -> NaN rows, grad_z aliasing z, row strides > C, teacher gradient), fp16 and mixed dtypes for every
 kind. Shapes are small: the interpreter is slow."""
+import dataclasses
+
 import pytest
 import torch
 
 import kdfast
-from conftest import FAMILY, LOSSES as CORE
+from conftest import CASES, FAMILY, LOSSES as CORE, NO_NEG_INF
 from conftest import max_err, rand_labels, rand_logits, rand_weights, run_case, scale_of
-from kdfast._spec import KernelParams, Kind
+from kdfast.losses import REGISTRY
 
 triton_backend = pytest.importorskip("kdfast._triton")
 R = kdfast.reference
 
 LOSSES = {**CORE, **FAMILY}   # name -> (fused, reference, hyperparameters), tests/conftest.py
-# the kernel parameters of each named loss (kdfast.functional), for direct backend calls
-PARAMS = {
-    "kd": KernelParams(Kind.KL, 3.0, 3.0, 9.0),
-    "ttm": KernelParams(Kind.KL, 1.0, 2.5, 1.0),
-    "wttm": KernelParams(Kind.KL, 1.0, 2.5, 1.0, wttm=True),
-    "dkd": KernelParams(Kind.DKD, 3.0, 3.0, 9.0, alpha=0.7, beta=5.0),
-    "lm": KernelParams(Kind.LM, center=True),
-    "lm_raw": KernelParams(Kind.LM, center=False),
-    "ls_kd": KernelParams(Kind.LS, 2.0, 2.0, 4.0),
-    "jsd": KernelParams(Kind.JSD, 1.5, 1.5, 1.0, beta=0.3),
-    "jsd_fwd": KernelParams(Kind.KL, 2.0, 2.0, 1.0),
-    "jsd_rev": KernelParams(Kind.KL, 2.0, 2.0, 1.0, reverse=True),
-    "retro_kd": KernelParams(Kind.KL, 3.0, 3.0, 9.0, rho=0.4),
-}
-NO_NEG_INF = ("lm", "lm_raw", "ls_kd", "jsd_rev")   # a mean / std of the row, or KL(q || p) = inf
+# the kernel parameters of each case (kdfast.losses.REGISTRY), for direct backend calls
+PARAMS = {case: REGISTRY[name].params(**hyper) for case, (name, hyper) in CASES.items()}
 
 
 @pytest.fixture
@@ -127,7 +116,7 @@ def call(name, z, v, labels, *, zp=None, need_gz=True, need_gv=True, grad_z=None
         zp = torch.randn_like(z)
     if p.rho == 0:
         zp = None
-    p = KernelParams.from_lists(p.fparams(), p.iparams()[:4] + [int(has_ce), -100])
+    p = dataclasses.replace(p, has_ce=has_ce, ignore_index=-100)
     kd_w = torch.ones(n, dtype=acc) if kd_w is None else kd_w
     ce_w = torch.ones(n, dtype=acc) if ce_w is None else ce_w
     d, ce = torch.full((n,), 7.0, dtype=acc), torch.full((n,), 7.0, dtype=acc)

@@ -8,26 +8,14 @@ the interpreter is slow."""
 import pytest
 import torch
 
-from conftest import max_err, rand_labels, rand_logits, scale_of
+from conftest import CASES, NO_NEG_INF, max_err, rand_labels, rand_logits, scale_of
 from kdfast.functional import METHODS
 
 tb = pytest.importorskip("kdfast._triton")
 
-# name -> (method, hyperparameters): every kind and variant of the kernel family
-VARIANTS = {
-    "kd": ("kd", {"temperature": 3.0}),
-    "ttm": ("ttm", {"temperature": 2.5}),
-    "wttm": ("wttm", {"temperature": 2.5}),
-    "retro_kd": ("retro_kd", {"temperature": 3.0, "past_weight": 0.4}),
-    "dkd": ("dkd", {"temperature": 3.0, "alpha": 0.7, "beta": 5.0}),
-    "lm": ("logit_matching", {"center": True}),
-    "lm_raw": ("logit_matching", {"center": False}),
-    "ls_kd": ("ls_kd", {"temperature": 2.0}),
-    "jsd": ("jsd", {"beta": 0.3, "temperature": 1.5}),
-    "jsd_fwd": ("jsd", {"beta": 0.0, "temperature": 2.0}),    # the KL kind
-    "jsd_rev": ("jsd", {"beta": 1.0, "temperature": 2.0}),    # the reverse KL kind
-}
-NO_NEG_INF = ("lm", "lm_raw", "ls_kd", "jsd_rev")   # a mean / std of the row, or KL(q || p) = inf
+# name -> (method, hyperparameters): every case of every loss (kdfast.losses.REGISTRY, via conftest):
+# every kind and variant of the kernel family
+VARIANTS = CASES
 
 
 def params(name):

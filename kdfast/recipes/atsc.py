@@ -23,7 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..functional import _check_temperature, kd_loss
+from ..functional import kd_loss
+from ..losses import check_temperature as _check_temperature
 
 __all__ = ["ATSC", "ATSCOutput"]
 

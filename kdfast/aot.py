@@ -1,4 +1,4 @@
-"""Ahead-of-time resource check of the Triton kernel family: ``python -m kdfast.inspect``.
+"""Ahead-of-time resource check of the Triton kernel family: ``python -m kdfast.aot``.
 
 Compiles ``kdfast._triton.kernel._distill_kernel`` for every loss kind x a representative set of
 ``tl.constexpr`` combinations (input dtype, NEED_GZ / NEED_GV, HAS_CE, BLOCK with the ``num_warps``
@@ -56,6 +56,8 @@ if __name__ == "__main__":
     # launches get today) is what is inspected.
     os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
 
+from kdfast._spec import Kind  # noqa: E402  (no triton import: the flag above is set first)
+
 #: the class count of the modelled call when none is given: a multiple of 16
 DEFAULT_CLASSES = 32000
 
@@ -64,7 +66,7 @@ DEFAULT_CLASSES = 32000
 class Combo:
     """One specialisation of ``_distill_kernel`` (mirrors ``kdfast._triton.distill_forward``)."""
 
-    name: str          # the loss it stands for
+    name: str          # the case of kdfast.losses.REGISTRY it stands for
     kind: int          # kdfast._spec.Kind
     dtype: str         # "fp32" | "bf16" | "fp16" | "fp64" (student and teacher)
     block: int
@@ -77,6 +79,7 @@ class Combo:
     reverse: bool = False
     has_zp: bool = False
     center: bool = False
+    renormalize: bool = True   # the top-k kernel's RENORM
     num_warps: int | None = None   # None: what the launcher picks for ``block`` (and ``teachers``)
     classes: int = DEFAULT_CLASSES  # C of the modelled call: decides the integer specialisation
     teachers: int = 1  # M: > 1 models kdfast._triton.multi_forward (teachers stacked (M, N, C))
@@ -85,7 +88,7 @@ class Combo:
         flags = "".join([("Z" if self.need_gz else "-"), ("V" if self.need_gv else "-"),
                          ("C" if self.has_ce else "-")])
         name = self.name if self.teachers == 1 else f"{self.name}x{self.teachers}"
-        return f"{name:9s} {self.dtype:4s} {flags} B={self.block:<5d} C={self.classes:<6d}"
+        return f"{name:11s} {self.dtype:4s} {flags} B={self.block:<5d} C={self.classes:<6d}"
 
     @property
     def mb(self) -> int:
@@ -93,19 +96,42 @@ class Combo:
         return 1 << max(self.teachers - 1, 0).bit_length()
 
 
-# name -> (kind, flags): the flag sets distill_forward passes for each named loss
-_LOSSES = {
-    "kd": (0, {}),
-    "ttm": (0, {"ce_shared": True}),        # Ts = 1: CE shares the student lse
-    "wttm": (0, {"wttm": True, "ce_shared": True}),
-    "jsd_rev": (0, {"reverse": True}),
-    "retro_kd": (0, {"has_zp": True}),
-    "dkd": (1, {}),
-    "lm": (2, {"center": True}),
-    "ls_kd": (3, {}),
-    "jsd": (4, {}),
-    "topk": (5, {}),   # kdfast._triton.topk._topk_kernel (k = 64 teacher entries)
-}
+def specialisation(params) -> tuple[int, dict]:
+    """(kind, Combo flags) of the kernel launch for the kernel parameters ``params``
+    (``KernelParams`` or ``TopkParams``) with labels and CE: the flags ``kdfast._triton`` derives
+    (mirrors ``_launch`` and ``topk_forward``: CE shares the student's lse at T = 1, the KL flags
+    only for the KL kind, ``center`` only for LM, the past student when ``rho != 0``)."""
+    from kdfast._spec import Kind
+    kind = Kind(params.kind)
+    if kind == Kind.TOPK:
+        flags = {"ce_shared": params.t == 1.0, "renormalize": params.renormalize}
+    else:
+        flags = {"ce_shared": kind in (Kind.KL, Kind.DKD, Kind.JSD) and params.t_student == 1.0,
+                 "wttm": params.wttm and kind == Kind.KL, "reverse": params.reverse and kind == Kind.KL,
+                 "has_zp": params.rho != 0, "center": params.center and kind == Kind.LM}
+    defaults = {f.name: f.default for f in dataclasses.fields(Combo)}
+    return int(kind), {k: v for k, v in flags.items() if v != defaults[k]}
+
+
+def _losses() -> dict:
+    """case name -> (kind, flags): every case of every loss of kdfast.losses.REGISTRY (its
+    hyperparameter sets that reach each kernel specialisation), a case whose specialisation an
+    earlier one already has left out (e.g. jsd at beta = 0 is kd's)."""
+    from kdfast.losses import REGISTRY
+    out, seen = {}, set()
+    for loss in REGISTRY.values():
+        for name, hyper in loss.cases.items():
+            kind, flags = specialisation(loss.params(**hyper))
+            key = (kind, tuple(sorted(flags.items())))
+            if key not in seen:
+                seen.add(key)
+                out[name] = (kind, flags)
+    return out
+
+
+#: case name -> (kind, flags) (:func:`_losses`): kd, ttm, wttm, dkd, lm, lm_raw, ls_kd, jsd, jsd_rev,
+#: retro_kd, topk_kd, topk_kd_raw
+_LOSSES = _losses()
 
 #: float64 rows launch with at most this block (mirrors kdfast._triton.MAX_BLOCK_FP64)
 MAX_BLOCK_FP64 = 1024
@@ -135,7 +161,7 @@ def combos(blocks=(1024, 4096, 8192), dtypes=("fp32", "bf16"), quick=False, loss
             continue
         if teachers is not None:
             ms = sorted(set(teachers))
-            if kind == 5:   # the top-k kernel has one teacher
+            if kind == Kind.TOPK:   # the top-k kernel has one teacher
                 ms = [m for m in ms if m == 1]
         else:
             ms = [1] + ([] if quick else list(MULTI_DEFAULT.get(name, ())))
@@ -183,7 +209,7 @@ def _signature(c: Combo):
 
     if c.classes < 2:
         raise ValueError("--classes must be >= 2 (C = 1 is a constexpr specialisation)")
-    if c.kind == 5:
+    if c.kind == Kind.TOPK:
         return _topk_signature(c)
     acc = "fp64" if c.dtype == "fp64" else "fp32"
     p = "*" + c.dtype
@@ -250,7 +276,7 @@ def _vec(c: Combo) -> int:
 def _aligned(c: Combo) -> bool:
     """Rows start 16-byte aligned in the modelled call: the distill kernel's VEC reaches 16 bytes
     (C a multiple of 4 fp32 / 8 bf16 / 2 fp64 elements); the top-k kernel (no VEC) needs C % 16 == 0."""
-    if c.kind == 5:
+    if c.kind == Kind.TOPK:
         return c.classes % 16 == 0
     return _vec(c) * {"fp32": 4, "bf16": 2, "fp16": 2, "fp64": 8}[c.dtype] == 16
 
@@ -271,7 +297,8 @@ def _topk_signature(c: Combo):
            "gz_ptr": p if c.need_gz else "*" + acc, "C": "i32", "K": "i32", "stride_z": "i32",
            "stride_lp": "i32", "stride_idx": "i32", "stride_gz": "i32",
            "t_hi": "fp32", "t_lo": "fp32", "scale_hi": "fp32", "scale_lo": "fp32", "ignore_index": "i32"}
-    constexprs = dict(HAS_LABELS=c.labels, HAS_CE=c.has_ce and c.labels, CE_SHARED=False, RENORM=True,
+    constexprs = dict(HAS_LABELS=c.labels, HAS_CE=c.has_ce and c.labels, CE_SHARED=c.ce_shared,
+                      RENORM=c.renormalize,
                       NEED_GZ=c.need_gz, ACC=tl.float64 if acc == "fp64" else tl.float32,
                       BLOCK=c.block, KBLOCK=max(16, triton.next_power_of_2(TOPK_K)))
     for k in constexprs:
@@ -539,7 +566,7 @@ row loads: global loads inside the column loops (every pass, every input) as cou
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m kdfast.inspect", description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m kdfast.aot", description=__doc__.split("\n")[0])
     ap.add_argument("--arch", type=int, nargs="+", default=[80, 90])
     ap.add_argument("--blocks", type=int, nargs="+", default=None)
     ap.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"],
