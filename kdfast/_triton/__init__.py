@@ -21,8 +21,8 @@ __all__ = ["distill_forward", "multi_forward", "teacher_stride", "topk_forward",
            "MAX_BLOCK"]
 
 #: Upper bound of the column block. Register use grows with the elements each thread holds,
-#: ``BLOCK / (32 * num_warps)`` (PERF-NOTES), and the register file caps a thread at
-#: ``65536 / (32 * num_warps)`` registers: 16 elements per thread need ~80-120 registers for the
+#: ``BLOCK / (32 * num_warps)`` (measured: ``python -m kdfast.inspect``), and the register file
+#: caps a thread at ``65536 / (32 * num_warps)`` registers: 16 elements per thread need ~80-120 registers for the
 #: two-softmax kinds, which fits the 128 of a 16-warp program but not the 64 of a 32-warp one, so
 #: the largest spill-free block is 16 x 32 x 16 = 8192 (``python -m kdfast.inspect`` measured
 #: BLOCK = 16384 spilling at 32 warps for every softmax kind, and at 16 warps for DKD / LS / JSD /
@@ -45,8 +45,9 @@ def block_size(C: int, max_block: int | None = None) -> int:
 def num_warps_for(block: int) -> int:
     """Warps per row program: 16 elements of each input per thread, i.e. ``BLOCK / (32 * 16)``
     warps, clamped to [4, 16] (<= 512 threads, so a thread may use up to 128 registers). Register
-    use grows with BLOCK / (32 * num_warps) (PERF-NOTES), so this keeps it about constant across
-    blocks: BLOCK <= 2048 -> 4, 4096 -> 8, 8192 -> 16 (and 16 beyond, should MAX_BLOCK be raised)."""
+    use grows with BLOCK / (32 * num_warps) (``python -m kdfast.inspect``), so this keeps it about
+    constant across blocks: BLOCK <= 2048 -> 4, 4096 -> 8, 8192 -> 16 (and 16 beyond, should
+    MAX_BLOCK be raised)."""
     return int(min(max(block // 512, 4), 16))
 
 

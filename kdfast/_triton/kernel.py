@@ -3,8 +3,11 @@
 One program per row. The row is swept in ``BLOCK``-column chunks: pass 1 gathers the row statistics
 (online log-sum-exp with a block-level max: one rescale ``exp`` per block and statistic), pass 2
 (and pass 3 for LS / JSD) computes the loss terms and writes the gradients once, in the input
-dtype, with ``grad_scale * weight`` folded in. The math is docs/kernel-math.md; each gradient line
-below restates the formula it implements.
+dtype, with ``grad_scale * weight`` folded in. The math is docs/kernel-math.md (the numerically
+stable forms: a max and its log-sum are never added into one rounded lse, log q_j = (a_j - m_a) -
+log S_a; the KL kinds' loss is log1p of a sum of nonnegative terms, accumulated in the gradient
+sweep, or in a sweep of its own for forward-only calls only when the one-pass value would cancel;
+JSD in log space); each gradient line below restates the formula it implements.
 
 Multi-teacher (``MB`` > 1): the program of row i also reads the rows i of M teachers, in the same
 passes, the student row still once per pass. Student values are ``(1, BLOCK)`` tiles, teacher values
@@ -108,6 +111,136 @@ def _finish(x, ignored, bad):
 
 
 @triton.jit
+def _safe(m):
+    """A running max with -inf (nothing seen yet) replaced by 0, as in ``_lse_rows``' exponents."""
+    return tl.where(m == NEG_INF, 0.0, m).to(m.dtype)
+
+
+@triton.jit
+def _log1p(x):
+    """log(1 + x) for x >= 0, accurate relative to its own size for tiny x (Goldberg: u = 1 + x,
+    log1p(x) = log(u) * x / (u - 1), exact for the rounded u; ``tl.log`` is the accurate libdevice
+    log, libdevice's log1p has no interpreter implementation). NaN for x = inf: callers select."""
+    u = 1.0 + x
+    den = u - 1.0
+    return tl.where(den == 0.0, x, tl.log(u) * (x / tl.where(den == 0.0, 1.0, den)))
+
+
+@triton.jit
+def _softplus(x):
+    """log(1 + e^x) = max(x, 0) + log1p(e^-|x|)."""
+    return tl.maximum(x, 0.0) + _log1p(tl.exp(-tl.abs(x)))
+
+
+@triton.jit
+def _phi_small(x, ACC: tl.constexpr):
+    """phi(x) = e^x - 1 - x = x^2 P(x), P(x) = sum_n x^n / (n + 2)!, for |x| <= 1 (Horner, n <= 9 in
+    fp32, n <= 17 in fp64: truncation below half an ulp of P(-1) = 0.37)."""
+    if ACC == tl.float64:
+        r = x * 0.0 + 8.220635246624329e-18       # 1/19!
+        r = r * x + 1.5619206968586225e-16        # 1/18!
+        r = r * x + 2.8114572543455206e-15        # 1/17!
+        r = r * x + 4.779477332387385e-14         # 1/16!
+        r = r * x + 7.647163731819816e-13         # 1/15!
+        r = r * x + 1.1470745597729725e-11        # 1/14!
+        r = r * x + 1.6059043836821613e-10        # 1/13!
+        r = r * x + 2.08767569878681e-09          # 1/12!
+        r = r * x + 2.505210838544172e-08         # 1/11!
+    else:
+        r = x * 0.0 + 2.505210838544172e-08       # 1/11!
+    r = r * x + 2.755731922398589e-07             # 1/10!
+    r = r * x + 2.7557319223985893e-06            # 1/9!
+    r = r * x + 2.48015873015873e-05              # 1/8!
+    r = r * x + 0.0001984126984126984             # 1/7!
+    r = r * x + 0.001388888888888889              # 1/6!
+    r = r * x + 0.008333333333333333              # 1/5!
+    r = r * x + 0.041666666666666664              # 1/4!
+    r = r * x + 0.16666666666666666               # 1/3!
+    r = r * x + 0.5                               # 1/2!
+    return x * x * r
+
+
+@triton.jit
+def _phi_term(w, h, big, ACC: tl.constexpr):
+    """w * phi(-h) >= 0 (docs/kernel-math.md, accurate loss), given ``big`` = w e^{-h} computed
+    without forming e^{-h} (q E for the forward KL, m_j for JSD): the polynomial for |h| <= 1, else
+    big - w + w h (at most ~4x cancellation there). w = 0 adds ``big`` (the partner distribution's
+    mass where this one underflowed, needed for sum = e^KL - 1); lanes outside the row have
+    w = big = 0 and h NaN: 0."""
+    small = w * _phi_small(-h, ACC)
+    large = big - w + tl.where(w > 0.0, w * h, 0.0)
+    return tl.where(tl.abs(h) <= 1.0, small, large)
+
+
+@triton.jit
+def _two_diff(a, b):
+    """(s, r) with s + r = a - b exactly (Knuth's TwoSum of a and -b)."""
+    s = a - b
+    bb = s - a
+    return s, (a - (s - bb)) - (b + bb)
+
+
+@triton.jit
+def _jsd_eps(da, dc, lcla, lbr, beta, ACC: tl.constexpr):
+    """Per element of a JSD row (da = a - m_a, dc = c - m_c, per teacher): eps = log p - log q and
+    lx, with delta = eps + log(beta/(1-beta)): lx = log1p(beta expm1(eps)) = -hq when |eps| <= 1
+    (accurate near 0: near-equal rows), else log1p(e^-|delta|), the softplus remainder
+    (sp(delta) = max(delta, 0) + lx, accurate when tiny: saturated rows). One log1p per element,
+    its argument chosen per element; ``_jsd_q`` / ``_jsd_p`` finish the two sides from (eps, lx)."""
+    ep = (dc - da) - lcla[:, None]
+    near = tl.abs(ep) <= 1.0
+    lx = _log1p(tl.where(near, beta * (ep + _phi_small(ep, ACC)), tl.exp(-tl.abs(ep + lbr))))
+    return ep, lx
+
+
+@triton.jit
+def _jsd_q(ep, lx, lbr, nl1b, fq):
+    """(hq, sq): hq = log q - log m = -log(1-beta) - sp(delta), and the student's gradient
+    representation sq = sp(delta) (fq: R = -log(1-beta)) or -hq (R = 0)."""
+    near = tl.abs(ep) <= 1.0
+    spq = tl.where(near, nl1b + lx, tl.maximum(ep + lbr, 0.0) + lx)
+    hq = tl.where(near, -lx, nl1b - spq)
+    return hq, tl.where(fq[:, None], spq, -hq)
+
+
+@triton.jit
+def _jsd_p(ep, lx, lbr, nlb, fp):
+    """(hp, sp): hp = log p - log m = -log(beta) - sp(-delta) = hq + eps, and the teacher's
+    gradient representation sp = sp(-delta) (fp: R = -log(beta)) or -hp (R = 0)."""
+    near = tl.abs(ep) <= 1.0
+    hp_n = ep - lx
+    spp = tl.where(near, nlb - hp_n, tl.maximum(-(ep + lbr), 0.0) + lx)
+    hp = tl.where(near, hp_n, nlb - spp)
+    return hp, tl.where(fp[:, None], spp, -hp)
+
+
+@triton.jit
+def _jsd_loss_terms(p, q, hp, hq, beta, ACC: tl.constexpr):
+    """beta p phi(-hp) + (1 - beta) q phi(-hq) >= 0 per element: its row sum is
+    beta KL(p || m) + (1 - beta) KL(q || m), m = beta p + (1 - beta) q (= p e^{-hp} = q e^{-hq})."""
+    mm = beta * p + (1.0 - beta) * q
+    return beta * _phi_term(p, hp, mm, ACC) + (1.0 - beta) * _phi_term(q, hq, mm, ACC)
+
+
+@triton.jit
+def _x_plan(kl1, dbar, la, lc, tok, C, NEED_GZ: tl.constexpr, NEED_GV: tl.constexpr):
+    """How the KL-kind loss is finished (docs/kernel-math.md): the one-pass KL1 = dbar - (lc - la)
+    cancels when KL << |dbar| + la + lc; the accurate KL = log1p(X), X = sum p phi(-u) >= 0, is
+    accumulated in the gradient sweep. Returns (use_x: take log1p(X) (per teacher), E = exp(KL1) for
+    the |u| > 1 terms, the end of the X / gradient sweep). With gradients the sweep runs anyway and
+    X is used whenever KL1 <= 1 (beyond, E could overflow and KL1 has nothing left to cancel);
+    forward-only, the sweep runs (for the whole row, if any teacher needs it) only when KL1 would
+    lose more than 6 bits."""
+    use = kl1 <= 1.0
+    if NEED_GZ or NEED_GV:
+        end = C
+    else:
+        use = use & (kl1 <= 0.015625 * (tl.abs(dbar) + tl.abs(la) + tl.abs(lc)))
+        end = tl.where(tl.max((use & tok).to(tl.int32), 0) > 0, C, 0)
+    return use, tl.exp(tl.minimum(kl1, 1.0)), end
+
+
+@triton.jit
 def _distill_kernel(
     z_ptr, v_ptr, zp_ptr, lab_ptr, kdw_ptr, cew_ptr, gs_ptr,
     d_ptr, ce_ptr, gz_ptr, gv_ptr,
@@ -201,7 +334,9 @@ def _distill_kernel(
     s_a = zs
     m_c = zt + NEG_INF   # teacher lse at Tt (DKD: over j != y)
     s_c = zt
-    w = zt               # KL: sum exp(c - m_c)(c - a)  (reverse: sum exp(a - m_a)(a - c))
+    w = zt               # KL / DKD: W = sum exp(c - m_c) d  (reverse: sum exp(a - m_a) (-d))
+    c_ref = zt + NEG_INF  # JSD: c at the student's argmax, a at each teacher's argmax
+    a_ref = zt + NEG_INF
     m_1 = zs + NEG_INF   # lse(z) at temperature 1 for CE when not shared
     s_1 = zs
     m_u = zt + NEG_INF   # wttm: lse(v) at temperature 1
@@ -218,8 +353,21 @@ def _distill_kernel(
     # Pass 1: statistics
     # ======================================================================================
     if KIND == KIND_LM:
-        # d_j = z_j - v_j; dbar = mean(d) (center) or 0   (per teacher: dbar_m = mean(z - v_m))
-        dsum = zt
+        # e_j = (z_j - zbar) - (v_j - vbar) (center) or z_j - v_j. Centred on the row's first column:
+        # t_j = (z_j - v_j) - (z_0 - v_0), e_j = t_j - mean(t), with z_j - v_j as an exact float
+        # pair (s_j + r_j, ``_two_diff``): t_j = (s_j - s_0) + (r_j - r_0) is accurate to its own
+        # size whether the rows sit at an offset from each other (z_j - v_j rounded first would
+        # round at the offset) or each at its own (z_j - z_0 first would round at the spread);
+        # mean(t) is the mean of the very t_j used: sum e = 0 to rounding.
+        tsum = zt
+        z0 = zs
+        v0 = zt
+        if CENTER:
+            i0 = zs.to(tl.int32)   # (1,) zeros: the first column
+            z0 = tl.load(z_row + i0, mask=i0 < lim, other=0.0).to(ACC)
+            v0 = _load_teachers(v_base, zp_row, 0, tm < lim_m, live, rho, HAS_ZP, ACC)
+            v0 = tl.where(tok & live, v0, 0.0)
+        s0, r0 = _two_diff(z0, v0)
         if CENTER or (HAS_CE and not CE_SHARED):
             for start in range(0, C, BLOCK):
                 offs = start + cols
@@ -228,31 +376,38 @@ def _distill_kernel(
                 if CENTER:
                     v = _load_teachers(v_rows, zp_row, offs, _tmask(mask, tok2, MB), mask, rho,
                                        HAS_ZP, ACC)
-                    dsum += tl.sum(tl.where(mask, z - v, 0.0), 1)
+                    sd, rd = _two_diff(z, v)
+                    tsum += tl.sum(tl.where(mask, (sd - s0[:, None]) + (rd - r0[:, None]), 0.0), 1)
                 if HAS_CE:
                     m_1, s_1, _r1, _e1 = _lse_rows(m_1, s_1, z)
-        dbar = dsum / Cf
+        tbar = tsum / Cf
         sq = zt
-        # Pass 2: D = (1/2C) sum (d_j - dbar)^2 (two-pass form, no cancellation);
-        # dD/dz_j = (d_j - dbar)/C, dD/dv_j = -(d_j - dbar)/C (times (1 - rho) for retro).
-        # Multi: dL/dz_j = sum_m kd_w[m] (z_j - v_mj - dbar_m)/C; dL/dv_mj = -kd_w[m] (...)/C.
+        # Pass 2: D = (1/2C) sum e_j^2 (two-pass form, no cancellation);
+        # dD/dz_j = e_j/C, dD/dv_j = -e_j/C (times (1 - rho) for retro).
+        # Multi: dL/dz_j = sum_m kd_w[m] e_mj/C; dL/dv_mj = -kd_w[m] e_mj/C.
+        m1s = _safe(m_1)
+        l1 = tl.log(s_1)
         if HAS_CE:
-            # CE = lse(z) - z_y, read before the sweep below overwrites z when grad_z aliases it
-            L1 = m_1 + tl.log(s_1)
-            ce = L1 - tl.load(z_row + y, mask=live, other=0.0).to(ACC)
+            # CE = lse(z) - z_y = (m1 - z_y) + l1 (max and log-sum apart: no rounding of lse as one
+            # float), read before the sweep below overwrites z when grad_z aliases it
+            ce = (m1s - tl.load(z_row + y, mask=live, other=0.0).to(ACC)) + l1
         for start in range(0, C, BLOCK):
             offs = start + cols
             inb = offs < C
             mask = offs < lim
             z = _load_row(z_row, offs, mask, ACC)
             v = _load_teachers(v_rows, zp_row, offs, _tmask(mask, tok2, MB), mask, rho, HAS_ZP, ACC)
-            e = tl.where(mask, (z - v) - dbar[:, None], 0.0)
+            if CENTER:
+                sd, rd = _two_diff(z, v)
+                e = tl.where(mask, ((sd - s0[:, None]) + (rd - r0[:, None])) - tbar[:, None], 0.0)
+            else:
+                e = tl.where(mask, z - v, 0.0)
             sq += tl.sum(e * e, 1)
             if NEED_GZ:
                 gz = _tsum((gk / Cf)[:, None] * e, tok2, MB)
                 if HAS_CE:
-                    # dCE/dz_j = softmax(z)_j - [j = y]
-                    gz += gc * (tl.exp(z - L1[:, None]) - (offs == y).to(ACC))
+                    # dCE/dz_j = softmax(z)_j - [j = y], softmax(z)_j = exp((z_j - m1) - l1)
+                    gz += gc * (tl.exp((z - m1s[:, None]) - l1[:, None]) - (offs == y).to(ACC))
                 gz = _finish(gz, ignored, bad)
                 tl.store(gz_ptr + row * stride_gz + offs, gz.to(gz_ptr.dtype.element_ty), mask=inb)
             if NEED_GV:
@@ -300,8 +455,10 @@ def _distill_kernel(
         ikz = 1.0 / kz
         ikv = 1.0 / kv
         # ---- pass 2: KL statistics on z' = (z - zbar)/kz, v' likewise, at T = ts, plus the sums
-        # for the chain through mean and s: sum e_a u, sum e_c u (student), sum e_c (c - a) u^v,
-        # sum e_c u^v (teacher). sum e_a u once; the others per teacher.
+        # for the chain through mean and s: sum e_a u, sum e_c u (student), sum e_c d u^v,
+        # sum e_c u^v (teacher), d_j = (c_j - m_c) - (a_j - m_a) relative to the running maxima as
+        # W's (docs/kernel-math.md, KL kind; corrected like W when they move). sum e_a u once; the
+        # others per teacher.
         qu = zs
         pu = zt
         pwu = zt
@@ -315,65 +472,82 @@ def _distill_kernel(
             uv = tl.where(mask, v - mv[:, None], 0.0)
             a = tl.where(mask, uz * (ikz * its)[:, None], NEG_INF)
             c = tl.where(mask, uv * (ikv * its)[:, None], NEG_INF)
+            s_c0 = s_c
+            mas0 = _safe(m_a)
+            mcs0 = _safe(m_c)
             m_a, s_a, r_a, e_a = _lse_rows(m_a, s_a, a)
             m_c, s_c, r_c, e_c = _lse_rows(m_c, s_c, c)
-            cma = tl.where(mask, c - a, 0.0)
-            w = w * r_c + tl.sum(e_c * cma, 1)
+            mas = _safe(m_a)
+            mcs = _safe(m_c)
+            # d_j shifts by -((mc' - mc) - (ma' - ma)) when the maxima move (0 before any mass)
+            shift = tl.where(s_c0 > 0.0, (mcs - mcs0) - (mas - mas0), 0.0)
+            dd = tl.where(mask, (c - mcs[:, None]) - (a - mas[:, None]), 0.0)
+            w = r_c * (w - s_c0 * shift) + tl.sum(e_c * dd, 1)
             if NEED_GZ:
                 qu = qu * r_a + tl.sum(e_a * uz, 1)
                 pu = pu * r_c + tl.sum(e_c * uz, 1)
             if NEED_GV:
-                pwu = pwu * r_c + tl.sum(e_c * cma * uv, 1)
+                pwu = r_c * (pwu - pvu * shift) + tl.sum(e_c * dd * uv, 1)
                 pvu = pvu * r_c + tl.sum(e_c * uv, 1)
-        Lz = m_a + tl.log(s_a)
-        Lv = m_c + tl.log(s_c)
-        kl = w / s_c - Lv + Lz
-        D = ts * ts * kl
+        mas = _safe(m_a)
+        mcs = _safe(m_c)
+        la = tl.log(s_a)
+        lc = tl.log(s_c)
+        dbar = w / s_c
+        kl1 = dbar - (lc - la)
+        m1s = _safe(m_1)
+        l1 = tl.log(s_1)
         if HAS_CE:
-            L1 = m_1 + tl.log(s_1)
-            ce = L1 - tl.load(z_row + y, mask=live, other=0.0).to(ACC)
+            ce = (m1s - tl.load(z_row + y, mask=live, other=0.0).to(ACC)) + l1
         # gamma_j = dD/dz'_j = T (q_j - p_j);  sum_k gamma_k u_k = T (sum q u - sum p u)
         sgu_z = ts * (qu / s_a - pu / s_c)
-        # gamma^v_j = T p_j (log p_j - log q_j - KL), log p - log q = c - a - Lv + Lz:
-        # sum_k gamma^v_k u^v_k = T (sum p (c - a) u^v + (Lz - Lv - KL) sum p u^v)
-        sgu_v = ts * (pwu / s_c + (Lz - Lv - kl) * (pvu / s_c))
-        # ---- pass 3: dD/dz_j = gamma_j / k - (sum gamma u) u_j / (k^2 (C-1) sigma)
+        # gamma^v_j = T p_j u_j, u_j = d_j - dbar (= log p_j - log q_j - KL):
+        # sum_k gamma^v_k u^v_k = T (sum p d u^v - dbar sum p u^v)
+        sgu_v = ts * (pwu / s_c - dbar * (pvu / s_c))
+        # ---- pass 3: dD/dz_j = gamma_j / k - (sum gamma u) u_j / (k^2 (C-1) sigma), and X (the
+        # accurate loss, when ``_x_plan`` asks for it; forward-only calls sweep only then)
         # Multi: dL/dz_j = sum_m kd_w[m] (gamma_mj / k - (sum gamma_m u) u_j / (k^2 (C-1) sigma)):
         # k, sigma, u of the student shared, gamma_m and its sum per teacher.
         cz = sgu_z / (kz * kz * (Cf - 1.0) * sig_z)
         cv = sgu_v / (kv * kv * (Cf - 1.0) * sig_v)
-        if NEED_GZ or NEED_GV:
-            for start in range(0, C, BLOCK):
-                offs = start + cols
-                inb = offs < C
-                mask = offs < lim
-                z = _load_row(z_row, offs, mask, ACC)
-                v = _load_teachers(v_rows, zp_row, offs, _tmask(mask, tok2, MB), mask, rho, HAS_ZP,
-                                   ACC)
-                uz = tl.where(mask, z - mz[:, None], 0.0)
-                uv = tl.where(mask, v - mv[:, None], 0.0)
-                a = uz * (ikz * its)[:, None]
-                c = uv * (ikv * its)[:, None]
-                q = tl.where(mask, tl.exp(a - Lz[:, None]), 0.0)
-                p = tl.where(mask, tl.exp(c - Lv[:, None]), 0.0)
-                if NEED_GZ:
-                    gam = ts * (q - p)
-                    gz = _tsum(gk[:, None] * (gam * ikz[:, None] - cz[:, None] * uz), tok2, MB)
-                    if HAS_CE:
-                        gz += gc * (tl.exp(z - L1[:, None]) - (offs == y).to(ACC))
-                    gz = _finish(gz, ignored, bad)
-                    tl.store(gz_ptr + row * stride_gz + offs, gz.to(gz_ptr.dtype.element_ty), mask=inb)
-                if NEED_GV:
-                    gam_v = ts * p * ((c - a) - Lv[:, None] + Lz[:, None] - kl[:, None])
-                    gv = gk[:, None] * (gam_v * ikv[:, None] - cv[:, None] * uv)
-                    if HAS_ZP:
-                        gv = gv * (1.0 - rho)
-                    gv = _finish(gv, ignored, bad)
-                    tl.store(gv_rows + offs, gv.to(gv_ptr.dtype.element_ty),
-                             mask=_tmask(inb, tok2, MB))
+        use_x, ex, c_end = _x_plan(kl1, dbar, la, lc, tok, C, NEED_GZ, NEED_GV)
+        xs = zt
+        for start in range(0, c_end, BLOCK):
+            offs = start + cols
+            inb = offs < C
+            mask = offs < lim
+            z = _load_row(z_row, offs, mask, ACC)
+            v = _load_teachers(v_rows, zp_row, offs, _tmask(mask, tok2, MB), mask, rho, HAS_ZP,
+                               ACC)
+            uz = tl.where(mask, z - mz[:, None], 0.0)
+            uv = tl.where(mask, v - mv[:, None], 0.0)
+            da = uz * (ikz * its)[:, None] - mas[:, None]
+            dc = uv * (ikv * its)[:, None] - mcs[:, None]
+            q = tl.where(mask, tl.exp(da - la[:, None]), 0.0)
+            p = tl.where(mask, tl.exp(dc - lc[:, None]), 0.0)
+            u = (dc - da) - dbar[:, None]
+            xs += tl.sum(_phi_term(p, u, q * ex[:, None], ACC), 1)
+            if NEED_GZ:
+                gam = ts * (q - p)
+                gz = _tsum(gk[:, None] * (gam * ikz[:, None] - cz[:, None] * uz), tok2, MB)
+                if HAS_CE:
+                    gz += gc * (tl.exp((z - m1s[:, None]) - l1[:, None]) - (offs == y).to(ACC))
+                gz = _finish(gz, ignored, bad)
+                tl.store(gz_ptr + row * stride_gz + offs, gz.to(gz_ptr.dtype.element_ty), mask=inb)
+            if NEED_GV:
+                gam_v = ts * tl.where(p > 0.0, p * u, 0.0)
+                gv = gk[:, None] * (gam_v * ikv[:, None] - cv[:, None] * uv)
+                if HAS_ZP:
+                    gv = gv * (1.0 - rho)
+                gv = _finish(gv, ignored, bad)
+                tl.store(gv_rows + offs, gv.to(gv_ptr.dtype.element_ty),
+                         mask=_tmask(inb, tok2, MB))
+        D = ts * ts * tl.where(use_x, _log1p(xs), kl1)
 
     else:
-        # ---- KL, DKD, JSD: pass 1 = online lse of a = z/Ts and c = v/Tt (DKD: over j != y), W ----
+        # ---- KL, DKD, JSD: pass 1 = online lse of a = z/Ts and c = v/Tt (DKD: over j != y), and
+        # for KL / DKD W = sum exp(c - m_c) d, d_j = (c_j - m_c) - (a_j - m_a) relative to the running
+        # maxima, corrected when they move (reverse: weights exp(a - m_a), d^r = -d) ----
         for start in range(0, C, BLOCK):
             offs = start + cols
             mask = offs < lim
@@ -385,220 +559,292 @@ def _distill_kernel(
                 nt = offs != y
                 a = tl.where(nt, a, NEG_INF)
                 c = tl.where(nt, c, NEG_INF)
+            s_a0 = s_a
+            s_c0 = s_c
+            mas0 = _safe(m_a)
+            mcs0 = _safe(m_c)
+            if KIND == KIND_JSD:
+                # the teacher's value at the student's argmax and vice versa (ties: the largest):
+                # they decide which representation of log q - log m pass 2 / 3 use (below)
+                bma = tl.max(a, 1)
+                bmc = tl.max(c, 1)
+                cat = tl.max(tl.where(a == bma[:, None], c, NEG_INF), 1)
+                aat = tl.max(tl.where(c == bmc[:, None], a, NEG_INF), 1)
+                c_ref = tl.where(bma > m_a, cat, tl.where(bma == m_a, tl.maximum(c_ref, cat), c_ref))
+                a_ref = tl.where(bmc > m_c, aat, tl.where(bmc == m_c, tl.maximum(a_ref, aat), a_ref))
             m_a, s_a, r_a, e_a = _lse_rows(m_a, s_a, a)
             m_c, s_c, r_c, e_c = _lse_rows(m_c, s_c, c)
             if KIND != KIND_JSD:
+                mas = _safe(m_a)
+                mcs = _safe(m_c)
+                dd = (c - mcs[:, None]) - (a - mas[:, None])
+                shift = (mcs - mcs0) - (mas - mas0)   # d_new = d_old - shift
                 if REVERSE:
                     # per teacher, rescaled with the student's running max
-                    w = w * r_a + tl.sum(tl.where(e_a > 0.0, e_a * (a - c), 0.0), 1)
+                    w = r_a * (w + tl.where(s_a0 > 0.0, s_a0 * shift, 0.0)) \
+                        - tl.sum(tl.where(e_a > 0.0, e_a * dd, 0.0), 1)
                 else:
-                    w = w * r_c + tl.sum(tl.where(e_c > 0.0, e_c * (c - a), 0.0), 1)
+                    w = r_c * (w - tl.where(s_c0 > 0.0, s_c0 * shift, 0.0)) \
+                        + tl.sum(tl.where(e_c > 0.0, e_c * dd, 0.0), 1)
             if HAS_CE and not CE_SHARED:
                 m_1, s_1, _r1, _e1 = _lse_rows(m_1, s_1, z)
             if WTTM:
                 m_u, s_u, _ru, _eu = _lse_rows(m_u, s_u, v)
-        Lz = m_a + tl.log(s_a)
-        Lv = m_c + tl.log(s_c)
-        if HAS_CE and not CE_SHARED:
-            L1 = m_1 + tl.log(s_1)
+        # maxima and log-sums kept apart (never lse = m + l as one float): log q_j = (a_j - m_a) - la
+        mas = _safe(m_a)
+        mcs = _safe(m_c)
+        la = tl.log(s_a)
+        lc = tl.log(s_c)
+        m1s = _safe(m_1)
+        l1 = tl.log(s_1)
+        if CE_SHARED:
+            m1s = mas
+            l1 = la
 
         if KIND == KIND_KL:
-            # KL = sum p (c - a) - Lv + Lz = W / S_v - Lv + Lz   (reverse: W / S_a - Lz + Lv)
+            # dbar = W / S_v = sum p d; KL1 = dbar - (lc - la) (reverse: W / S_a, dbar - (la - lc))
             if REVERSE:
-                kl = w / s_a - Lz + Lv
+                dbar = w / s_a
+                kl1 = dbar - (la - lc)
             else:
-                kl = w / s_c - Lv + Lz
+                dbar = w / s_c
+                kl1 = dbar - (lc - la)
             if WTTM:
-                sf = tl.exp(Lv - (m_u + tl.log(s_u)) * itt)  # U = exp(lse(v/T) - lse(v)/T), no grad
+                # U = exp(lse(v/T) - lse(v)/T) = exp((m_c - m_u/T) + (lc - lu/T)), no gradient
+                sf = tl.exp((mcs - _safe(m_u) * itt) + (lc - tl.log(s_u) * itt))
             else:
                 sf = scale
-            D = sf * kl
             if HAS_CE:
-                if CE_SHARED:
-                    L1 = Lz
-                ce = L1 - tl.load(z_row + y, mask=live, other=0.0).to(ACC)
-            if NEED_GZ or NEED_GV:
-                # per teacher: kd_w[m] * s_m / Ts (s_m = U_m for wttm), and / Tt for the teacher
-                cz = (gk * sf * its)[:, None]
-                cv = (gk * sf * itt)[:, None]
-                if HAS_ZP:
-                    cv = cv * (1.0 - rho)
-                for start in range(0, C, BLOCK):
-                    offs = start + cols
-                    inb = offs < C
-                    mask = offs < lim
-                    z = _load_row(z_row, offs, mask, ACC)
-                    v = _load_teachers(v_rows, zp_row, offs, _tmask(mask, tok2, MB), mask, rho,
-                                       HAS_ZP, ACC)
-                    logq = z * its - Lz[:, None]
-                    logp = v * itt - Lv[:, None]
-                    q = tl.exp(logq)
-                    p = tl.exp(logp)
-                    if NEED_GZ:
-                        if REVERSE:
-                            # dD/dz_j = (s/Ts) q_j (log q_j - log p_j - KL)
-                            # multi: sum_m kd_w[m] (s/Ts) q_j (log q_j - log p_mj - KL_m)
-                            gz = _tsum(cz * tl.where(q > 0.0, q * (logq - logp - kl[:, None]), 0.0),
-                                       tok2, MB)
+                ce = (m1s - tl.load(z_row + y, mask=live, other=0.0).to(ACC)) + l1
+            # per teacher: kd_w[m] * s_m / Ts (s_m = U_m for wttm), and / Tt for the teacher
+            cz = (gk * sf * its)[:, None]
+            cv = (gk * sf * itt)[:, None]
+            if HAS_ZP:
+                cv = cv * (1.0 - rho)
+            use_x, ex, c_end = _x_plan(kl1, dbar, la, lc, tok, C, NEED_GZ, NEED_GV)
+            xs = zt
+            for start in range(0, c_end, BLOCK):
+                offs = start + cols
+                inb = offs < C
+                mask = offs < lim
+                z = _load_row(z_row, offs, mask, ACC)
+                v = _load_teachers(v_rows, zp_row, offs, _tmask(mask, tok2, MB), mask, rho,
+                                   HAS_ZP, ACC)
+                da = z * its - mas[:, None]
+                dc = v * itt - mcs[:, None]
+                q = tl.exp(da - la[:, None])
+                p = tl.exp(dc - lc[:, None])
+                # u_j = d_j - dbar = log p_j - log q_j - KL (reverse: log q_j - log p_j - KL);
+                # X = sum p phi(-u) (reverse: sum q phi(-u)), p_j e^{-u_j} = q_j e^KL
+                if REVERSE:
+                    u = (da - dc) - dbar[:, None]
+                    xs += tl.sum(_phi_term(q, u, p * ex[:, None], ACC), 1)
+                else:
+                    u = (dc - da) - dbar[:, None]
+                    xs += tl.sum(_phi_term(p, u, q * ex[:, None], ACC), 1)
+                if NEED_GZ:
+                    if REVERSE:
+                        # dD/dz_j = (s/Ts) q_j u_j;  multi: sum_m kd_w[m] (s/Ts) q_j u_mj
+                        gz = _tsum(cz * tl.where(q > 0.0, q * u, 0.0), tok2, MB)
+                    else:
+                        # dD/dz_j = (s/Ts) (q_j - p_j);  multi: sum_m kd_w[m] (s_m/Ts) (q_j - p_mj)
+                        gz = _tsum(cz * (q - p), tok2, MB)
+                    if HAS_CE:
+                        # dCE/dz_j = softmax(z)_j - [j = y]
+                        if CE_SHARED:
+                            q1 = q
                         else:
-                            # dD/dz_j = (s/Ts) (q_j - p_j);  multi: sum_m kd_w[m] (s_m/Ts) (q_j - p_mj)
-                            gz = _tsum(cz * (q - p), tok2, MB)
-                        if HAS_CE:
-                            # dCE/dz_j = softmax(z)_j - [j = y]
-                            if CE_SHARED:
-                                q1 = q
-                            else:
-                                q1 = tl.exp(z - L1[:, None])
-                            gz += gc * (q1 - (offs == y).to(ACC))
-                        gz = _finish(gz, ignored, bad)
-                        tl.store(gz_ptr + row * stride_gz + offs, gz.to(gz_ptr.dtype.element_ty), mask=inb)
-                    if NEED_GV:
-                        if REVERSE:
-                            # dD/dv_j = (s/Tt) (p_j - q_j)
-                            gv = cv * (p - q)
-                        else:
-                            # dD/dv_j = (s/Tt) p_j (log p_j - log q_j - KL), 0 where p_j = 0
-                            gv = cv * tl.where(p > 0.0, p * (logp - logq - kl[:, None]), 0.0)
-                        gv = _finish(gv, ignored, bad)
-                        tl.store(gv_rows + offs, gv.to(gv_ptr.dtype.element_ty),
-                                 mask=_tmask(inb, tok2, MB))
+                            q1 = tl.exp((z - m1s[:, None]) - l1[:, None])
+                        gz += gc * (q1 - (offs == y).to(ACC))
+                    gz = _finish(gz, ignored, bad)
+                    tl.store(gz_ptr + row * stride_gz + offs, gz.to(gz_ptr.dtype.element_ty), mask=inb)
+                if NEED_GV:
+                    if REVERSE:
+                        # dD/dv_j = (s/Tt) (p_j - q_j)
+                        gv = cv * (p - q)
+                    else:
+                        # dD/dv_j = (s/Tt) p_j u_j, 0 where p_j = 0
+                        gv = cv * tl.where(p > 0.0, p * u, 0.0)
+                    gv = _finish(gv, ignored, bad)
+                    tl.store(gv_rows + offs, gv.to(gv_ptr.dtype.element_ty),
+                             mask=_tmask(inb, tok2, MB))
+            D = sf * tl.where(use_x, _log1p(xs), kl1)
 
         elif KIND == KIND_DKD:
-            # Lz\y, Lv\y from pass 1; the full lse by adding the target term (no log(1 - q_y)).
+            # Pass 1 gave the non-target statistics (m, l over j != y) and W over j != y: NCKD is the
+            # KL kind over j != y. The target: t_p = logit p_y = log p_y - log(1 - p_y)
+            # = (c_y - m_c) - lc, t_q likewise; p_y, 1 - p_y as sigmoids of t_p (no cancellation).
             # Student quantities (1,), teacher quantities (MB,): TCKD_m, NCKD_m, G_m per teacher.
-            Lzn = Lz
-            Lvn = Lv
             zy = tl.load(z_row + y, mask=live, other=0.0).to(ACC)
             ay = zy * its
             cy = _load_teachers(v_base, zp_row, y, tm < lim_m, live, rho, HAS_ZP, ACC) * itt
-            mz_ = tl.maximum(Lzn, ay)
-            Lzf = mz_ + tl.log(tl.exp(Lzn - mz_) + tl.exp(ay - mz_))
-            mv_ = tl.maximum(Lvn, cy)
-            Lvf = mv_ + tl.log(tl.exp(Lvn - mv_) + tl.exp(cy - mv_))
-            logqy = ay - Lzf
-            log1mq = Lzn - Lzf
-            logpy = cy - Lvf
-            log1mp = Lvn - Lvf
-            qy = tl.exp(logqy)
-            py = tl.exp(logpy)
-            omp = tl.exp(log1mp)  # 1 - p_y without cancellation
-            # TCKD = p_y (log p_y - log q_y) + (1 - p_y)(log(1 - p_y) - log(1 - q_y))
-            tckd = tl.where(py > 0.0, py * (logpy - logqy), 0.0) \
-                + tl.where(omp > 0.0, omp * (log1mp - log1mq), 0.0)
-            # NCKD = sum_{j != y} p^_j (log p^_j - log q^_j) = W / S_v\y - Lv\y + Lz\y
-            nckd = w / s_c - Lvn + Lzn
-            D = ts * ts * (alpha * tckd + beta * nckd)
+            tp = (cy - mcs) - lc
+            tq = (ay - mas) - la
+            G = tp - tq          # log(p_y/q_y) - log((1-p_y)/(1-q_y))
+            sp_p = _softplus(tp)     # -log(1 - p_y)
+            sp_np = _softplus(-tp)   # -log p_y
+            sp_q = _softplus(tq)
+            sp_nq = _softplus(-tq)
+            py = tl.exp(-sp_np)
+            omp = tl.exp(-sp_p)      # 1 - p_y
+            qy = tl.exp(-sp_nq)
+            omq = tl.exp(-sp_q)
+            # TCKD = tbar = p_y r + (1-p_y) s, r = log p_y - log q_y, s = log(1-p_y) - log(1-q_y);
+            # accurately log1p(p_y phi(-(r - tbar)) + (1-p_y) phi(-(s - tbar))), r - tbar = (1-p_y) G,
+            # s - tbar = -p_y G, p_y e^{-(r - tbar)} = q_y e^tbar (when tbar <= 1, as for KL)
+            tbar = py * (sp_nq - sp_np) + omp * (sp_q - sp_p)
+            et = tl.exp(tl.minimum(tbar, 1.0))
+            ty = _phi_term(py, omp * G, qy * et, ACC) + _phi_term(omp, -(py * G), omq * et, ACC)
+            tckd = tl.where(tbar <= 1.0, _log1p(ty), tbar)
+            dbar = w / s_c
+            kl1 = dbar - (lc - la)   # NCKD, one pass
             if HAS_CE:
                 if CE_SHARED:
-                    L1 = Lzf
-                ce = L1 - zy
-            # G = log(p_y/q_y) - log((1-p_y)/(1-q_y)); G p_y (1 - p_y) -> 0 as p_y -> 0 or 1
-            G = (logpy - logqy) - (log1mp - log1mq)
+                    ce = sp_nq       # -log q_y
+                else:
+                    ce = (m1s - zy) + l1
+            # G p_y (1 - p_y) -> 0 as p_y -> 0 or 1
             Gp = tl.where((py > 0.0) & (omp > 0.0), alpha * G * py, 0.0)
-            if NEED_GZ or NEED_GV:
-                gkt = (gk * ts)[:, None]
-                gty = (alpha * (qy - py))[:, None]    # per teacher: alpha (q_y - p_my)
-                gtn = (alpha * (py - qy))[:, None]
-                tcv = (Gp * omp)[:, None]
-                for start in range(0, C, BLOCK):
-                    offs = start + cols
-                    inb = offs < C
-                    mask = offs < lim
-                    z = _load_row(z_row, offs, mask, ACC)
-                    v = _load_teachers(v_rows, zp_row, offs, _tmask(mask, tok2, MB), mask, rho,
-                                       HAS_ZP, ACC)
-                    tgt = offs == y
-                    a = z * its
-                    c = v * itt
-                    logqh = a - Lzn[:, None]
-                    logph = c - Lvn[:, None]
-                    qh = tl.where(tgt, 0.0, tl.exp(logqh))
-                    ph = tl.where(tgt, 0.0, tl.exp(logph))
-                    if NEED_GZ:
-                        # j = y : dD/dz_j = T alpha (q_y - p_y)
-                        # j != y: dD/dz_j = T (alpha (q_j - (1 - p_y) q^_j) + beta (q^_j - p^_j))
-                        #                 = T (alpha (p_y - q_y) q^_j + beta (q^_j - p^_j))   (q_j = (1-q_y) q^_j)
-                        # multi: sum_m kd_w[m] T (...)_m, p_y, p^ of teacher m
-                        gkd = tl.where(tgt, gty, gtn * qh + beta * (qh - ph))
-                        gz = _tsum(gkt * gkd, tok2, MB)
-                        if HAS_CE:
-                            if CE_SHARED:
-                                q1 = tl.exp(a - Lzf[:, None])
-                            else:
-                                q1 = tl.exp(z - L1[:, None])
-                            gz += gc * (q1 - tgt.to(ACC))
-                        gz = _finish(gz, ignored, bad)
-                        tl.store(gz_ptr + row * stride_gz + offs, gz.to(gz_ptr.dtype.element_ty), mask=inb)
-                    if NEED_GV:
-                        # dD/dv_j = T alpha G p_y ([j = y] - p_j) + T beta [j != y] p^_j (log p^_j - log q^_j - NCKD)
-                        # with p_j = (1 - p_y) p^_j (j != y), 1 - p_y at j = y
-                        tc = tl.where(tgt, tcv, -tcv * ph)
-                        nc = tl.where(ph > 0.0, ph * (logph - logqh - nckd[:, None]), 0.0)
-                        gv = gkt * (tc + beta * nc)
-                        if HAS_ZP:
-                            gv = gv * (1.0 - rho)
-                        gv = _finish(gv, ignored, bad)
-                        tl.store(gv_rows + offs, gv.to(gv_ptr.dtype.element_ty),
-                                 mask=_tmask(inb, tok2, MB))
+            # q_y - p_y from the smaller pair (p_y, q_y or their complements)
+            dqp = tl.where(py + qy > 1.0, omp - omq, qy - py)
+            gkt = (gk * ts)[:, None]
+            gty = (alpha * dqp)[:, None]    # per teacher: alpha (q_y - p_my)
+            gtn = -gty
+            tcv = (Gp * omp)[:, None]
+            use_x, ex, c_end = _x_plan(kl1, dbar, la, lc, tok, C, NEED_GZ, NEED_GV)
+            xs = zt
+            for start in range(0, c_end, BLOCK):
+                offs = start + cols
+                inb = offs < C
+                mask = offs < lim
+                z = _load_row(z_row, offs, mask, ACC)
+                v = _load_teachers(v_rows, zp_row, offs, _tmask(mask, tok2, MB), mask, rho,
+                                   HAS_ZP, ACC)
+                tgt = offs == y
+                da = z * its - mas[:, None]
+                dc = v * itt - mcs[:, None]
+                qh = tl.where(tgt, 0.0, tl.exp(da - la[:, None]))
+                ph = tl.where(tgt, 0.0, tl.exp(dc - lc[:, None]))
+                u = (dc - da) - dbar[:, None]     # NCKD's u over j != y (target lane: p^ = q^ = 0)
+                xs += tl.sum(_phi_term(ph, u, qh * ex[:, None], ACC), 1)
+                if NEED_GZ:
+                    # j = y : dD/dz_j = T alpha (q_y - p_y)
+                    # j != y: dD/dz_j = T (alpha (q_j - (1 - p_y) q^_j) + beta (q^_j - p^_j))
+                    #                 = T (alpha (p_y - q_y) q^_j + beta (q^_j - p^_j))   (q_j = (1-q_y) q^_j)
+                    # multi: sum_m kd_w[m] T (...)_m, p_y, p^ of teacher m
+                    gkd = tl.where(tgt, gty, gtn * qh + beta * (qh - ph))
+                    gz = _tsum(gkt * gkd, tok2, MB)
+                    if HAS_CE:
+                        if CE_SHARED:
+                            q1 = tl.where(tgt, qy[:, None], omq[:, None] * qh)
+                        else:
+                            q1 = tl.exp((z - m1s[:, None]) - l1[:, None])
+                        gz += gc * (q1 - tgt.to(ACC))
+                    gz = _finish(gz, ignored, bad)
+                    tl.store(gz_ptr + row * stride_gz + offs, gz.to(gz_ptr.dtype.element_ty), mask=inb)
+                if NEED_GV:
+                    # dD/dv_j = T alpha G p_y ([j = y] - p_j) + T beta [j != y] p^_j u_j
+                    # with p_j = (1 - p_y) p^_j (j != y), 1 - p_y at j = y
+                    tc = tl.where(tgt, tcv, -tcv * ph)
+                    nc = tl.where(ph > 0.0, ph * u, 0.0)
+                    gv = gkt * (tc + beta * nc)
+                    if HAS_ZP:
+                        gv = gv * (1.0 - rho)
+                    gv = _finish(gv, ignored, bad)
+                    tl.store(gv_rows + offs, gv.to(gv_ptr.dtype.element_ty),
+                             mask=_tmask(inb, tok2, MB))
+            nckd = tl.where(use_x, _log1p(xs), kl1)
+            D = ts * ts * (alpha * tckd + beta * nckd)
 
         else:  # KIND_JSD, T = ts = tt, 0 < beta < 1
-            # pass 2: KLp = KL(p || m), KLq = KL(q || m), m = beta p + (1 - beta) q
-            # (per teacher: m_m = beta p_m + (1 - beta) q, so KLq_m depends on the teacher too)
-            klp = zt
-            klq = zt
+            # Log space (docs/kernel-math.md, JSD): eps_j = log p_j - log q_j, delta_j = eps_j +
+            # log(beta/(1-beta)), hq_j = log q_j - log m_j = -log(1-beta) - sp(delta_j),
+            # hp_j = log p_j - log m_j = -log(beta) - sp(-delta_j) = hq_j + eps_j (``_jsd_eps``,
+            # ``_jsd_q``, ``_jsd_p``: each accurate; no log of an underflowed m_j). Loss: sums of
+            # nonnegative terms (``_jsd_loss_terms``),
+            # KLq = sum q phi(-hq), KLp = sum p phi(-hp) (q e^{-hq} = p e^{-hp} = m; a q_j that
+            # underflowed to 0 adds m_j: sum m = 1 is what makes the identity hold).
+            # Gradient factors hq_j - KLq = Bq - sq_j, sq_j = R - hq_j, Bq = sum q sq (any per-row
+            # constant R): R = -log(1-beta) (sq = sp(delta), Bq = Aq of the design: saturated rows,
+            # where hq ~ -log(1-beta) at the student's argmax) or R = 0 (sq = -hq: rows where
+            # hq ~ 0 there, e.g. near-equal rows), chosen from the teacher's value at the student's
+            # argmax (pass 1) so that sq is small where q is large. Teacher alike (p, hp, argmax of
+            # the teacher). Per teacher: m_m = beta p_m + (1 - beta) q, every statistic per teacher.
+            nlb = -tl.log(beta)
+            nl1b = -tl.log(1.0 - beta)
+            lbr = nl1b - nlb                  # log(beta / (1 - beta))
+            lcla = lc - la                    # eps_j = (dc_j - da_j) - lcla
+            fq = _softplus(((c_ref - mcs) - lcla) + lbr) < 0.5 * nl1b
+            fp = _softplus(((a_ref - mas) + lcla) - lbr) < 0.5 * nlb
+            bq = zt
+            bp = zt
+            jl = zt
             for start in range(0, C, BLOCK):
                 offs = start + cols
                 mask = offs < lim
                 z = _load_row(z_row, offs, mask, ACC)
                 v = _load_teachers(v_rows, zp_row, offs, _tmask(mask, tok2, MB), mask, rho, HAS_ZP, ACC)
-                logq = z * its - Lz[:, None]
-                logp = v * itt - Lv[:, None]
-                q = tl.exp(logq)
-                p = tl.exp(logp)
-                logm = tl.log(beta * p + (1.0 - beta) * q)
-                klp += tl.sum(tl.where(p > 0.0, p * (logp - logm), 0.0), 1)
-                klq += tl.sum(tl.where(q > 0.0, q * (logq - logm), 0.0), 1)
-            D = beta * klp + (1.0 - beta) * klq
+                da = z * its - mas[:, None]
+                dc = v * itt - mcs[:, None]
+                ep, lx = _jsd_eps(da, dc, lcla, lbr, beta, ACC)
+                q = tl.exp(da - la[:, None])
+                p = tl.exp(dc - lc[:, None])
+                hq, sq = _jsd_q(ep, lx, lbr, nl1b, fq)
+                hp, sp = _jsd_p(ep, lx, lbr, nlb, fp)
+                if NEED_GZ or NEED_GV:
+                    if NEED_GZ:
+                        bq += tl.sum(tl.where(q > 0.0, q * sq, 0.0), 1)
+                    if NEED_GV:
+                        bp += tl.sum(tl.where(p > 0.0, p * sp, 0.0), 1)
+                else:
+                    # forward only: the loss here (with gradients: in the gradient sweep, where
+                    # the per-element work of both passes does not have to share registers)
+                    jl += tl.sum(_jsd_loss_terms(p, q, hp, hq, beta, ACC), 1)
             if HAS_CE:
-                if CE_SHARED:
-                    L1 = Lz
-                ce = L1 - tl.load(z_row + y, mask=live, other=0.0).to(ACC)
+                ce = (m1s - tl.load(z_row + y, mask=live, other=0.0).to(ACC)) + l1
             if NEED_GZ or NEED_GV:
                 cz = (gk * its * (1.0 - beta))[:, None]
                 cv = (gk * itt * beta)[:, None]
                 if HAS_ZP:
                     cv = cv * (1.0 - rho)
-                for start in range(0, C, BLOCK):
-                    offs = start + cols
+                # half blocks: the per-element work of the loss and both gradients at BLOCK columns
+                # does not fit the register budget (python -m kdfast.inspect: spills at 8192, 16
+                # warps); one reduction per half block, the rest streams
+                cols_h = tl.arange(0, BLOCK // 2)[None, :]
+                for start in range(0, C, BLOCK // 2):
+                    offs = start + cols_h
                     inb = offs < C
                     mask = offs < lim
                     z = _load_row(z_row, offs, mask, ACC)
                     v = _load_teachers(v_rows, zp_row, offs, _tmask(mask, tok2, MB), mask, rho,
                                        HAS_ZP, ACC)
-                    logq = z * its - Lz[:, None]
-                    logp = v * itt - Lv[:, None]
-                    q = tl.exp(logq)
-                    p = tl.exp(logp)
-                    logm = tl.log(beta * p + (1.0 - beta) * q)
+                    da = z * its - mas[:, None]
+                    dc = v * itt - mcs[:, None]
+                    ep, lx = _jsd_eps(da, dc, lcla, lbr, beta, ACC)
+                    q = tl.exp(da - la[:, None])
+                    p = tl.exp(dc - lc[:, None])
+                    hq, sq = _jsd_q(ep, lx, lbr, nl1b, fq)
+                    hp, sp = _jsd_p(ep, lx, lbr, nlb, fp)
+                    jl += tl.sum(_jsd_loss_terms(p, q, hp, hq, beta, ACC), 1)
                     if NEED_GZ:
-                        # dD/dz_j = (1/T)(1 - beta) q_j (log q_j - log m_j - KLq)
-                        # multi: sum_m kd_w[m] (1/T)(1 - beta) q_j (log q_j - log m_mj - KLq_m)
-                        gz = _tsum(cz * tl.where(q > 0.0, q * (logq - logm - klq[:, None]), 0.0),
-                                   tok2, MB)
+                        # dD/dz_j = (1/T)(1 - beta) q_j (hq_j - KLq) = (1/T)(1 - beta) q_j (Bq - sq_j)
+                        # multi: sum_m kd_w[m] (1/T)(1 - beta) q_j (Bq_m - sq_mj)
+                        gz = _tsum(cz * tl.where(q > 0.0, q * (bq[:, None] - sq), 0.0), tok2, MB)
                         if HAS_CE:
                             if CE_SHARED:
                                 q1 = q
                             else:
-                                q1 = tl.exp(z - L1[:, None])
+                                q1 = tl.exp((z - m1s[:, None]) - l1[:, None])
                             gz += gc * (q1 - (offs == y).to(ACC))
                         gz = _finish(gz, ignored, bad)
                         tl.store(gz_ptr + row * stride_gz + offs, gz.to(gz_ptr.dtype.element_ty), mask=inb)
                     if NEED_GV:
-                        # dD/dv_j = (1/T) beta p_j (log p_j - log m_j - KLp)
-                        gv = cv * tl.where(p > 0.0, p * (logp - logm - klp[:, None]), 0.0)
+                        # dD/dv_j = (1/T) beta p_j (hp_j - KLp) = (1/T) beta p_j (Bp - sp_j)
+                        gv = cv * tl.where(p > 0.0, p * (bp[:, None] - sp), 0.0)
                         gv = _finish(gv, ignored, bad)
                         tl.store(gv_rows + offs, gv.to(gv_ptr.dtype.element_ty),
                                  mask=_tmask(inb, tok2, MB))
+            D = jl
 
     # D_m unweighted per teacher (d_out is (M, N)); CE once
     if MB == 1:

@@ -8,7 +8,7 @@ barrier, the k teacher columns (and the label's) are rewritten with their full v
 import triton
 import triton.language as tl
 
-from .kernel import NEG_INF, _finish, _load_row, _lse_update
+from .kernel import NEG_INF, _finish, _load_row, _lse_update, _safe
 
 
 @triton.jit
@@ -67,15 +67,19 @@ def _topk_kernel(
         m_a, s_a, _r, _e = _lse_update(m_a, s_a, x * iT)
         if HAS_CE and not CE_SHARED:
             m_1, s_1, _r1, _e1 = _lse_update(m_1, s_1, x)
-    Lz = m_a + tl.log(s_a)
+    # maxima and log-sums kept apart (docs/kernel-math.md): log q_j = (a_j - m_a) - la, never
+    # a_j - lse with lse = m_a + la rounded as one float (its error grows with the logits' offset)
+    mas = _safe(m_a)
+    la = tl.log(s_a)
+    m1s = mas
+    l1 = la
     if HAS_CE:
-        L1 = Lz
         if not CE_SHARED:
-            L1 = m_1 + tl.log(s_1)
+            m1s = _safe(m_1)
+            l1 = tl.log(s_1)
         zy = tl.load(z_row + y, mask=live, other=0.0).to(ACC)
-        ce = L1 - zy
+        ce = (m1s - zy) + l1
     else:
-        L1 = Lz
         zy = zero
         ce = zero
 
@@ -93,9 +97,9 @@ def _topk_kernel(
     p = tl.exp(logp)
     zk = tl.load(z_row + ix, mask=kmask, other=0.0).to(ACC)
     Pm = tl.sum(p, 0)
-    # D = s sum_k p_k (log p_k - a_{i_k} + Lz); terms with p_k = 0 are 0
-    S = tl.sum(tl.where(p > 0, p * (logp - zk * iT), 0.0), 0)
-    D = s * (S + Pm * Lz)
+    # D = s sum_k p_k (log p_k - log q_{i_k}), log q_{i_k} = (a_{i_k} - m_a) - la; p_k = 0 adds 0
+    logqk = (zk * iT - mas) - la
+    D = s * tl.sum(tl.where(p > 0, p * (logp - logqk), 0.0), 0)
 
     g = tl.load(gs_ptr).to(ACC)
     gk = g * tl.load(kdw_ptr + row).to(ACC)
@@ -109,22 +113,22 @@ def _topk_kernel(
             offs = start + cols
             inb = offs < C
             x = _load_row(z_row, offs, offs < lim, ACC)
-            q = tl.exp(x * iT - Lz)
+            q = tl.exp((x * iT - mas) - la)
             gz = cq * q
             if HAS_CE:
                 if CE_SHARED:
                     gz += gc * q
                 else:
-                    gz += gc * tl.exp(x - L1)
+                    gz += gc * tl.exp((x - m1s) - l1)
             gz = _finish(gz, ignored, bad)
             tl.store(gz_row + offs, gz.to(gz_ptr.dtype.element_ty), mask=inb)
         tl.debug_barrier()   # the dense stores above before the rewrites of single columns below
-        gzk = cq * tl.exp(zk * iT - Lz) - cp * p
+        gzk = cq * tl.exp(logqk) - cp * p
         if HAS_CE:
-            gzk += gc * tl.exp(zk - L1)
+            gzk += gc * tl.exp((zk - m1s) - l1)
             # the label column: its dense value, -g_ce, and the teacher's term if y is a top-k class
             py = tl.sum(tl.where(kmask & (ix == y), p, 0.0), 0)
-            gy = cq * tl.exp(zy * iT - Lz) + gc * (tl.exp(zy - L1) - 1.0) - cp * py
+            gy = cq * tl.exp((zy * iT - mas) - la) + gc * (tl.exp((zy - m1s) - l1) - 1.0) - cp * py
             tl.store(gz_row + y, gy.to(gz_ptr.dtype.element_ty), mask=live)
             kmask = kmask & (ix != y)   # written above: one store per address
         tl.store(gz_row + ix, gzk.to(gz_ptr.dtype.element_ty), mask=kmask)
