@@ -152,8 +152,14 @@ struct InvT {
   A hi, lo;
   explicit InvT(double T) : hi(A(1.0 / T)), lo(A(1.0 / T - double(A(1.0 / T)))) {}
 };
+// (-inf stays -inf: the lo term takes max(x, lowest), so -inf * lo never makes a NaN; lo = 0 is one multiply)
 template <class A>
-KD_INLINE Vec<A> vscale(const Vec<A>& x, const InvT<A>& it) { return vec::fmadd(x, Vec<A>(it.hi), x * Vec<A>(it.lo)); }
+inline Vec<A> finite_floor(const Vec<A>& x);
+template <class A>
+KD_INLINE Vec<A> vscale(const Vec<A>& x, const InvT<A>& it) {
+  if (it.lo == A(0)) return x * Vec<A>(it.hi);
+  return vec::fmadd(x, Vec<A>(it.hi), finite_floor(x) * Vec<A>(it.lo));
+}
 
 // max(x, lowest): maps -inf to the most negative finite number so that 0 * (x - y) stays 0 where the
 // probability is 0 (guards 0 * inf without a blend); NaN propagates.
@@ -528,7 +534,9 @@ inline double at_label(const T* p, int64_t y) { return y >= 0 ? static_cast<doub
 // instead differs from the lane's by up to an ulp of the logit: at |z/T| ~ 10^3 that is 6e-5 of a
 // probability, against an exact 0 at the row max.)
 template <class A>
-inline double scaled(double x, const InvT<A>& it) { return double(A(std::fma(A(x), it.hi, A(x) * it.lo))); }
+inline double scaled(double x, const InvT<A>& it) {
+  return it.lo == A(0) ? double(A(A(x) * it.hi)) : double(A(std::fma(A(x), it.hi, A(x) * it.lo)));
+}
 template <class A, class TZ, class TV>
 inline double mixed(const Row<TZ, TV>& r, int t, int64_t y) {
   A v = A(r.v[t][y]);
