@@ -539,7 +539,12 @@ RowOut row_jsd(const KernelArgs& P, const Row<TZ, TV>& r, const RowInfo& ri) {
   // are differences of small accurate terms in saturated rows (no -log(1 - beta) to cancel).
   // A zero probability (log floored to `lowest`) gives delta = -+huge: its sp terms are 0 or huge, times 0.
   const A lb = A(std::log(beta) - std::log1p(-beta));
-  LongSum<A> SP[kCap<MT>], SQ[kCap<MT>];
+  LongSum<A> SP[kCap<MT>], SQ[kCap<MT>], DD[kCap<MT>];
+  // The loss from nonnegative terms (docs/kernel-math.md, rule 3): with sum_j q_j e^{-hq_j} = sum_j m_j = 1,
+  // KL(q || m) = sum_j q_j phi(-hq_j) (phi_term: the series for |hq| <= 1, else m_j - q_j + q_j hq_j),
+  // likewise KL(p || m); beta KL(p || m) + (1 - beta) KL(q || m) summed per element, so that neither
+  // -log(1 - beta) nor the entropy of beta cancels against the sums in a small loss.
+  const A Ab = A(beta), A1b = A(1.0 - beta), nlb = A(-std::log(beta)), nl1b = A(-std::log1p(-beta));
   // (the student's values are computed with teacher 0, in the same loop: with one teacher this is
   // one fused loop per vector; q, log q and H are kept for the other teachers)
   sweep<A>(r, -1, false, [&](auto, Block<A>& b, int64_t j0, const auto& io) {
@@ -566,12 +571,16 @@ RowOut row_jsd(const KernelArgs& P, const Row<TZ, TV>& r, const RowInfo& ri) {
         hp[k] = Vec<A>(A(0)) - spn;
         kp = vec::fmadd(p[k], spn, kp);
         kq = vec::fmadd(q[k], spd, kq);
+        const Vec<A> m = vec::fmadd(p[k], Vec<A>(Ab), q[k] * Vec<A>(A1b)), one(A(1));
+        DD[t].add(vec::fmadd(phi_term(p[k], Vec<A>(nlb) - spn, m, one), Vec<A>(Ab),
+                             phi_term(q[k], Vec<A>(nl1b) - spd, m, one) * Vec<A>(A1b)));
         H[k] = t == 0 ? spd * Vec<A>(-cz[t]) : vec::fnmadd(spd, Vec<A>(cz[t]), H[k]);
       }
       SP[t].part = kp;
       SQ[t].part = kq;
       SP[t].end_block();
       SQ[t].end_block();
+      DD[t].end_block();
       if (gv_on) {
         for (int k = 0; k < kBlock; ++k) {
           p[k].store(sp[t] + j0 + k * W);
@@ -588,13 +597,11 @@ RowOut row_jsd(const KernelArgs& P, const Row<TZ, TV>& r, const RowInfo& ri) {
   });
   RowOut out;
   out.CE = ri.ce ? (t1.M - ri.zy) + t1.l() : 0.0;
-  double KLp[kCap<MT>] = {}, SPs[kCap<MT>] = {}, Kqs = 0;
+  double SPs[kCap<MT>] = {}, Kqs = 0;
   for (int t = 0; t < teachers<MT>(r); ++t) {
     SPs[t] = SP[t].total();
     const double SQs = SQ[t].total();
-    KLp[t] = -std::log(beta) - SPs[t];
-    const double KLq = -std::log1p(-beta) - SQs;
-    out.D[t] = beta * KLp[t] + (1.0 - beta) * KLq;
+    out.D[t] = DD[t].total();
     Kqs += double(cz[t]) * SQs;
   }
   if (!gz_on && !gv_on) return out;
