@@ -21,10 +21,10 @@ __all__ = ["distill_forward", "multi_forward", "teacher_stride", "topk_forward",
            "MAX_BLOCK"]
 
 #: Upper bound of the column block. Register use grows with the elements each thread holds,
-#: ``BLOCK / (32 * num_warps)`` (measured: ``python -m kdfast.inspect``), and the register file
+#: ``BLOCK / (32 * num_warps)`` (measured: ``python -m kdfast.aot``), and the register file
 #: caps a thread at ``65536 / (32 * num_warps)`` registers: 16 elements per thread need ~80-120 registers for the
 #: two-softmax kinds, which fits the 128 of a 16-warp program but not the 64 of a 32-warp one, so
-#: the largest spill-free block is 16 x 32 x 16 = 8192 (``python -m kdfast.inspect`` measured
+#: the largest spill-free block is 16 x 32 x 16 = 8192 (``python -m kdfast.aot`` measured
 #: BLOCK = 16384 spilling at 32 warps for every softmax kind, and at 16 warps for DKD / LS / JSD /
 #: WTTM). Longer rows loop over blocks. Override with the environment variable
 #: ``KDFAST_TRITON_MAX_BLOCK`` (a power of two; tests use tiny values to exercise multi-block rows at
@@ -45,7 +45,7 @@ def block_size(C: int, max_block: int | None = None) -> int:
 def num_warps_for(block: int) -> int:
     """Warps per row program: 16 elements of each input per thread, i.e. ``BLOCK / (32 * 16)``
     warps, clamped to [4, 16] (<= 512 threads, so a thread may use up to 128 registers). Register
-    use grows with BLOCK / (32 * num_warps) (``python -m kdfast.inspect``), so this keeps it about
+    use grows with BLOCK / (32 * num_warps) (``python -m kdfast.aot``), so this keeps it about
     constant across blocks: BLOCK <= 2048 -> 4, 4096 -> 8, 8192 -> 16 (and 16 beyond, should
     MAX_BLOCK be raised)."""
     return int(min(max(block // 512, 4), 16))
@@ -63,7 +63,7 @@ def max_registers(num_warps: int) -> int:
     return int(min(255, REGISTERS_PER_BLOCK // (32 * num_warps)))
 
 
-#: Block cap for float64 rows: each element takes two registers, and ``python -m kdfast.inspect
+#: Block cap for float64 rows: each element takes two registers, and ``python -m kdfast.aot
 #: --dtypes fp64`` measured kd spilling ~1.2 KB per thread at BLOCK 8192 and dkd / jsd spilling at
 #: 4096; 1024 is spill-free for every kind (fp64 is the gradcheck path, not a speed path).
 MAX_BLOCK_FP64 = 1024
@@ -79,9 +79,9 @@ def launch_config(C: int, max_block: int | None = None, fp64: bool = False,
     elements (a thread holds as many teacher elements as one teacher at ``MB * BLOCK`` would give it,
     the student tile MB times fewer), but no more warps than leave each thread ``vec`` columns (the
     elements of one 128-bit access, 8 for bf16): with fewer, the compiler lays the teacher tile out
-    across warps and loads narrower (``python -m kdfast.inspect --teachers 4``: bf16 at 16 warps
+    across warps and loads narrower (``python -m kdfast.aot --teachers 4``: bf16 at 16 warps
     got 64-bit loads and an 8 KB shared-memory layout conversion). A thread then holds at least
-    ``MB * vec`` teacher elements. Measured spill-free (``python -m kdfast.inspect --teachers``,
+    ``MB * vec`` teacher elements. Measured spill-free (``python -m kdfast.aot --teachers``,
     C = 32000): M <= 4 for every kind in fp32 / bf16 (sm_80, sm_90a), M <= 4 in fp64, M = 8 in fp32
     (kd, dkd, ls_kd, jsd at sm_80; jsd at 255 registers). 16-bit rows with M = 5..8 spill (dkd,
     ls_kd, jsd at sm_80: 4 to 600 bytes per thread): correct, slower."""
