@@ -41,8 +41,8 @@ $(BUILT): $(DEPS) setup.py pyproject.toml $(wildcard csrc/*)
 build: $(BUILT)
 
 test: $(BUILT)
-	TRITON_INTERPRET=1 $(VPY) -m pytest -q tests
 	$(VPY) -m benchmarks.run_gpu --dry
+	TRITON_INTERPRET=1 $(VPY) -m pytest -q tests
 
 gpu:
 	$(GPU_PYTHON) -m benchmarks.run_gpu
