@@ -452,9 +452,10 @@ KD_INLINE Vec<A> shift_w(const Vec<A>& W, const Vec<A>& r, const Vec<A>& s_old, 
 }
 
 // Whether a row's one-pass KL1 (docs/kernel-math.md, rule 3) is replaced by log1p of the phi sum: when
-// its cancellation costs more than 3 bits (KL1 small against the magnitudes `mag` it is the
-// difference of), and KL1 < 64 (the sum's large-|u| terms carry exp(KL1); above that the one-pass
-// value has lost nothing that matters).
+// its cancellation costs more than 3 bits, KL1 small against the magnitude `mag` of its errors (the
+// float sum dbar's, ~eps |dbar|, and the float sums S_v, S_z's, ~eps: |dbar| + 1; the row constants
+// M, R are exact and l = log S is taken in double), and KL1 < 64 (the sum's large-|u| terms carry
+// exp(KL1); above that the one-pass value has lost nothing that matters).
 inline bool needs_refine(double KL1, double mag) { return !(KL1 > 0.125 * mag) && KL1 < 64.0; }
 
 // w phi(x) with w = exp(lw) > 0 (DKD's binary TCKD terms): the series (phi) for moderate x, and
@@ -634,7 +635,7 @@ RowOut row_kl(const KernelArgs& P, const Row<TZ, TV>& r, const RowInfo& ri) {
     out.D[t] = s[t] * KL1[t];
     // cancellation in KL1 costs more than 3 bits: the accurate sum of the gradient pass (log1p of
     // nonnegative terms), in a sweep of its own for a forward-only call
-    rf[t] = needs_refine(KL1[t], std::abs(dbar[t]) + std::abs(off) + lv[t] + lz + 1.0);
+    rf[t] = needs_refine(KL1[t], std::abs(dbar[t]) + 1.0);
     refine |= rf[t];
   }
   const bool grads = r.gz || r.gv[0];

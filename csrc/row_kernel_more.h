@@ -92,7 +92,7 @@ RowOut row_dkd(const KernelArgs& P, const Row<TZ, TV>& r, const RowInfo& ri) {
       dbar[t] = shifted_sum(W[t], Sv[t].s, Sv[t], tv, R[t], Rr[t]) / tv.S;
       const double off = (tz.M - Rr[t]) - (lvn[t] - lzn);
       NCKD1[t] = dbar[t] + off;
-      rf[t] = needs_refine(NCKD1[t], std::abs(dbar[t]) + std::abs(off) + lvn[t] + lzn + 1.0);
+      rf[t] = needs_refine(NCKD1[t], std::abs(dbar[t]) + 1.0);
       refine |= rf[t];
     }
     const double lpy = cy - Lv, l1py = Lvn - Lv;  // log p_y, log(1 - p_y)
@@ -380,7 +380,7 @@ RowOut row_ls(const KernelArgs& P, const Row<TZ, TV>& r, const RowInfo& ri) {
     const double off = (ta.M - Rr[t]) - (lv[t] - lz);
     KL1[t] = dbar[t] + off;
     out.D[t] = T * T * KL1[t];
-    rf[t] = needs_refine(KL1[t], std::abs(dbar[t]) + std::abs(off) + lv[t] + lz + 1.0);
+    rf[t] = needs_refine(KL1[t], std::abs(dbar[t]) + 1.0);
     refine |= rf[t];
   }
   if (!gz_on && !gv_on && !refine) return out;
@@ -539,12 +539,15 @@ RowOut row_jsd(const KernelArgs& P, const Row<TZ, TV>& r, const RowInfo& ri) {
   // are differences of small accurate terms in saturated rows (no -log(1 - beta) to cancel).
   // A zero probability (log floored to `lowest`) gives delta = -+huge: its sp terms are 0 or huge, times 0.
   const A lb = A(std::log(beta) - std::log1p(-beta));
-  LongSum<A> SP[kCap<MT>], SQ[kCap<MT>], DD[kCap<MT>];
-  // The loss from nonnegative terms (docs/kernel-math.md, rule 3): with sum_j q_j e^{-hq_j} = sum_j m_j = 1,
-  // KL(q || m) = sum_j q_j phi(-hq_j) (phi_term: the series for |hq| <= 1, else m_j - q_j + q_j hq_j),
-  // likewise KL(p || m); beta KL(p || m) + (1 - beta) KL(q || m) summed per element, so that neither
-  // -log(1 - beta) nor the entropy of beta cancels against the sums in a small loss.
-  const A Ab = A(beta), A1b = A(1.0 - beta), nlb = A(-std::log(beta)), nl1b = A(-std::log1p(-beta));
+  LongSum<A> SP[kCap<MT>], SQ[kCap<MT>];
+  // sp(+-delta) = max(+-delta, 0) + log1p(e^-|delta|): both from the one log1p (not sp(-delta) =
+  // sp(delta) - delta, which cancels for large delta)
+  auto softplus_pair = [&](const Vec<A>& lp, const Vec<A>& lq, Vec<A>& spd, Vec<A>& spn)  {
+    const Vec<A> delta = (lp - lq) + Vec<A>(lb);
+    const Vec<A> L = vlog1p(vexp(Vec<A>(A(0)) - delta.abs()));
+    spd = vec::clamp_min(delta, Vec<A>(A(0))) + L;
+    spn = vec::clamp_min(Vec<A>(A(0)) - delta, Vec<A>(A(0))) + L;
+  };
   // (the student's values are computed with teacher 0, in the same loop: with one teacher this is
   // one fused loop per vector; q, log q and H are kept for the other teachers)
   sweep<A>(r, -1, false, [&](auto, Block<A>& b, int64_t j0, const auto& io) {
@@ -562,25 +565,17 @@ RowOut row_jsd(const KernelArgs& P, const Row<TZ, TV>& r, const RowInfo& ri) {
         }
         const Vec<A> lp = finite_floor((vscale(v[k], iT) + Vec<A>(nMv[t])) + Vec<A>(nlv[t]));
         p[k] = Vec<A>::loadu(sp[t] + j0 + k * W) * fv;
-        const Vec<A> delta = (lp - lq[k]) + Vec<A>(lb);
-        // sp(+-delta) = max(+-delta, 0) + log1p(e^-|delta|): both from the one log1p (not sp(-delta) =
-        // sp(delta) - delta, which cancels for large delta)
-        const Vec<A> L = vlog1p(vexp(Vec<A>(A(0)) - delta.abs()));
-        const Vec<A> spd = vec::clamp_min(delta, Vec<A>(A(0))) + L;
-        const Vec<A> spn = vec::clamp_min(Vec<A>(A(0)) - delta, Vec<A>(A(0))) + L;
+        Vec<A> spd, spn;
+        softplus_pair(lp, lq[k], spd, spn);
         hp[k] = Vec<A>(A(0)) - spn;
         kp = vec::fmadd(p[k], spn, kp);
         kq = vec::fmadd(q[k], spd, kq);
-        const Vec<A> m = vec::fmadd(p[k], Vec<A>(Ab), q[k] * Vec<A>(A1b)), one(A(1));
-        DD[t].add(vec::fmadd(phi_term(p[k], Vec<A>(nlb) - spn, m, one), Vec<A>(Ab),
-                             phi_term(q[k], Vec<A>(nl1b) - spd, m, one) * Vec<A>(A1b)));
         H[k] = t == 0 ? spd * Vec<A>(-cz[t]) : vec::fnmadd(spd, Vec<A>(cz[t]), H[k]);
       }
       SP[t].part = kp;
       SQ[t].part = kq;
       SP[t].end_block();
       SQ[t].end_block();
-      DD[t].end_block();
       if (gv_on) {
         for (int k = 0; k < kBlock; ++k) {
           p[k].store(sp[t] + j0 + k * W);
@@ -598,11 +593,45 @@ RowOut row_jsd(const KernelArgs& P, const Row<TZ, TV>& r, const RowInfo& ri) {
   RowOut out;
   out.CE = ri.ce ? (t1.M - ri.zy) + t1.l() : 0.0;
   double SPs[kCap<MT>] = {}, Kqs = 0;
+  bool refine = false, rf[kCap<MT>] = {};
+  const double Hb = -beta * std::log(beta) - (1.0 - beta) * std::log1p(-beta);  // the entropy of beta
   for (int t = 0; t < teachers<MT>(r); ++t) {
     SPs[t] = SP[t].total();
     const double SQs = SQ[t].total();
-    out.D[t] = DD[t].total();
+    out.D[t] = beta * (-std::log(beta) - SPs[t]) + (1.0 - beta) * (-std::log1p(-beta) - SQs);  // = Hb - ...
+    rf[t] = needs_refine(out.D[t], Hb);
+    refine |= rf[t];
     Kqs += double(cz[t]) * SQs;
+  }
+  if (refine) {
+    // A small JSD cancels against Hb: the loss from nonnegative terms instead (docs/kernel-math.md,
+    // rule 3), in a sweep of its own for such rows. With sum_j q_j e^{-hq_j} = sum_j m_j = 1,
+    // KL(q || m) = sum_j q_j phi(-hq_j) (phi_term: the series for |hq| <= 1, else m_j - q_j + q_j hq_j),
+    // likewise KL(p || m), hq = -log(1 - beta) - sp(delta), hp = -log beta - sp(-delta).
+    const A Ab = A(beta), A1b = A(1.0 - beta), nlb = A(-std::log(beta)), nl1b = A(-std::log1p(-beta));
+    LongSum<A> DD[kCap<MT>];
+    sweep<A>(r, -1, false, [&](auto, Block<A>& b, int64_t, const auto& io) {
+      Vec<A> v[kBlock], lq[kBlock], q[kBlock];
+      for (int k = 0; k < kBlock; ++k) {
+        lq[k] = finite_floor((vscale(b.z[k], iT) + Vec<A>(nMz)) + Vec<A>(nlz));
+        q[k] = vexp(lq[k]);
+      }
+      for (int t = 0; t < teachers<MT>(r); ++t) {
+        io.load(t, v);
+        for (int k = 0; k < kBlock; ++k) {
+          const Vec<A> lp = finite_floor((vscale(v[k], iT) + Vec<A>(nMv[t])) + Vec<A>(nlv[t]));
+          const Vec<A> p = vexp(lp), one(A(1));
+          Vec<A> spd, spn;
+          softplus_pair(lp, lq[k], spd, spn);
+          const Vec<A> m = vec::fmadd(p, Vec<A>(Ab), q[k] * Vec<A>(A1b));
+          DD[t].add(vec::fmadd(phi_term(p, Vec<A>(nlb) - spn, m, one), Vec<A>(Ab),
+                               phi_term(q[k], Vec<A>(nl1b) - spd, m, one) * Vec<A>(A1b)));
+        }
+        DD[t].end_block();
+      }
+    });
+    for (int t = 0; t < teachers<MT>(r); ++t)
+      if (rf[t]) out.D[t] = DD[t].total();
   }
   if (!gz_on && !gv_on) return out;
   // dD/dq_k = (1 - beta)(log q_k - log m_k) (the p/m and q/m terms cancel), then the softmax chain
