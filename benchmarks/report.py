@@ -287,6 +287,9 @@ def write_report(results: dict, out_dir: Path = HERE, plots: bool = True):
               "the single-teacher loss; each row is one run on a shared 2-core VM (single figures move "
               "by up to +-30 % between runs).", "",
               *_mt_table(d["rows"]), ""]
+    na = out_dir / "numerics_ab.md"   # a committed old-vs-new kernel record (needs both builds)
+    if na.exists():
+        L += ["", na.read_text().rstrip(), ""]
     (out_dir / "RESULTS.md").write_text("\n".join(L))
 
 
