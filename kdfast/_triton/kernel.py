@@ -223,6 +223,33 @@ def _jsd_loss_terms(p, q, hp, hq, beta, ACC: tl.constexpr):
 
 
 @triton.jit
+def _jsd_sums(da, q, dc, lc, lcla, lbr, nlb, nl1b, beta, fq, fp, NEED_GZ: tl.constexpr,
+              NEED_GV: tl.constexpr, LOSS: tl.constexpr, ACC: tl.constexpr):
+    """One block of JSD's pass 2 for (R, BLOCK) teacher rows dc = c - m_c (student da, q): the
+    block's (Bq, Bp) terms with gradients, its loss terms without gradients or with ``LOSS``."""
+    ep, lx = _jsd_eps(da, dc, lcla, lbr, beta, ACC)
+    p = tl.exp(dc - lc[:, None])
+    hq, sq = _jsd_q(ep, lx, lbr, nl1b, fq)
+    hp, sp = _jsd_p(ep, lx, lbr, nlb, fp)
+    bq = tl.zeros([dc.shape[0]], ACC)
+    bp = tl.zeros([dc.shape[0]], ACC)
+    jl = tl.zeros([dc.shape[0]], ACC)
+    if NEED_GZ:
+        bq = tl.sum(tl.where(q > 0.0, q * sq, 0.0), 1)
+    if NEED_GV:
+        bp = tl.sum(tl.where(p > 0.0, p * sp, 0.0), 1)
+    if LOSS or not (NEED_GZ or NEED_GV):
+        jl = tl.sum(_jsd_loss_terms(p, q, hp, hq, beta, ACC), 1)
+    return bq, bp, jl
+
+
+@triton.jit
+def _pick(x, sel):
+    """Teacher slot ``sel`` ((MB,) one-hot mask) of a per-teacher vector x, as a (1,) vector."""
+    return tl.sum(tl.where(sel, x, 0.0), 0, keep_dims=True)
+
+
+@triton.jit
 def _x_plan(kl1, dbar, la, lc, tok, C, NEED_GZ: tl.constexpr, NEED_GV: tl.constexpr):
     """How the KL-kind loss is finished (docs/kernel-math.md): the one-pass KL1 = dbar - (lc - la)
     cancels when KL << |dbar| + la + lc; the accurate KL = log1p(X), X = sum p phi(-u) >= 0, is
@@ -779,71 +806,125 @@ def _distill_kernel(
             bq = zt
             bp = zt
             jl = zt
+            # Pass 2: Bq, Bp; the loss here without gradients or with several teachers (one
+            # teacher: in the gradient sweep, which has the registers to spare in half blocks; the
+            # gradient sweep of several teachers carries the student gradient across them).
+            # Several teachers: one teacher row at a time, as in the gradient sweep below.
             for start in range(0, C, BLOCK):
                 offs = start + cols
                 mask = offs < lim
                 z = _load_row(z_row, offs, mask, ACC)
-                v = _load_teachers(v_rows, zp_row, offs, _tmask(mask, tok2, MB), mask, rho, HAS_ZP, ACC)
                 da = z * its - mas[:, None]
-                dc = v * itt - mcs[:, None]
-                ep, lx = _jsd_eps(da, dc, lcla, lbr, beta, ACC)
                 q = tl.exp(da - la[:, None])
-                p = tl.exp(dc - lc[:, None])
-                hq, sq = _jsd_q(ep, lx, lbr, nl1b, fq)
-                hp, sp = _jsd_p(ep, lx, lbr, nlb, fp)
-                if NEED_GZ or NEED_GV:
-                    if NEED_GZ:
-                        bq += tl.sum(tl.where(q > 0.0, q * sq, 0.0), 1)
-                    if NEED_GV:
-                        bp += tl.sum(tl.where(p > 0.0, p * sp, 0.0), 1)
+                if MB == 1:
+                    v = _load_teachers(v_rows, zp_row, offs, mask, mask, rho, HAS_ZP, ACC)
+                    b1, b2, b3 = _jsd_sums(da, q, v * itt - mcs[:, None], lc, lcla, lbr, nlb, nl1b,
+                                           beta, fq, fp, NEED_GZ, NEED_GV, False, ACC)
+                    bq += b1
+                    bp += b2
+                    jl += b3
                 else:
-                    # forward only: the loss here (with gradients: in the gradient sweep, where
-                    # the per-element work of both passes does not have to share registers)
-                    jl += tl.sum(_jsd_loss_terms(p, q, hp, hq, beta, ACC), 1)
+                    for m in range(0, M):
+                        sel = tm == m
+                        vm_row = v_ptr + row * stride_v + m * (stride_vm_vec * VEC)
+                        v = _load_teachers(vm_row, zp_row, offs, mask, mask, rho, HAS_ZP, ACC)
+                        b1, b2, b3 = _jsd_sums(da, q, v * itt - _pick(mcs, sel)[:, None],
+                                               _pick(lc, sel), _pick(lcla, sel), lbr, nlb, nl1b,
+                                               beta, _pick(fq.to(ACC), sel) > 0.5,
+                                               _pick(fp.to(ACC), sel) > 0.5, NEED_GZ, NEED_GV, True,
+                                               ACC)
+                        bq += tl.where(sel, b1, 0.0)
+                        bp += tl.where(sel, b2, 0.0)
+                        jl += tl.where(sel, b3, 0.0)
             if HAS_CE:
                 ce = (m1s - tl.load(z_row + y, mask=live, other=0.0).to(ACC)) + l1
             if NEED_GZ or NEED_GV:
-                cz = (gk * its * (1.0 - beta))[:, None]
-                cv = (gk * itt * beta)[:, None]
+                cz = gk * its * (1.0 - beta)
+                cv = gk * itt * beta
                 if HAS_ZP:
                     cv = cv * (1.0 - rho)
-                # half blocks: the per-element work of the loss and both gradients at BLOCK columns
-                # does not fit the register budget (python -m kdfast.inspect: spills at 8192, 16
-                # warps); one reduction per half block, the rest streams
-                cols_h = tl.arange(0, BLOCK // 2)[None, :]
-                for start in range(0, C, BLOCK // 2):
-                    offs = start + cols_h
-                    inb = offs < C
-                    mask = offs < lim
-                    z = _load_row(z_row, offs, mask, ACC)
-                    v = _load_teachers(v_rows, zp_row, offs, _tmask(mask, tok2, MB), mask, rho,
-                                       HAS_ZP, ACC)
-                    da = z * its - mas[:, None]
-                    dc = v * itt - mcs[:, None]
-                    ep, lx = _jsd_eps(da, dc, lcla, lbr, beta, ACC)
-                    q = tl.exp(da - la[:, None])
-                    p = tl.exp(dc - lc[:, None])
-                    hq, sq = _jsd_q(ep, lx, lbr, nl1b, fq)
-                    hp, sp = _jsd_p(ep, lx, lbr, nlb, fp)
-                    jl += tl.sum(_jsd_loss_terms(p, q, hp, hq, beta, ACC), 1)
-                    if NEED_GZ:
-                        # dD/dz_j = (1/T)(1 - beta) q_j (hq_j - KLq) = (1/T)(1 - beta) q_j (Bq - sq_j)
-                        # multi: sum_m kd_w[m] (1/T)(1 - beta) q_j (Bq_m - sq_mj)
-                        gz = _tsum(cz * tl.where(q > 0.0, q * (bq[:, None] - sq), 0.0), tok2, MB)
-                        if HAS_CE:
-                            if CE_SHARED:
-                                q1 = q
-                            else:
-                                q1 = tl.exp((z - m1s[:, None]) - l1[:, None])
-                            gz += gc * (q1 - (offs == y).to(ACC))
-                        gz = _finish(gz, ignored, bad)
-                        tl.store(gz_ptr + row * stride_gz + offs, gz.to(gz_ptr.dtype.element_ty), mask=inb)
-                    if NEED_GV:
-                        # dD/dv_j = (1/T) beta p_j (hp_j - KLp) = (1/T) beta p_j (Bp - sp_j)
-                        gv = cv * tl.where(p > 0.0, p * (bp[:, None] - sp), 0.0)
-                        gv = _finish(gv, ignored, bad)
-                        tl.store(gv_rows + offs, gv.to(gv_ptr.dtype.element_ty),
-                                 mask=_tmask(inb, tok2, MB))
+                if MB == 1:
+                    # half blocks where a thread holds 16 columns (BLOCK >= 2048: the launcher's
+                    # warps): the per-element work of the loss and both gradients does not fit the
+                    # register budget at 16 (python -m kdfast.inspect: spills), and 8 still make a
+                    # 128-bit access for 16-bit rows; one reduction per half block
+                    if BLOCK >= 2048:
+                        cols_h = tl.arange(0, BLOCK // 2)[None, :]
+                        step = BLOCK // 2
+                    else:
+                        cols_h = cols
+                        step = BLOCK
+                    for start in range(0, C, step):
+                        offs = start + cols_h
+                        inb = offs < C
+                        mask = offs < lim
+                        z = _load_row(z_row, offs, mask, ACC)
+                        v = _load_teachers(v_rows, zp_row, offs, mask, mask, rho, HAS_ZP, ACC)
+                        da = z * its - mas[:, None]
+                        dc = v * itt - mcs[:, None]
+                        ep, lx = _jsd_eps(da, dc, lcla, lbr, beta, ACC)
+                        q = tl.exp(da - la[:, None])
+                        p = tl.exp(dc - lc[:, None])
+                        hq, sq = _jsd_q(ep, lx, lbr, nl1b, fq)
+                        hp, sp = _jsd_p(ep, lx, lbr, nlb, fp)
+                        jl += tl.sum(_jsd_loss_terms(p, q, hp, hq, beta, ACC), 1)
+                        if NEED_GZ:
+                            # dD/dz_j = (1/T)(1 - beta) q_j (hq_j - KLq) = (1/T)(1 - beta) q_j (Bq - sq_j)
+                            gz = cz * tl.where(q > 0.0, q * (bq[:, None] - sq), 0.0)
+                            if HAS_CE:
+                                if CE_SHARED:
+                                    q1 = q
+                                else:
+                                    q1 = tl.exp((z - m1s[:, None]) - l1[:, None])
+                                gz += gc * (q1 - (offs == y).to(ACC))
+                            gz = _finish(gz, ignored, bad)
+                            tl.store(gz_ptr + row * stride_gz + offs, gz.to(gz_ptr.dtype.element_ty), mask=inb)
+                        if NEED_GV:
+                            # dD/dv_j = (1/T) beta p_j (hp_j - KLp) = (1/T) beta p_j (Bp - sp_j)
+                            gv = cv * tl.where(p > 0.0, p * (bp[:, None] - sp), 0.0)
+                            gv = _finish(gv, ignored, bad)
+                            tl.store(gv_rows + offs, gv.to(gv_ptr.dtype.element_ty), mask=inb)
+                else:
+                    # several teachers: the student block once, then one teacher row at a time
+                    # ((1, BLOCK) tiles: the (MB, BLOCK) tile of this per-element work does not fit
+                    # the register budget), the student gradient summed over them in registers:
+                    # multi: dL/dz_j = sum_m kd_w[m] (1/T)(1 - beta) q_j (Bq_m - sq_mj)
+                    for start in range(0, C, BLOCK):
+                        offs = start + cols
+                        inb = offs < C
+                        mask = offs < lim
+                        z = _load_row(z_row, offs, mask, ACC)
+                        da = z * its - mas[:, None]
+                        q = tl.exp(da - la[:, None])
+                        gzs = tl.zeros([1, BLOCK], ACC)
+                        for m in range(0, M):   # a runtime loop: no interleaving of the teachers
+                            sel = tm == m
+                            vm_row = v_ptr + row * stride_v + m * (stride_vm_vec * VEC)
+                            v = _load_teachers(vm_row, zp_row, offs, mask, mask, rho, HAS_ZP, ACC)
+                            dc = v * itt - _pick(mcs, sel)[:, None]
+                            ep, lx = _jsd_eps(da, dc, _pick(lcla, sel), lbr, beta, ACC)
+                            p = tl.exp(dc - _pick(lc, sel)[:, None])
+                            _hq, sq = _jsd_q(ep, lx, lbr, nl1b, _pick(fq.to(ACC), sel) > 0.5)
+                            _hp, sp = _jsd_p(ep, lx, lbr, nlb, _pick(fp.to(ACC), sel) > 0.5)
+                            if NEED_GZ:
+                                gzm = _pick(cz, sel) * tl.where(q > 0.0, q * (_pick(bq, sel)[:, None] - sq), 0.0)
+                                gzs += gzm
+                            if NEED_GV:
+                                # dD/dv_mj = (1/T) beta p_mj (Bp_m - sp_mj)
+                                gv = _pick(cv, sel) * tl.where(p > 0.0, p * (_pick(bp, sel)[:, None] - sp), 0.0)
+                                gv = _finish(gv, ignored, bad)
+                                gvm_row = gv_ptr + row * stride_gv + m * (stride_gvm_vec * VEC)
+                                tl.store(gvm_row + offs, gv.to(gv_ptr.dtype.element_ty), mask=inb)
+                        if NEED_GZ:
+                            gz = gzs
+                            if HAS_CE:
+                                if CE_SHARED:
+                                    q1 = q
+                                else:
+                                    q1 = tl.exp((z - m1s[:, None]) - l1[:, None])
+                                gz += gc * (q1 - (offs == y).to(ACC))
+                            gz = _finish(gz, ignored, bad)
+                            tl.store(gz_ptr + row * stride_gz + offs, gz.to(gz_ptr.dtype.element_ty), mask=inb)
             D = jl
 
     # D_m unweighted per teacher (d_out is (M, N)); CE once
