@@ -536,7 +536,9 @@ inline double at_label(const T* p, int64_t y) { return y >= 0 ? static_cast<doub
 // probability, against an exact 0 at the row max.)
 template <class A>
 inline double scaled(double x, const InvT<A>& it) {
-  return it.lo == A(0) ? double(A(A(x) * it.hi)) : double(A(std::fma(A(x), it.hi, A(x) * it.lo)));
+  // (as vscale: the lo term takes max(x, lowest), so a -inf logit stays -inf, never -inf + inf)
+  return it.lo == A(0) ? double(A(A(x) * it.hi))
+                       : double(A(std::fma(A(x), it.hi, std::max(A(x), lowest<A>()) * it.lo)));
 }
 template <class A, class TZ, class TV>
 inline double mixed(const Row<TZ, TV>& r, int t, int64_t y) {
