@@ -119,6 +119,21 @@ def _safe(m):
 
 
 @triton.jit
+def _ref(r, m):
+    """The reference value d is taken against: ``r`` (the other stream's value at this stream's
+    argmax), or the safe max ``m`` while there is none (-inf: nothing seen, or a -inf logit there,
+    where d is then +inf exactly as against the max)."""
+    return tl.where(r == NEG_INF, m, r).to(m.dtype)
+
+
+@triton.jit
+def _upd_ref(ref, bm, m_old, at):
+    """Running "other stream's value at this stream's argmax": a block whose max ``bm`` beats the
+    running max ``m_old`` replaces it, a tie keeps the larger (any fixed choice would do)."""
+    return tl.where(bm > m_old, at, tl.where(bm == m_old, tl.maximum(ref, at), ref))
+
+
+@triton.jit
 def _log1p(x):
     """log(1 + x) for x >= 0, accurate relative to its own size for tiny x (Goldberg: u = 1 + x,
     log1p(x) = log(u) * x / (u - 1), exact for the rounded u; ``tl.log`` is the accurate libdevice
@@ -258,9 +273,10 @@ def _pick(x, sel):
 
 
 @triton.jit
-def _x_plan(kl1, dbar, la, lc, tok, C, NEED_GZ: tl.constexpr, NEED_GV: tl.constexpr):
-    """How the KL-kind loss is finished (docs/kernel-math.md): the one-pass KL1 = dbar - (lc - la)
-    cancels when KL << |dbar| + la + lc; the accurate KL = log1p(X), X = sum p phi(-u) >= 0, is
+def _x_plan(kl1, dmag, la, lc, tok, C, NEED_GZ: tl.constexpr, NEED_GV: tl.constexpr):
+    """How the KL-kind loss is finished (docs/kernel-math.md): the one-pass KL1 (dbar plus the
+    reference's offset, minus lc - la) cancels when KL << dmag + la + lc (dmag: the size of dbar and
+    of the offset); the accurate KL = log1p(X), X = sum p phi(-u) >= 0, is
     accumulated in the gradient sweep. Returns (use_x: take log1p(X) (per teacher), E = exp(KL1) for
     the |u| > 1 terms, the end of the X / gradient sweep). With gradients the sweep runs anyway and
     X is used whenever KL1 <= 1 (beyond, E could overflow and KL1 has nothing left to cancel);
@@ -270,7 +286,7 @@ def _x_plan(kl1, dbar, la, lc, tok, C, NEED_GZ: tl.constexpr, NEED_GV: tl.conste
     if NEED_GZ or NEED_GV:
         end = C
     else:
-        use = use & (kl1 <= 0.015625 * (tl.abs(dbar) + tl.abs(la) + tl.abs(lc)))
+        use = use & (kl1 <= 0.015625 * (dmag + tl.abs(la) + tl.abs(lc)))
         end = tl.where(tl.max((use & tok).to(tl.int32), 0) > 0, C, 0)
     return use, tl.exp(tl.minimum(kl1, 1.0)), end
 
@@ -521,15 +537,18 @@ def _distill_kernel(
             a = tl.where(mask, uz * (ikz * its)[:, None], NEG_INF)
             c = tl.where(mask, uv * (ikv * its)[:, None], NEG_INF)
             s_c0 = s_c
-            mas0 = _safe(m_a)
             mcs0 = _safe(m_c)
+            ar0 = _ref(a_ref, _safe(m_a))
+            bmc = tl.max(c, 1)
+            a_ref = _upd_ref(a_ref, bmc, m_c, tl.max(tl.where(c == bmc[:, None], a, NEG_INF), 1))
             m_a, s_a, r_a, e_a = _lse_rows(m_a, s_a, a)
             m_c, s_c, r_c, e_c = _lse_rows(m_c, s_c, c)
-            mas = _safe(m_a)
             mcs = _safe(m_c)
-            # d_j shifts by -((mc' - mc) - (ma' - ma)) when the maxima move (0 before any mass)
-            shift = tl.where(s_c0 > 0.0, (mcs - mcs0) - (mas - mas0), 0.0)
-            dd = tl.where(mask, (c - mcs[:, None]) - (a - mas[:, None]), 0.0)
+            ar = _ref(a_ref, _safe(m_a))
+            # d_j = (c_j - m_c) - (a_j - a_ref) (KL kind below: 0 at the teacher's argmax) shifts by
+            # -((mc' - mc) - (ar' - ar)) when the max or the reference moves (0 before any mass)
+            shift = tl.where(s_c0 > 0.0, (mcs - mcs0) - (ar - ar0), 0.0)
+            dd = tl.where(mask, (c - mcs[:, None]) - (a - ar[:, None]), 0.0)
             w = r_c * (w - s_c0 * shift) + tl.sum(e_c * dd, 1)
             if NEED_GZ:
                 qu = qu * r_a + tl.sum(e_a * uz, 1)
@@ -541,8 +560,9 @@ def _distill_kernel(
         mcs = _safe(m_c)
         la = tl.log(s_a)
         lc = tl.log(s_c)
+        ar = _ref(a_ref, mas)
         dbar = w / s_c
-        kl1 = dbar - (lc - la)
+        kl1 = (dbar + (mas - ar)) - (lc - la)
         m1s = _safe(m_1)
         l1 = tl.log(s_1)
         if HAS_CE:
@@ -559,7 +579,8 @@ def _distill_kernel(
         # (a constant row, sigma = 0: u = 0 there, so the term is 0, not 0 / 0)
         cz = tl.where(sig_z > 0.0, sgu_z / (kz * kz * (Cf - 1.0) * sig_z), 0.0)
         cv = tl.where(sig_v > 0.0, sgu_v / (kv * kv * (Cf - 1.0) * sig_v), 0.0)
-        use_x, ex, c_end = _x_plan(kl1, dbar, la, lc, tok, C, NEED_GZ, NEED_GV)
+        use_x, ex, c_end = _x_plan(kl1, tl.abs(dbar) + tl.abs(mas - ar), la, lc, tok, C, NEED_GZ,
+                                   NEED_GV)
         xs = zt
         for start in range(0, c_end, BLOCK):
             offs = start + cols
@@ -570,11 +591,12 @@ def _distill_kernel(
                                ACC)
             uz = tl.where(mask, (z - z0[:, None]) - mz[:, None], 0.0)
             uv = tl.where(mask, (v - v0[:, None]) - mv[:, None], 0.0)
-            da = uz * (ikz * its)[:, None] - mas[:, None]
+            a = uz * (ikz * its)[:, None]
+            da = a - mas[:, None]
             dc = uv * (ikv * its)[:, None] - mcs[:, None]
             q = tl.where(mask, tl.exp(da - la[:, None]), 0.0)
             p = tl.where(mask, tl.exp(dc - lc[:, None]), 0.0)
-            u = (dc - da) - dbar[:, None]
+            u = (dc - (a - ar[:, None])) - dbar[:, None]
             xs += tl.sum(_phi_term(p, u, q * ex[:, None], ACC), 1)
             if NEED_GZ:
                 gam = ts * (q - p)
@@ -612,27 +634,36 @@ def _distill_kernel(
             s_c0 = s_c
             mas0 = _safe(m_a)
             mcs0 = _safe(m_c)
-            if KIND == KIND_JSD:
-                # the teacher's value at the student's argmax and vice versa (ties: the largest):
-                # they decide which representation of log q - log m pass 2 / 3 use (below)
+            # the teacher's value at the student's argmax (c_ref: reverse KL, JSD) and the
+            # student's at the teacher's argmax (a_ref: forward KL, DKD, JSD), ties: the largest.
+            # KL / DKD take d against them, so d = 0 exactly at the argmax of the weighting
+            # distribution and u there (tiny in a saturated row) has no rounding of the row's size;
+            # JSD chooses its gradient representation from them (below)
+            cr0 = _ref(c_ref, mcs0)
+            ar0 = _ref(a_ref, mas0)
+            if KIND == KIND_JSD or REVERSE:
                 bma = tl.max(a, 1)
+                c_ref = _upd_ref(c_ref, bma, m_a, tl.max(tl.where(a == bma[:, None], c, NEG_INF), 1))
+            if KIND == KIND_JSD or not REVERSE:
                 bmc = tl.max(c, 1)
-                cat = tl.max(tl.where(a == bma[:, None], c, NEG_INF), 1)
-                aat = tl.max(tl.where(c == bmc[:, None], a, NEG_INF), 1)
-                c_ref = tl.where(bma > m_a, cat, tl.where(bma == m_a, tl.maximum(c_ref, cat), c_ref))
-                a_ref = tl.where(bmc > m_c, aat, tl.where(bmc == m_c, tl.maximum(a_ref, aat), a_ref))
+                a_ref = _upd_ref(a_ref, bmc, m_c, tl.max(tl.where(c == bmc[:, None], a, NEG_INF), 1))
             m_a, s_a, r_a, e_a = _lse_rows(m_a, s_a, a)
             m_c, s_c, r_c, e_c = _lse_rows(m_c, s_c, c)
             if KIND != KIND_JSD:
                 mas = _safe(m_a)
                 mcs = _safe(m_c)
-                dd = (c - mcs[:, None]) - (a - mas[:, None])
-                shift = (mcs - mcs0) - (mas - mas0)   # d_new = d_old - shift
                 if REVERSE:
-                    # per teacher, rescaled with the student's running max
-                    w = r_a * (w + tl.where(s_a0 > 0.0, s_a0 * shift, 0.0)) \
-                        - tl.sum(tl.where(e_a > 0.0, e_a * dd, 0.0), 1)
+                    # d_j = (a_j - m_a) - (c_j - c_ref), weights exp(a - m_a), per teacher
+                    cr = _ref(c_ref, mcs)
+                    dd = (a - mas[:, None]) - (c - cr[:, None])
+                    shift = (mas - mas0) - (cr - cr0)   # d_new = d_old - shift
+                    w = r_a * (w - tl.where(s_a0 > 0.0, s_a0 * shift, 0.0)) \
+                        + tl.sum(tl.where(e_a > 0.0, e_a * dd, 0.0), 1)
                 else:
+                    # d_j = (c_j - m_c) - (a_j - a_ref), weights exp(c - m_c)
+                    ar = _ref(a_ref, mas)
+                    dd = (c - mcs[:, None]) - (a - ar[:, None])
+                    shift = (mcs - mcs0) - (ar - ar0)   # d_new = d_old - shift
                     w = r_c * (w - tl.where(s_c0 > 0.0, s_c0 * shift, 0.0)) \
                         + tl.sum(tl.where(e_c > 0.0, e_c * dd, 0.0), 1)
             if HAS_CE and not CE_SHARED:
@@ -651,13 +682,18 @@ def _distill_kernel(
             l1 = la
 
         if KIND == KIND_KL:
-            # dbar = W / S_v = sum p d; KL1 = dbar - (lc - la) (reverse: W / S_a, dbar - (la - lc))
+            # dbar = W / S_v = sum p d; KL1 = dbar + (m_a - a_ref) - (lc - la), d + (m_a - a_ref)
+            # being the d against the maxima (reverse: W / S_a, dbar + (m_c - c_ref) - (la - lc))
             if REVERSE:
+                cr = _ref(c_ref, mcs)
                 dbar = w / s_a
-                kl1 = dbar - (la - lc)
+                doff = mcs - cr
+                kl1 = (dbar + doff) - (la - lc)
             else:
+                ar = _ref(a_ref, mas)
                 dbar = w / s_c
-                kl1 = dbar - (lc - la)
+                doff = mas - ar
+                kl1 = (dbar + doff) - (lc - la)
             if WTTM:
                 # U = exp(lse(v/T) - lse(v)/T) = exp((m_c - m_u/T) + (lc - lu/T)), no gradient
                 sf = tl.exp((mcs - _safe(m_u) * itt) + (lc - tl.log(s_u) * itt))
@@ -670,7 +706,8 @@ def _distill_kernel(
             cv = (gk * sf * itt)[:, None]
             if HAS_ZP:
                 cv = cv * omr
-            use_x, ex, c_end = _x_plan(kl1, dbar, la, lc, tok, C, NEED_GZ, NEED_GV)
+            use_x, ex, c_end = _x_plan(kl1, tl.abs(dbar) + tl.abs(doff), la, lc, tok, C, NEED_GZ,
+                                       NEED_GV)
             xs = zt
             for start in range(0, c_end, BLOCK):
                 offs = start + cols
@@ -679,17 +716,19 @@ def _distill_kernel(
                 z = _load_row(z_row, offs, mask, ACC)
                 v = _load_teachers(v_rows, zp_row, offs, _tmask(mask, tok2, MB), mask, rho, omr,
                                    HAS_ZP, ACC)
-                da = z * its - mas[:, None]
-                dc = v * itt - mcs[:, None]
+                a = z * its
+                c = v * itt
+                da = a - mas[:, None]
+                dc = c - mcs[:, None]
                 q = tl.exp(da - la[:, None])
                 p = tl.exp(dc - lc[:, None])
                 # u_j = d_j - dbar = log p_j - log q_j - KL (reverse: log q_j - log p_j - KL);
                 # X = sum p phi(-u) (reverse: sum q phi(-u)), p_j e^{-u_j} = q_j e^KL
                 if REVERSE:
-                    u = (da - dc) - dbar[:, None]
+                    u = (da - (c - cr[:, None])) - dbar[:, None]
                     xs += tl.sum(_phi_term(q, u, p * ex[:, None], ACC), 1)
                 else:
-                    u = (dc - da) - dbar[:, None]
+                    u = (dc - (a - ar[:, None])) - dbar[:, None]
                     xs += tl.sum(_phi_term(p, u, q * ex[:, None], ACC), 1)
                 if NEED_GZ:
                     if REVERSE:
@@ -745,8 +784,10 @@ def _distill_kernel(
             et = tl.exp(tl.minimum(tbar, 1.0))
             ty = _phi_term(py, omp * G, qy * et, ACC) + _phi_term(omp, -(py * G), omq * et, ACC)
             tckd = tl.where(tbar <= 1.0, _log1p(ty), tbar)
+            ar = _ref(a_ref, mas)
             dbar = w / s_c
-            kl1 = dbar - (lc - la)   # NCKD, one pass
+            doff = mas - ar
+            kl1 = (dbar + doff) - (lc - la)   # NCKD, one pass
             if HAS_CE:
                 if CE_SHARED:
                     ce = sp_nq       # -log q_y
@@ -760,7 +801,8 @@ def _distill_kernel(
             gty = (alpha * dqp)[:, None]    # per teacher: alpha (q_y - p_my)
             gtn = -gty
             tcv = (Gp * omp)[:, None]
-            use_x, ex, c_end = _x_plan(kl1, dbar, la, lc, tok, C, NEED_GZ, NEED_GV)
+            use_x, ex, c_end = _x_plan(kl1, tl.abs(dbar) + tl.abs(doff), la, lc, tok, C, NEED_GZ,
+                                       NEED_GV)
             xs = zt
             for start in range(0, c_end, BLOCK):
                 offs = start + cols
@@ -770,11 +812,13 @@ def _distill_kernel(
                 v = _load_teachers(v_rows, zp_row, offs, _tmask(mask, tok2, MB), mask, rho, omr,
                                    HAS_ZP, ACC)
                 tgt = offs == y
-                da = z * its - mas[:, None]
+                a = z * its
+                da = a - mas[:, None]
                 dc = v * itt - mcs[:, None]
                 qh = tl.where(tgt, 0.0, tl.exp(da - la[:, None]))
                 ph = tl.where(tgt, 0.0, tl.exp(dc - lc[:, None]))
-                u = (dc - da) - dbar[:, None]     # NCKD's u over j != y (target lane: p^ = q^ = 0)
+                # NCKD's u over j != y (target lane: p^ = q^ = 0)
+                u = (dc - (a - ar[:, None])) - dbar[:, None]
                 xs += tl.sum(_phi_term(ph, u, qh * ex[:, None], ACC), 1)
                 if NEED_GZ:
                     # j = y : dD/dz_j = T alpha (q_y - p_y)
