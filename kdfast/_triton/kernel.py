@@ -69,14 +69,16 @@ def _load_row(row_ptr, offs, mask, ACC: tl.constexpr):
 
 
 @triton.jit
-def _load_teachers(v_rows, zp_row, offs, mask_t, mask_s, rho, HAS_ZP: tl.constexpr, ACC: tl.constexpr):
+def _load_teachers(v_rows, zp_row, offs, mask_t, mask_s, rho, omr, HAS_ZP: tl.constexpr,
+                   ACC: tl.constexpr):
     """The teacher rows the loss sees, one per teacher slot (``v_rows``: (MB, 1) row pointers, or
     (MB,) with a scalar ``offs``): v_m, or r_m = (1 - rho) v_m + rho zp (retro_kd; the one zp row,
-    read once, is mixed into every teacher). rho = 0 / 1 select v / zp exactly (no 0 * -inf)."""
+    read once, is mixed into every teacher). rho = 0 / 1 select v / zp exactly (no 0 * -inf).
+    ``omr`` = 1 - rho to working precision."""
     v = tl.load(v_rows + offs, mask=mask_t, other=NEG_INF).to(ACC)
     if HAS_ZP:
         zp = tl.load(zp_row + offs, mask=mask_s, other=NEG_INF).to(ACC)
-        mix = (1.0 - rho) * v + rho * zp
+        mix = omr * v + rho * zp
         v = tl.where(rho == 0.0, v, tl.where(rho == 1.0, zp, mix))
     return v
 
@@ -114,6 +116,21 @@ def _finish(x, ignored, bad):
 def _safe(m):
     """A running max with -inf (nothing seen yet) replaced by 0, as in ``_lse_rows``' exponents."""
     return tl.where(m == NEG_INF, 0.0, m).to(m.dtype)
+
+
+@triton.jit
+def _ref(r, m):
+    """The reference value d is taken against: ``r`` (the other stream's value at this stream's
+    argmax), or the safe max ``m`` while there is none (-inf: nothing seen, or a -inf logit there,
+    where d is then +inf exactly as against the max)."""
+    return tl.where(r == NEG_INF, m, r).to(m.dtype)
+
+
+@triton.jit
+def _upd_ref(ref, bm, m_old, at):
+    """Running "other stream's value at this stream's argmax": a block whose max ``bm`` beats the
+    running max ``m_old`` replaces it, a tie keeps the larger (any fixed choice would do)."""
+    return tl.where(bm > m_old, at, tl.where(bm == m_old, tl.maximum(ref, at), ref))
 
 
 @triton.jit
@@ -181,56 +198,62 @@ def _two_diff(a, b):
 
 
 @triton.jit
-def _jsd_eps(da, dc, lcla, lbr, beta, ACC: tl.constexpr):
+def _jsd_eps(da, dc, lcla, lbr, wb, sg, ACC: tl.constexpr):
     """Per element of a JSD row (da = a - m_a, dc = c - m_c, per teacher): eps = log p - log q and
-    lx, with delta = eps + log(beta/(1-beta)): lx = log1p(beta expm1(eps)) = -hq when |eps| <= 1
-    (accurate near 0: near-equal rows), else log1p(e^-|delta|), the softplus remainder
-    (sp(delta) = max(delta, 0) + lx, accurate when tiny: saturated rows). One log1p per element,
-    its argument chosen per element; ``_jsd_q`` / ``_jsd_p`` finish the two sides from (eps, lx)."""
+    lx, with delta = eps + log(beta/(1-beta)). |eps| <= 1 (near-equal: the log-ratios are small):
+    lx = log1p(wb expm1(sg eps)), the side whose log-ratio is the smaller one, taken directly:
+    -hq = log1p(beta expm1(eps)) for beta <= 1/2 (wb = beta, sg = 1), -hp = log1p((1 - beta)
+    expm1(-eps)) beyond (wb = 1 - beta, sg = -1); the other is that one -+ eps (no cancellation:
+    it is the larger). Else lx = log1p(e^-|delta|), the softplus remainder (sp(delta) =
+    max(delta, 0) + lx, accurate when tiny: saturated rows). One log1p per element, its argument
+    chosen per element; ``_jsd_q`` / ``_jsd_p`` finish the two sides from (eps, lx)."""
     ep = (dc - da) - lcla[:, None]
     near = tl.abs(ep) <= 1.0
-    lx = _log1p(tl.where(near, beta * (ep + _phi_small(ep, ACC)), tl.exp(-tl.abs(ep + lbr))))
+    es = ep * sg
+    lx = _log1p(tl.where(near, wb * (es + _phi_small(es, ACC)), tl.exp(-tl.abs(ep + lbr))))
     return ep, lx
 
 
 @triton.jit
-def _jsd_q(ep, lx, lbr, nl1b, fq):
-    """(hq, sq): hq = log q - log m = -log(1-beta) - sp(delta), and the student's gradient
-    representation sq = sp(delta) (fq: R = -log(1-beta)) or -hq (R = 0)."""
+def _jsd_q(ep, lx, lbr, nl1b, cq, fq):
+    """(hq, sq): hq = log q - log m = -log(1-beta) - sp(delta) (near: -lx, or -lx - eps when lx is
+    -hp: cq = 1), and the student's gradient representation sq = sp(delta) (fq: R = -log(1-beta))
+    or -hq (R = 0)."""
     near = tl.abs(ep) <= 1.0
-    spq = tl.where(near, nl1b + lx, tl.maximum(ep + lbr, 0.0) + lx)
-    hq = tl.where(near, -lx, nl1b - spq)
+    spf = tl.maximum(ep + lbr, 0.0) + lx
+    hq = tl.where(near, -lx - cq * ep, nl1b - spf)
+    spq = tl.where(near, nl1b - hq, spf)
     return hq, tl.where(fq[:, None], spq, -hq)
 
 
 @triton.jit
-def _jsd_p(ep, lx, lbr, nlb, fp):
+def _jsd_p(ep, lx, lbr, nlb, cq, fp):
     """(hp, sp): hp = log p - log m = -log(beta) - sp(-delta) = hq + eps, and the teacher's
     gradient representation sp = sp(-delta) (fp: R = -log(beta)) or -hp (R = 0)."""
     near = tl.abs(ep) <= 1.0
-    hp_n = ep - lx
-    spp = tl.where(near, nlb - hp_n, tl.maximum(-(ep + lbr), 0.0) + lx)
-    hp = tl.where(near, hp_n, nlb - spp)
+    spf = tl.maximum(-(ep + lbr), 0.0) + lx
+    hp = tl.where(near, (1.0 - cq) * ep - lx, nlb - spf)
+    spp = tl.where(near, nlb - hp, spf)
     return hp, tl.where(fp[:, None], spp, -hp)
 
 
 @triton.jit
-def _jsd_loss_terms(p, q, hp, hq, beta, ACC: tl.constexpr):
+def _jsd_loss_terms(p, q, hp, hq, beta, omb, ACC: tl.constexpr):
     """beta p phi(-hp) + (1 - beta) q phi(-hq) >= 0 per element: its row sum is
     beta KL(p || m) + (1 - beta) KL(q || m), m = beta p + (1 - beta) q (= p e^{-hp} = q e^{-hq})."""
-    mm = beta * p + (1.0 - beta) * q
-    return beta * _phi_term(p, hp, mm, ACC) + (1.0 - beta) * _phi_term(q, hq, mm, ACC)
+    mm = beta * p + omb * q
+    return beta * _phi_term(p, hp, mm, ACC) + omb * _phi_term(q, hq, mm, ACC)
 
 
 @triton.jit
-def _jsd_sums(da, q, dc, lc, lcla, lbr, nlb, nl1b, beta, fq, fp, NEED_GZ: tl.constexpr,
+def _jsd_sums(da, q, dc, lc, lcla, lbr, nlb, nl1b, beta, omb, wb, sg, cq, fq, fp, NEED_GZ: tl.constexpr,
               NEED_GV: tl.constexpr, LOSS: tl.constexpr, ACC: tl.constexpr):
     """One block of JSD's pass 2 for (R, BLOCK) teacher rows dc = c - m_c (student da, q): the
     block's (Bq, Bp) terms with gradients, its loss terms without gradients or with ``LOSS``."""
-    ep, lx = _jsd_eps(da, dc, lcla, lbr, beta, ACC)
+    ep, lx = _jsd_eps(da, dc, lcla, lbr, wb, sg, ACC)
     p = tl.exp(dc - lc[:, None])
-    hq, sq = _jsd_q(ep, lx, lbr, nl1b, fq)
-    hp, sp = _jsd_p(ep, lx, lbr, nlb, fp)
+    hq, sq = _jsd_q(ep, lx, lbr, nl1b, cq, fq)
+    hp, sp = _jsd_p(ep, lx, lbr, nlb, cq, fp)
     bq = tl.zeros([dc.shape[0]], ACC)
     bp = tl.zeros([dc.shape[0]], ACC)
     jl = tl.zeros([dc.shape[0]], ACC)
@@ -239,7 +262,7 @@ def _jsd_sums(da, q, dc, lc, lcla, lbr, nlb, nl1b, beta, fq, fp, NEED_GZ: tl.con
     if NEED_GV:
         bp = tl.sum(tl.where(p > 0.0, p * sp, 0.0), 1)
     if LOSS or not (NEED_GZ or NEED_GV):
-        jl = tl.sum(_jsd_loss_terms(p, q, hp, hq, beta, ACC), 1)
+        jl = tl.sum(_jsd_loss_terms(p, q, hp, hq, beta, omb, ACC), 1)
     return bq, bp, jl
 
 
@@ -250,9 +273,10 @@ def _pick(x, sel):
 
 
 @triton.jit
-def _x_plan(kl1, dbar, la, lc, tok, C, NEED_GZ: tl.constexpr, NEED_GV: tl.constexpr):
-    """How the KL-kind loss is finished (docs/kernel-math.md): the one-pass KL1 = dbar - (lc - la)
-    cancels when KL << |dbar| + la + lc; the accurate KL = log1p(X), X = sum p phi(-u) >= 0, is
+def _x_plan(kl1, dmag, la, lc, tok, C, NEED_GZ: tl.constexpr, NEED_GV: tl.constexpr):
+    """How the KL-kind loss is finished (docs/kernel-math.md): the one-pass KL1 (dbar plus the
+    reference's offset, minus lc - la) cancels when KL << dmag + la + lc (dmag: the size of dbar and
+    of the offset); the accurate KL = log1p(X), X = sum p phi(-u) >= 0, is
     accumulated in the gradient sweep. Returns (use_x: take log1p(X) (per teacher), E = exp(KL1) for
     the |u| > 1 terms, the end of the X / gradient sweep). With gradients the sweep runs anyway and
     X is used whenever KL1 <= 1 (beyond, E could overflow and KL1 has nothing left to cancel);
@@ -262,7 +286,7 @@ def _x_plan(kl1, dbar, la, lc, tok, C, NEED_GZ: tl.constexpr, NEED_GV: tl.conste
     if NEED_GZ or NEED_GV:
         end = C
     else:
-        use = use & (kl1 <= 0.015625 * (tl.abs(dbar) + tl.abs(la) + tl.abs(lc)))
+        use = use & (kl1 <= 0.015625 * (dmag + tl.abs(la) + tl.abs(lc)))
         end = tl.where(tl.max((use & tok).to(tl.int32), 0) > 0, C, 0)
     return use, tl.exp(tl.minimum(kl1, 1.0)), end
 
@@ -324,6 +348,10 @@ def _distill_kernel(
     rho = tl.cast(rho_hi, ACC) + tl.cast(rho_lo, ACC)
     alpha = tl.cast(alpha_hi, ACC) + tl.cast(alpha_lo, ACC)
     beta = tl.cast(beta_hi, ACC) + tl.cast(beta_lo, ACC)
+    # 1 - rho, 1 - beta from hi and lo (1 - hi is exact for hi >= 1/2): in the fp32 path
+    # 1 - fl(beta) would be off by eps / (1 - beta) relative (jsd at beta = 0.993: 4e-6 in the loss)
+    omr = (1.0 - tl.cast(rho_hi, ACC)) - tl.cast(rho_lo, ACC)
+    omb = (1.0 - tl.cast(beta_hi, ACC)) - tl.cast(beta_lo, ACC)
     its = 1.0 / ts
     itt = 1.0 / tt
     Cf = tl.cast(C, ACC)
@@ -392,7 +420,7 @@ def _distill_kernel(
         if CENTER:
             i0 = zs.to(tl.int32)   # (1,) zeros: the first column
             z0 = tl.load(z_row + i0, mask=i0 < lim, other=0.0).to(ACC)
-            v0 = _load_teachers(v_base, zp_row, 0, tm < lim_m, live, rho, HAS_ZP, ACC)
+            v0 = _load_teachers(v_base, zp_row, 0, tm < lim_m, live, rho, omr, HAS_ZP, ACC)
             v0 = tl.where(tok & live, v0, 0.0)
         s0, r0 = _two_diff(z0, v0)
         if CENTER or (HAS_CE and not CE_SHARED):
@@ -401,7 +429,7 @@ def _distill_kernel(
                 mask = offs < lim
                 z = _load_row(z_row, offs, mask, ACC)
                 if CENTER:
-                    v = _load_teachers(v_rows, zp_row, offs, _tmask(mask, tok2, MB), mask, rho,
+                    v = _load_teachers(v_rows, zp_row, offs, _tmask(mask, tok2, MB), mask, rho, omr,
                                        HAS_ZP, ACC)
                     sd, rd = _two_diff(z, v)
                     tsum += tl.sum(tl.where(mask, (sd - s0[:, None]) + (rd - r0[:, None]), 0.0), 1)
@@ -423,7 +451,7 @@ def _distill_kernel(
             inb = offs < C
             mask = offs < lim
             z = _load_row(z_row, offs, mask, ACC)
-            v = _load_teachers(v_rows, zp_row, offs, _tmask(mask, tok2, MB), mask, rho, HAS_ZP, ACC)
+            v = _load_teachers(v_rows, zp_row, offs, _tmask(mask, tok2, MB), mask, rho, omr, HAS_ZP, ACC)
             if CENTER:
                 sd, rd = _two_diff(z, v)
                 e = tl.where(mask, ((sd - s0[:, None]) + (rd - r0[:, None])) - tbar[:, None], 0.0)
@@ -440,14 +468,21 @@ def _distill_kernel(
             if NEED_GV:
                 gv = (-gk / Cf)[:, None] * e
                 if HAS_ZP:
-                    gv = gv * (1.0 - rho)
+                    gv = gv * omr
                 gv = _finish(gv, ignored, bad)
                 tl.store(gv_rows + offs, gv.to(gv_ptr.dtype.element_ty), mask=_tmask(inb, tok2, MB))
         D = sq / (2.0 * Cf)
 
     elif KIND == KIND_LS:
         # ---- pass 1: mean and M2 of z and of each v_m, Chan's block-wise combination (no
-        # cancellation); the student's once, each teacher's in its slot ----
+        # cancellation); the student's once, each teacher's in its slot. Of the deviations from
+        # the row's first element (z0, v0: exact for a row at an offset), so that a mean rounded
+        # at the offset's scale neither shifts u = z - zbar nor inflates M2 (a row of two values
+        # one ulp apart: sigma off by sqrt(2)); mz, mv are the deviations' means ----
+        i0 = zs.to(tl.int32)   # (1,) zeros: the first column
+        z0 = tl.load(z_row + i0, mask=i0 < lim, other=0.0).to(ACC)
+        v0 = _load_teachers(v_base, zp_row, 0, tm < lim_m, live, rho, omr, HAS_ZP, ACC)
+        v0 = tl.where(tok & live, v0, 0.0)
         n = zs
         mz = zs
         Mz = zs
@@ -457,7 +492,11 @@ def _distill_kernel(
             offs = start + cols
             mask = offs < lim
             z = _load_row(z_row, offs, mask, ACC)
-            v = _load_teachers(v_rows, zp_row, offs, _tmask(mask, tok2, MB), mask, rho, HAS_ZP, ACC)
+            v = _load_teachers(v_rows, zp_row, offs, _tmask(mask, tok2, MB), mask, rho, omr, HAS_ZP, ACC)
+            if HAS_CE:
+                m_1, s_1, _r1, _e1 = _lse_rows(m_1, s_1, z)
+            z = z - z0[:, None]
+            v = v - v0[:, None]
             nb = tl.sum(mask.to(ACC), 1)
             nn = n + nb
             inb_ = nb / tl.maximum(nn, 1.0)
@@ -473,8 +512,6 @@ def _distill_kernel(
             mv += delta_v * inb_
             Mv += tl.sum(dv * dv, 1) + delta_v * delta_v * n * inb_
             n = nn
-            if HAS_CE:
-                m_1, s_1, _r1, _e1 = _lse_rows(m_1, s_1, z)
         sig_z = tl.sqrt(Mz / (Cf - 1.0))
         sig_v = tl.sqrt(Mv / (Cf - 1.0))
         kz = 1e-7 + sig_z
@@ -494,21 +531,24 @@ def _distill_kernel(
             offs = start + cols
             mask = offs < lim
             z = _load_row(z_row, offs, mask, ACC)
-            v = _load_teachers(v_rows, zp_row, offs, _tmask(mask, tok2, MB), mask, rho, HAS_ZP, ACC)
-            uz = tl.where(mask, z - mz[:, None], 0.0)
-            uv = tl.where(mask, v - mv[:, None], 0.0)
+            v = _load_teachers(v_rows, zp_row, offs, _tmask(mask, tok2, MB), mask, rho, omr, HAS_ZP, ACC)
+            uz = tl.where(mask, (z - z0[:, None]) - mz[:, None], 0.0)
+            uv = tl.where(mask, (v - v0[:, None]) - mv[:, None], 0.0)
             a = tl.where(mask, uz * (ikz * its)[:, None], NEG_INF)
             c = tl.where(mask, uv * (ikv * its)[:, None], NEG_INF)
             s_c0 = s_c
-            mas0 = _safe(m_a)
             mcs0 = _safe(m_c)
+            ar0 = _ref(a_ref, _safe(m_a))
+            bmc = tl.max(c, 1)
+            a_ref = _upd_ref(a_ref, bmc, m_c, tl.max(tl.where(c == bmc[:, None], a, NEG_INF), 1))
             m_a, s_a, r_a, e_a = _lse_rows(m_a, s_a, a)
             m_c, s_c, r_c, e_c = _lse_rows(m_c, s_c, c)
-            mas = _safe(m_a)
             mcs = _safe(m_c)
-            # d_j shifts by -((mc' - mc) - (ma' - ma)) when the maxima move (0 before any mass)
-            shift = tl.where(s_c0 > 0.0, (mcs - mcs0) - (mas - mas0), 0.0)
-            dd = tl.where(mask, (c - mcs[:, None]) - (a - mas[:, None]), 0.0)
+            ar = _ref(a_ref, _safe(m_a))
+            # d_j = (c_j - m_c) - (a_j - a_ref) (KL kind below: 0 at the teacher's argmax) shifts by
+            # -((mc' - mc) - (ar' - ar)) when the max or the reference moves (0 before any mass)
+            shift = tl.where(s_c0 > 0.0, (mcs - mcs0) - (ar - ar0), 0.0)
+            dd = tl.where(mask, (c - mcs[:, None]) - (a - ar[:, None]), 0.0)
             w = r_c * (w - s_c0 * shift) + tl.sum(e_c * dd, 1)
             if NEED_GZ:
                 qu = qu * r_a + tl.sum(e_a * uz, 1)
@@ -520,8 +560,9 @@ def _distill_kernel(
         mcs = _safe(m_c)
         la = tl.log(s_a)
         lc = tl.log(s_c)
+        ar = _ref(a_ref, mas)
         dbar = w / s_c
-        kl1 = dbar - (lc - la)
+        kl1 = (dbar + (mas - ar)) - (lc - la)
         m1s = _safe(m_1)
         l1 = tl.log(s_1)
         if HAS_CE:
@@ -535,24 +576,27 @@ def _distill_kernel(
         # accurate loss, when ``_x_plan`` asks for it; forward-only calls sweep only then)
         # Multi: dL/dz_j = sum_m kd_w[m] (gamma_mj / k - (sum gamma_m u) u_j / (k^2 (C-1) sigma)):
         # k, sigma, u of the student shared, gamma_m and its sum per teacher.
-        cz = sgu_z / (kz * kz * (Cf - 1.0) * sig_z)
-        cv = sgu_v / (kv * kv * (Cf - 1.0) * sig_v)
-        use_x, ex, c_end = _x_plan(kl1, dbar, la, lc, tok, C, NEED_GZ, NEED_GV)
+        # (a constant row, sigma = 0: u = 0 there, so the term is 0, not 0 / 0)
+        cz = tl.where(sig_z > 0.0, sgu_z / (kz * kz * (Cf - 1.0) * sig_z), 0.0)
+        cv = tl.where(sig_v > 0.0, sgu_v / (kv * kv * (Cf - 1.0) * sig_v), 0.0)
+        use_x, ex, c_end = _x_plan(kl1, tl.abs(dbar) + tl.abs(mas - ar), la, lc, tok, C, NEED_GZ,
+                                   NEED_GV)
         xs = zt
         for start in range(0, c_end, BLOCK):
             offs = start + cols
             inb = offs < C
             mask = offs < lim
             z = _load_row(z_row, offs, mask, ACC)
-            v = _load_teachers(v_rows, zp_row, offs, _tmask(mask, tok2, MB), mask, rho, HAS_ZP,
+            v = _load_teachers(v_rows, zp_row, offs, _tmask(mask, tok2, MB), mask, rho, omr, HAS_ZP,
                                ACC)
-            uz = tl.where(mask, z - mz[:, None], 0.0)
-            uv = tl.where(mask, v - mv[:, None], 0.0)
-            da = uz * (ikz * its)[:, None] - mas[:, None]
+            uz = tl.where(mask, (z - z0[:, None]) - mz[:, None], 0.0)
+            uv = tl.where(mask, (v - v0[:, None]) - mv[:, None], 0.0)
+            a = uz * (ikz * its)[:, None]
+            da = a - mas[:, None]
             dc = uv * (ikv * its)[:, None] - mcs[:, None]
             q = tl.where(mask, tl.exp(da - la[:, None]), 0.0)
             p = tl.where(mask, tl.exp(dc - lc[:, None]), 0.0)
-            u = (dc - da) - dbar[:, None]
+            u = (dc - (a - ar[:, None])) - dbar[:, None]
             xs += tl.sum(_phi_term(p, u, q * ex[:, None], ACC), 1)
             if NEED_GZ:
                 gam = ts * (q - p)
@@ -565,7 +609,7 @@ def _distill_kernel(
                 gam_v = ts * tl.where(p > 0.0, p * u, 0.0)
                 gv = gk[:, None] * (gam_v * ikv[:, None] - cv[:, None] * uv)
                 if HAS_ZP:
-                    gv = gv * (1.0 - rho)
+                    gv = gv * omr
                 gv = _finish(gv, ignored, bad)
                 tl.store(gv_rows + offs, gv.to(gv_ptr.dtype.element_ty),
                          mask=_tmask(inb, tok2, MB))
@@ -579,7 +623,7 @@ def _distill_kernel(
             offs = start + cols
             mask = offs < lim
             z = _load_row(z_row, offs, mask, ACC)
-            v = _load_teachers(v_rows, zp_row, offs, _tmask(mask, tok2, MB), mask, rho, HAS_ZP, ACC)
+            v = _load_teachers(v_rows, zp_row, offs, _tmask(mask, tok2, MB), mask, rho, omr, HAS_ZP, ACC)
             a = z * its
             c = v * itt
             if KIND == KIND_DKD:
@@ -590,27 +634,36 @@ def _distill_kernel(
             s_c0 = s_c
             mas0 = _safe(m_a)
             mcs0 = _safe(m_c)
-            if KIND == KIND_JSD:
-                # the teacher's value at the student's argmax and vice versa (ties: the largest):
-                # they decide which representation of log q - log m pass 2 / 3 use (below)
+            # the teacher's value at the student's argmax (c_ref: reverse KL, JSD) and the
+            # student's at the teacher's argmax (a_ref: forward KL, DKD, JSD), ties: the largest.
+            # KL / DKD take d against them, so d = 0 exactly at the argmax of the weighting
+            # distribution and u there (tiny in a saturated row) has no rounding of the row's size;
+            # JSD chooses its gradient representation from them (below)
+            cr0 = _ref(c_ref, mcs0)
+            ar0 = _ref(a_ref, mas0)
+            if KIND == KIND_JSD or REVERSE:
                 bma = tl.max(a, 1)
+                c_ref = _upd_ref(c_ref, bma, m_a, tl.max(tl.where(a == bma[:, None], c, NEG_INF), 1))
+            if KIND == KIND_JSD or not REVERSE:
                 bmc = tl.max(c, 1)
-                cat = tl.max(tl.where(a == bma[:, None], c, NEG_INF), 1)
-                aat = tl.max(tl.where(c == bmc[:, None], a, NEG_INF), 1)
-                c_ref = tl.where(bma > m_a, cat, tl.where(bma == m_a, tl.maximum(c_ref, cat), c_ref))
-                a_ref = tl.where(bmc > m_c, aat, tl.where(bmc == m_c, tl.maximum(a_ref, aat), a_ref))
+                a_ref = _upd_ref(a_ref, bmc, m_c, tl.max(tl.where(c == bmc[:, None], a, NEG_INF), 1))
             m_a, s_a, r_a, e_a = _lse_rows(m_a, s_a, a)
             m_c, s_c, r_c, e_c = _lse_rows(m_c, s_c, c)
             if KIND != KIND_JSD:
                 mas = _safe(m_a)
                 mcs = _safe(m_c)
-                dd = (c - mcs[:, None]) - (a - mas[:, None])
-                shift = (mcs - mcs0) - (mas - mas0)   # d_new = d_old - shift
                 if REVERSE:
-                    # per teacher, rescaled with the student's running max
-                    w = r_a * (w + tl.where(s_a0 > 0.0, s_a0 * shift, 0.0)) \
-                        - tl.sum(tl.where(e_a > 0.0, e_a * dd, 0.0), 1)
+                    # d_j = (a_j - m_a) - (c_j - c_ref), weights exp(a - m_a), per teacher
+                    cr = _ref(c_ref, mcs)
+                    dd = (a - mas[:, None]) - (c - cr[:, None])
+                    shift = (mas - mas0) - (cr - cr0)   # d_new = d_old - shift
+                    w = r_a * (w - tl.where(s_a0 > 0.0, s_a0 * shift, 0.0)) \
+                        + tl.sum(tl.where(e_a > 0.0, e_a * dd, 0.0), 1)
                 else:
+                    # d_j = (c_j - m_c) - (a_j - a_ref), weights exp(c - m_c)
+                    ar = _ref(a_ref, mas)
+                    dd = (c - mcs[:, None]) - (a - ar[:, None])
+                    shift = (mcs - mcs0) - (ar - ar0)   # d_new = d_old - shift
                     w = r_c * (w - tl.where(s_c0 > 0.0, s_c0 * shift, 0.0)) \
                         + tl.sum(tl.where(e_c > 0.0, e_c * dd, 0.0), 1)
             if HAS_CE and not CE_SHARED:
@@ -629,13 +682,18 @@ def _distill_kernel(
             l1 = la
 
         if KIND == KIND_KL:
-            # dbar = W / S_v = sum p d; KL1 = dbar - (lc - la) (reverse: W / S_a, dbar - (la - lc))
+            # dbar = W / S_v = sum p d; KL1 = dbar + (m_a - a_ref) - (lc - la), d + (m_a - a_ref)
+            # being the d against the maxima (reverse: W / S_a, dbar + (m_c - c_ref) - (la - lc))
             if REVERSE:
+                cr = _ref(c_ref, mcs)
                 dbar = w / s_a
-                kl1 = dbar - (la - lc)
+                doff = mcs - cr
+                kl1 = (dbar + doff) - (la - lc)
             else:
+                ar = _ref(a_ref, mas)
                 dbar = w / s_c
-                kl1 = dbar - (lc - la)
+                doff = mas - ar
+                kl1 = (dbar + doff) - (lc - la)
             if WTTM:
                 # U = exp(lse(v/T) - lse(v)/T) = exp((m_c - m_u/T) + (lc - lu/T)), no gradient
                 sf = tl.exp((mcs - _safe(m_u) * itt) + (lc - tl.log(s_u) * itt))
@@ -647,27 +705,30 @@ def _distill_kernel(
             cz = (gk * sf * its)[:, None]
             cv = (gk * sf * itt)[:, None]
             if HAS_ZP:
-                cv = cv * (1.0 - rho)
-            use_x, ex, c_end = _x_plan(kl1, dbar, la, lc, tok, C, NEED_GZ, NEED_GV)
+                cv = cv * omr
+            use_x, ex, c_end = _x_plan(kl1, tl.abs(dbar) + tl.abs(doff), la, lc, tok, C, NEED_GZ,
+                                       NEED_GV)
             xs = zt
             for start in range(0, c_end, BLOCK):
                 offs = start + cols
                 inb = offs < C
                 mask = offs < lim
                 z = _load_row(z_row, offs, mask, ACC)
-                v = _load_teachers(v_rows, zp_row, offs, _tmask(mask, tok2, MB), mask, rho,
+                v = _load_teachers(v_rows, zp_row, offs, _tmask(mask, tok2, MB), mask, rho, omr,
                                    HAS_ZP, ACC)
-                da = z * its - mas[:, None]
-                dc = v * itt - mcs[:, None]
+                a = z * its
+                c = v * itt
+                da = a - mas[:, None]
+                dc = c - mcs[:, None]
                 q = tl.exp(da - la[:, None])
                 p = tl.exp(dc - lc[:, None])
                 # u_j = d_j - dbar = log p_j - log q_j - KL (reverse: log q_j - log p_j - KL);
                 # X = sum p phi(-u) (reverse: sum q phi(-u)), p_j e^{-u_j} = q_j e^KL
                 if REVERSE:
-                    u = (da - dc) - dbar[:, None]
+                    u = (da - (c - cr[:, None])) - dbar[:, None]
                     xs += tl.sum(_phi_term(q, u, p * ex[:, None], ACC), 1)
                 else:
-                    u = (dc - da) - dbar[:, None]
+                    u = (dc - (a - ar[:, None])) - dbar[:, None]
                     xs += tl.sum(_phi_term(p, u, q * ex[:, None], ACC), 1)
                 if NEED_GZ:
                     if REVERSE:
@@ -704,7 +765,7 @@ def _distill_kernel(
             # Student quantities (1,), teacher quantities (MB,): TCKD_m, NCKD_m, G_m per teacher.
             zy = tl.load(z_row + y, mask=live, other=0.0).to(ACC)
             ay = zy * its
-            cy = _load_teachers(v_base, zp_row, y, tm < lim_m, live, rho, HAS_ZP, ACC) * itt
+            cy = _load_teachers(v_base, zp_row, y, tm < lim_m, live, rho, omr, HAS_ZP, ACC) * itt
             tp = (cy - mcs) - lc
             tq = (ay - mas) - la
             G = tp - tq          # log(p_y/q_y) - log((1-p_y)/(1-q_y))
@@ -723,8 +784,10 @@ def _distill_kernel(
             et = tl.exp(tl.minimum(tbar, 1.0))
             ty = _phi_term(py, omp * G, qy * et, ACC) + _phi_term(omp, -(py * G), omq * et, ACC)
             tckd = tl.where(tbar <= 1.0, _log1p(ty), tbar)
+            ar = _ref(a_ref, mas)
             dbar = w / s_c
-            kl1 = dbar - (lc - la)   # NCKD, one pass
+            doff = mas - ar
+            kl1 = (dbar + doff) - (lc - la)   # NCKD, one pass
             if HAS_CE:
                 if CE_SHARED:
                     ce = sp_nq       # -log q_y
@@ -738,21 +801,24 @@ def _distill_kernel(
             gty = (alpha * dqp)[:, None]    # per teacher: alpha (q_y - p_my)
             gtn = -gty
             tcv = (Gp * omp)[:, None]
-            use_x, ex, c_end = _x_plan(kl1, dbar, la, lc, tok, C, NEED_GZ, NEED_GV)
+            use_x, ex, c_end = _x_plan(kl1, tl.abs(dbar) + tl.abs(doff), la, lc, tok, C, NEED_GZ,
+                                       NEED_GV)
             xs = zt
             for start in range(0, c_end, BLOCK):
                 offs = start + cols
                 inb = offs < C
                 mask = offs < lim
                 z = _load_row(z_row, offs, mask, ACC)
-                v = _load_teachers(v_rows, zp_row, offs, _tmask(mask, tok2, MB), mask, rho,
+                v = _load_teachers(v_rows, zp_row, offs, _tmask(mask, tok2, MB), mask, rho, omr,
                                    HAS_ZP, ACC)
                 tgt = offs == y
-                da = z * its - mas[:, None]
+                a = z * its
+                da = a - mas[:, None]
                 dc = v * itt - mcs[:, None]
                 qh = tl.where(tgt, 0.0, tl.exp(da - la[:, None]))
                 ph = tl.where(tgt, 0.0, tl.exp(dc - lc[:, None]))
-                u = (dc - da) - dbar[:, None]     # NCKD's u over j != y (target lane: p^ = q^ = 0)
+                # NCKD's u over j != y (target lane: p^ = q^ = 0)
+                u = (dc - (a - ar[:, None])) - dbar[:, None]
                 xs += tl.sum(_phi_term(ph, u, qh * ex[:, None], ACC), 1)
                 if NEED_GZ:
                     # j = y : dD/dz_j = T alpha (q_y - p_y)
@@ -776,7 +842,7 @@ def _distill_kernel(
                     nc = tl.where(ph > 0.0, ph * u, 0.0)
                     gv = gkt * (tc + beta * nc)
                     if HAS_ZP:
-                        gv = gv * (1.0 - rho)
+                        gv = gv * omr
                     gv = _finish(gv, ignored, bad)
                     tl.store(gv_rows + offs, gv.to(gv_ptr.dtype.element_ty),
                              mask=_tmask(inb, tok2, MB))
@@ -798,9 +864,13 @@ def _distill_kernel(
             # argmax (pass 1) so that sq is small where q is large. Teacher alike (p, hp, argmax of
             # the teacher). Per teacher: m_m = beta p_m + (1 - beta) q, every statistic per teacher.
             nlb = -tl.log(beta)
-            nl1b = -tl.log(1.0 - beta)
+            nl1b = -tl.log(omb)
             lbr = nl1b - nlb                  # log(beta / (1 - beta))
             lcla = lc - la                    # eps_j = (dc_j - da_j) - lcla
+            hi_b = beta > 0.5                 # near-equal elements: log1p of the smaller side
+            wb = tl.where(hi_b, omb, beta)
+            sg = tl.where(hi_b, -1.0, 1.0)
+            cq = tl.where(hi_b, 1.0, 0.0)
             fq = _softplus(((c_ref - mcs) - lcla) + lbr) < 0.5 * nl1b
             fp = _softplus(((a_ref - mas) + lcla) - lbr) < 0.5 * nlb
             bq = zt
@@ -817,9 +887,9 @@ def _distill_kernel(
                 da = z * its - mas[:, None]
                 q = tl.exp(da - la[:, None])
                 if MB == 1:
-                    v = _load_teachers(v_rows, zp_row, offs, mask, mask, rho, HAS_ZP, ACC)
+                    v = _load_teachers(v_rows, zp_row, offs, mask, mask, rho, omr, HAS_ZP, ACC)
                     b1, b2, b3 = _jsd_sums(da, q, v * itt - mcs[:, None], lc, lcla, lbr, nlb, nl1b,
-                                           beta, fq, fp, NEED_GZ, NEED_GV, False, ACC)
+                                           beta, omb, wb, sg, cq, fq, fp, NEED_GZ, NEED_GV, False, ACC)
                     bq += b1
                     bp += b2
                     jl += b3
@@ -827,10 +897,10 @@ def _distill_kernel(
                     for m in range(0, M):
                         sel = tm == m
                         vm_row = v_ptr + row * stride_v + m * (stride_vm_vec * VEC)
-                        v = _load_teachers(vm_row, zp_row, offs, mask, mask, rho, HAS_ZP, ACC)
+                        v = _load_teachers(vm_row, zp_row, offs, mask, mask, rho, omr, HAS_ZP, ACC)
                         b1, b2, b3 = _jsd_sums(da, q, v * itt - _pick(mcs, sel)[:, None],
                                                _pick(lc, sel), _pick(lcla, sel), lbr, nlb, nl1b,
-                                               beta, _pick(fq.to(ACC), sel) > 0.5,
+                                               beta, omb, wb, sg, cq, _pick(fq.to(ACC), sel) > 0.5,
                                                _pick(fp.to(ACC), sel) > 0.5, NEED_GZ, NEED_GV, True,
                                                ACC)
                         bq += tl.where(sel, b1, 0.0)
@@ -839,10 +909,10 @@ def _distill_kernel(
             if HAS_CE:
                 ce = (m1s - tl.load(z_row + y, mask=live, other=0.0).to(ACC)) + l1
             if NEED_GZ or NEED_GV:
-                cz = gk * its * (1.0 - beta)
+                cz = gk * its * omb
                 cv = gk * itt * beta
                 if HAS_ZP:
-                    cv = cv * (1.0 - rho)
+                    cv = cv * omr
                 if MB == 1:
                     # half blocks where a thread holds 16 columns (BLOCK >= 2048: the launcher's
                     # warps): the per-element work of the loss and both gradients does not fit the
@@ -859,15 +929,15 @@ def _distill_kernel(
                         inb = offs < C
                         mask = offs < lim
                         z = _load_row(z_row, offs, mask, ACC)
-                        v = _load_teachers(v_rows, zp_row, offs, mask, mask, rho, HAS_ZP, ACC)
+                        v = _load_teachers(v_rows, zp_row, offs, mask, mask, rho, omr, HAS_ZP, ACC)
                         da = z * its - mas[:, None]
                         dc = v * itt - mcs[:, None]
-                        ep, lx = _jsd_eps(da, dc, lcla, lbr, beta, ACC)
+                        ep, lx = _jsd_eps(da, dc, lcla, lbr, wb, sg, ACC)
                         q = tl.exp(da - la[:, None])
                         p = tl.exp(dc - lc[:, None])
-                        hq, sq = _jsd_q(ep, lx, lbr, nl1b, fq)
-                        hp, sp = _jsd_p(ep, lx, lbr, nlb, fp)
-                        jl += tl.sum(_jsd_loss_terms(p, q, hp, hq, beta, ACC), 1)
+                        hq, sq = _jsd_q(ep, lx, lbr, nl1b, cq, fq)
+                        hp, sp = _jsd_p(ep, lx, lbr, nlb, cq, fp)
+                        jl += tl.sum(_jsd_loss_terms(p, q, hp, hq, beta, omb, ACC), 1)
                         if NEED_GZ:
                             # dD/dz_j = (1/T)(1 - beta) q_j (hq_j - KLq) = (1/T)(1 - beta) q_j (Bq - sq_j)
                             gz = cz * tl.where(q > 0.0, q * (bq[:, None] - sq), 0.0)
@@ -900,12 +970,12 @@ def _distill_kernel(
                         for m in range(0, M):   # a runtime loop: no interleaving of the teachers
                             sel = tm == m
                             vm_row = v_ptr + row * stride_v + m * (stride_vm_vec * VEC)
-                            v = _load_teachers(vm_row, zp_row, offs, mask, mask, rho, HAS_ZP, ACC)
+                            v = _load_teachers(vm_row, zp_row, offs, mask, mask, rho, omr, HAS_ZP, ACC)
                             dc = v * itt - _pick(mcs, sel)[:, None]
-                            ep, lx = _jsd_eps(da, dc, _pick(lcla, sel), lbr, beta, ACC)
+                            ep, lx = _jsd_eps(da, dc, _pick(lcla, sel), lbr, wb, sg, ACC)
                             p = tl.exp(dc - _pick(lc, sel)[:, None])
-                            _hq, sq = _jsd_q(ep, lx, lbr, nl1b, _pick(fq.to(ACC), sel) > 0.5)
-                            _hp, sp = _jsd_p(ep, lx, lbr, nlb, _pick(fp.to(ACC), sel) > 0.5)
+                            _hq, sq = _jsd_q(ep, lx, lbr, nl1b, cq, _pick(fq.to(ACC), sel) > 0.5)
+                            _hp, sp = _jsd_p(ep, lx, lbr, nlb, cq, _pick(fp.to(ACC), sel) > 0.5)
                             if NEED_GZ:
                                 gzm = _pick(cz, sel) * tl.where(q > 0.0, q * (_pick(bq, sel)[:, None] - sq), 0.0)
                                 gzs += gzm
