@@ -149,13 +149,6 @@ def _logit_floor(case, M):
 #: Cases that fail today and why, kept visible: test_random reports them without failing, and fails
 #: when one of them passes (the entry must then go). An issue is resolved only with this empty.
 KNOWN_OPEN: dict = {
-    "family:jsd:triton:24": "Triton jsd (0 < beta < 1): the one-pass loss H(beta) - beta SP - (1 - beta) SQ "
-                            "cancels in a small-loss row (4.5e-6 vs plain 7e-8); the CPU kernel's phi-sum "
-                            "sweep for such rows is not in the Triton kernel yet",
-    "family:ls_kd:triton:10": "Triton ls_kd: a constant bf16 student row (sigma = 0) gives a NaN gradient "
-                              "(0 / 0 in the sigma term; the CPU kernel takes it as 0)",
-    "linear:jsd_rev:triton:2": "Triton fused linear, reverse KL: grad_h 2.0e-6 vs plain 4.5e-7 (4.4x, K = 4); "
-                               "not analysed",
 }
 
 TABLE = {**LOSSES, **FAMILY}   # name -> (fused, reference, hyperparameters): conftest's tables
