@@ -391,7 +391,7 @@ def _x(mine, other):
 
 
 def render(doc: dict) -> str:
-    rows, m, cfg = doc["rows"], doc["machine"], doc["config"]
+    rows, m, cfg = doc["rows"], next(iter(doc["machines"].values())), doc["config"]
     copy = doc["calibration"].get("copy")
     L = ["# kdfast on the GPU (`make gpu`)", "",
          f"Written by `benchmarks/bench_gpu.py` on {m['date']}" + (f", commit {m.get('commit')}" if m.get("commit") else "")
