@@ -1,4 +1,6 @@
-"""kdfast benchmark harness: fused kernel vs eager PyTorch vs torch.compile, plus the memory floor.
+"""The loss-kernel suite (``make bench``): fused kernel vs eager PyTorch vs torch.compile, plus the
+memory floor. It declares the cases; timing, memory, the machine and the results file are
+``benchmarks/harness.py``.
 
 Run from the repository root::
 
@@ -9,44 +11,41 @@ Run from the repository root::
     python -m benchmarks.bench --merge gpu.json   # fold another run's results in (e.g. a GPU run:
                                                   # its own report section), rewrite the report
 
-What is measured, per case (loss x shape x dtype x mode) and implementation (fused =
-``kdfast.<loss>_loss(backend="auto")``, eager = ``kdfast.reference.<loss>_loss``, compile =
-``torch.compile`` of the eager function):
+Cases (loss x shape x dtype x mode) and implementations (fused = ``kdfast.<loss>_loss(backend=
+"auto")``, eager = ``kdfast.reference.<loss>_loss``, compile = ``torch.compile`` of the eager function):
 
 * ``fwdbwd``: ``fn(z, v, [labels]).backward()`` with ``z.requires_grad`` (``z.grad`` reset to None
   before every call, as ``zero_grad(set_to_none=True)`` does);
 * ``fwd`` (kd): forward only, no input requires grad;
 * ``fwdbwd_tgrad`` (kd): both ``z`` and ``v`` require grad;
-* ``add``: ``torch.add(a, b, out=c)`` on the same shape and dtype: reads two tensors, writes one,
-  the memory floor of a fused fwd+bwd (read z and v, write the gradient);
-* ``mem``: extra peak memory of one fwd+bwd beyond the inputs (see :func:`_mem_child`).
+* a case's ``labels``: ``--labels`` was given (every loss gets labels and its CE term; a loss that
+  needs labels, dkd, always gets them);
+* ``floor``: ``torch.add(a, b, out=c)`` (impl ``add``) on every fwd+bwd shape and dtype: reads two
+  tensors, writes one, the memory floor of a fused fwd+bwd (read z and v, write the gradient);
+* peak memory (``peak_bytes`` of the fwd+bwd rows with ``mem``): the extra peak of one fwd+bwd beyond
+  the inputs, in a fresh process (:func:`_mem_probe`), the gradient kept as ``z.grad`` included.
 
 The backend ``backend="auto"`` resolves to is recorded (``fused_backend`` per machine, ``backend``
-per fused measurement); "torch" means the eager reference ran in the fused column (a FALLBACK: the
-C++ extension is not built) and the report says so loudly.
+per fused row); "torch" means the eager reference ran in the fused column (a FALLBACK: the C++
+extension is not built) and the report says so loudly.
 
-Timing: CPU: after warm-up, ``reps`` rounds in which every implementation of the case runs one
-block of calls (>= 20 ms; the order rotates each round), medians per implementation: the ratios are
-measured side by side in one process. CUDA: ``triton.testing.do_bench`` (warm-up, then the median
-of per-call CUDA-event times; it flushes L2 before every timed call) over copies of the inputs used
-in turn (:func:`rotation_count`: together >= 2x L2); every fwd+bwd case is also timed ``fwd`` and
-``bwd`` (backward alone: ``loss.backward(retain_graph=True)`` on one forward graph); each record
-carries ``GBs`` = :func:`bytes_moved` / time and ``copy_frac`` = that over the device-to-device copy
-bandwidth measured at the start (1 GiB ``copy_``, do_bench median); peak memory is
-``torch.cuda.max_memory_allocated`` in a fresh process. torch.compile's compile time is excluded
-from the timing and recorded as ``compile_s``. Each fused measurement also records the relative
-error fused vs eager of the loss and of the gradient on the benchmarked inputs.
+Timing (``harness.time_interleaved``): CPU: ``harness.THREADS`` threads (``--threads``); after a
+warm-up call of each implementation (torch.compile: a second one; the first's wall time is
+``compile_s``), ``reps`` rounds in which every implementation of the case runs one block of calls
+(>= 20 ms; the order rotates each round), medians per implementation. CUDA: ``harness.time_call``
+per implementation (CUDA events, L2 flushed before each call) over copies of the inputs used in turn
+(:func:`rotation_count`: together >= 2x L2); every fwd+bwd case is also timed ``fwd`` and ``bwd``
+(backward alone: ``loss.backward(retain_graph=True)`` on one forward graph); each row carries
+``GBs`` = :func:`bytes_moved` / time and ``copy_frac`` = that over the copy bandwidth measured at
+the start. Each case's rows also carry the relative error fused vs eager of the loss and gradient on
+the benchmarked inputs.
 """
 from __future__ import annotations
 
 import argparse
-import ctypes
-import datetime
 import json
 import math
-import multiprocessing as mp
 import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -57,6 +56,10 @@ if str(ROOT) not in sys.path:  # ``python benchmarks/bench.py`` puts benchmarks/
     sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
+
+from benchmarks import harness as H  # noqa: E402
+
+SUITE = "losses"
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -125,7 +128,6 @@ def make_inputs(loss: str, n: int, c: int, dtype, device, labels: bool, seed: in
         extra.append(torch.randint(0, c, (n,), generator=g).to(device))
     return z, v, tuple(extra)
 
-
 def _compiled(fn, fresh: bool = False):
     """torch.compile of ``fn``. ``fresh``: drop everything compiled so far first (the ``bwd`` mode
     needs a graph compiled without donated buffers, see :func:`make_call`)."""
@@ -185,76 +187,6 @@ def make_call(fn, mode: str, z, v, extra):
 # ----------------------------------------------------------------------------- timing
 
 
-def _sync(device):
-    if device == "cuda":
-        torch.cuda.synchronize()
-
-
-def time_cpu(step, nthreads: int, budget_s: float, min_reps: int, max_reps: int, t1: float) -> dict:
-    """Median over ``reps`` blocks of ``number`` calls each (blocks of >= 20 ms), Timer.timeit."""
-    from torch.utils.benchmark import Timer
-    number = max(1, math.ceil(0.02 / max(t1, 1e-6)))
-    reps = int(min(max_reps, max(min_reps, budget_s // max(t1 * number, 1e-9))))
-    timer = Timer(stmt="step()", globals={"step": step}, num_threads=nthreads)
-    times = [timer.timeit(number).median for _ in range(reps)]
-    return _summary(times, number)
-
-
-def time_cuda(step, leaves) -> dict:
-    """``triton.testing.do_bench``: warm-up (25 ms of calls), then timed calls for ~200 ms, each
-    preceded by an L2 flush and ``grad = None`` on ``leaves`` (outside the timed region); the
-    median and quartiles of the per-call CUDA-event times."""
-    from triton.testing import do_bench
-    ts = do_bench(step, warmup=25, rep=200, grad_to_none=leaves or None, return_mode="all")
-    return _summary([t / 1e3 for t in ts], 1)
-
-
-def rotation_count(bytes_per_set: int, l2_bytes: int, free_bytes: int, lo: int = 2,
-                   hi: int = 32) -> int:
-    """How many input sets the CUDA timing rotates through: enough that consecutive calls never
-    find their inputs in L2 (together >= 2x the L2 size), at least ``lo``, at most ``hi``, and no
-    more than fit a quarter of the free memory with room for gradients and saved activations
-    (4x a set each)."""
-    b = max(int(bytes_per_set), 1)
-    want = max(lo, math.ceil(2 * l2_bytes / b))
-    fit = int(free_bytes // (4 * 4 * b))
-    return int(max(1, min(hi, want, fit)))
-
-
-def rotating(steps):
-    """One step that calls ``steps`` in turn (input set i on call i mod len(steps))."""
-    state = {"i": 0}
-
-    def step():
-        i = state["i"]
-        state["i"] = (i + 1) % len(steps)
-        return steps[i]()
-    return step
-
-
-def time_cuda_rotated(fn, mode, z, v, extra) -> dict:
-    """time_cuda over ``rotation_count`` copies of the inputs, used in turn (the first set is the
-    one the correctness check used): no call finds its inputs in L2 or in the previous call's
-    freshly written cache lines, on top of do_bench's L2 flush."""
-    tensors = [z, v, *extra]
-    per_set = sum(t.numel() * t.element_size() for t in tensors)
-    props = torch.cuda.get_device_properties(z.device)
-    free, _ = torch.cuda.mem_get_info(z.device)
-    n = rotation_count(per_set, getattr(props, "L2_cache_size", 50 << 20), free)
-    sets = [(z, v, tuple(extra))] + [(z.clone(), v.clone(), tuple(e.clone() for e in extra))
-                                     for _ in range(n - 1)]
-    calls = [make_call(fn, mode, *s) for s in sets]
-    leaves = [t for _, ls in calls for t in ls]
-    step = rotating([c for c, _ in calls])
-    for _ in range(n):     # every set once (lazy work, autotuning, allocator growth)
-        step()
-    torch.cuda.synchronize()
-    rec = time_cuda(step, leaves)
-    rec["rotation_sets"] = n
-    del calls, leaves, step, sets
-    return rec
-
-
 def bytes_moved(mode: str, loss: str, n: int, c: int, dtype) -> int:
     """The DRAM traffic a single fused pass needs for ``mode`` (the achieved-bandwidth numerator):
     read the logits (z, v, and zp for retro_kd), write one gradient per input that requires grad;
@@ -283,221 +215,34 @@ def cuda_plan(plan: list) -> list:
     return out
 
 
-def _summary(times_s, number) -> dict:
-    ts = sorted(times_s)
-    q = lambda f: ts[min(len(ts) - 1, int(f * (len(ts) - 1) + 0.5))]  # noqa: E731
-    return {"ms": 1e3 * _median(ts), "ms_q25": 1e3 * q(0.25), "ms_q75": 1e3 * q(0.75),
-            "reps": len(ts), "number": number,
-            "times_ms": [round(1e3 * t, 4) for t in times_s][:50]}
+def rotation_count(bytes_per_set: int, l2_bytes: int, free_bytes: int, lo: int = 2,
+                   hi: int = 32) -> int:
+    """How many input sets the CUDA timing rotates through: enough that consecutive calls never
+    find their inputs in L2 (together >= 2x the L2 size), at least ``lo``, at most ``hi``, and no
+    more than fit a quarter of the free memory with room for gradients and saved activations
+    (4x a set each)."""
+    b = max(int(bytes_per_set), 1)
+    want = max(lo, math.ceil(2 * l2_bytes / b))
+    fit = int(free_bytes // (4 * 4 * b))
+    return int(max(1, min(hi, want, fit)))
 
 
-def _median(xs):
-    xs = sorted(xs)
-    m = len(xs) // 2
-    return xs[m] if len(xs) % 2 else 0.5 * (xs[m - 1] + xs[m])
-
-
-def measure(step, leaves, device, nthreads, cfg, warmups: int = 1) -> dict:
-    """Warm up (timing the last warm-up call as the per-call estimate), then time."""
-    t1 = None
-    for _ in range(warmups):
-        _sync(device)
-        t0 = time.perf_counter()
+def time_cuda_rotated(fn, mode, z, v, extra) -> dict:
+    """harness.time_call over ``rotation_count`` copies of the inputs, used in turn (the first set
+    is the one the correctness check used)."""
+    tensors = [z, v, *extra]
+    per_set = sum(t.numel() * t.element_size() for t in tensors)
+    props = torch.cuda.get_device_properties(z.device)
+    free, _ = torch.cuda.mem_get_info(z.device)
+    n = rotation_count(per_set, getattr(props, "L2_cache_size", 50 << 20), free)
+    sets = [(z, v, tuple(extra))] + [(z.clone(), v.clone(), tuple(e.clone() for e in extra))
+                                     for _ in range(n - 1)]
+    step = H.rotating([make_call(fn, mode, *s)[0] for s in sets])
+    for _ in range(n):     # every set once (lazy work, autotuning, allocator growth)
         step()
-        _sync(device)
-        t1 = time.perf_counter() - t0
-    if device == "cuda":
-        return time_cuda(step, leaves)
-    slow = t1 > 0.5
-    return time_cpu(step, nthreads, cfg["budget_s"], cfg["min_reps"],
-                    cfg["max_reps_slow"] if slow else cfg["max_reps"], t1)
-
-
-# ----------------------------------------------------------------------------- peak memory
-
-
-def _rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-def _hwm_bytes() -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError("no VmHWM in /proc/self/status")
-
-
-def _reset_hwm():
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-
-
-def _malloc_returns_memory():
-    """Make every allocation >= 64 KiB its own mmap (returned to the OS on free) and disable glibc's
-    dynamic mmap threshold, so freed warm-up buffers do not sit resident in the heap and hide the
-    measured run's allocations. (Also set through MALLOC_MMAP_THRESHOLD_ for the fork server.)"""
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(-3, 65536)   # M_MMAP_THRESHOLD
-        libc.mallopt(-1, 0)       # M_TRIM_THRESHOLD
-    except OSError:
-        pass
-
-
-def _mem_child(spec: dict, conn):
-    """Runs in a fresh process (forked from a server that only imported torch): the extra peak
-    memory of one call beyond the inputs.
-
-    CPU: allocate and touch the inputs; warm up (compile: the same shape, so the measured call does
-    not recompile; others: a tiny shape, for lazy initialisation); drop all references; read the
-    resident set (statm); reset the high-water mark (write 5 to /proc/self/clear_refs); one call;
-    read VmHWM. extra = VmHWM - RSS before. The result includes the gradient buffer that stays
-    alive as ``z.grad``. CUDA: the allocator's max_memory_allocated() around the same call."""
-    try:
-        _malloc_returns_memory()
-        torch.set_num_threads(spec["threads"])
-        dev = spec["device"]
-        dtype = DTYPES[spec["dtype"]]
-        if spec["kind"] == "calib":
-            n, c = spec["N"], spec["C"]
-            torch.empty(16, 16).fill_(1)
-            r0 = _rss_bytes(); _reset_hwm()
-            x = torch.empty(n, c, dtype=dtype).fill_(1)
-            conn.send({"extra": _hwm_bytes() - r0, "expected": x.numel() * x.element_size()})
-            return
-        fns = loss_fns(spec["loss"])
-        fn = fns["eager" if spec["impl"] == "compile" else spec["impl"]]
-        if spec["impl"] == "compile":
-            fn = _compiled(fn)
-        else:  # lazy initialisation (extension load, thread pool) on a tiny input
-            zs, vs, es = make_inputs(spec["loss"], 4, 16, dtype, dev, spec["labels"])
-            make_call(fn, spec["mode"], zs, vs, es)[0]()
-            del zs, vs, es
-        z, v, extra = make_inputs(spec["loss"], spec["N"], spec["C"], dtype, dev, spec["labels"])
-        step, leaves = make_call(fn, spec["mode"], z, v, extra)
-        if spec["impl"] == "compile":
-            step()  # compiles (the inductor cache is warm from the timing sweep)
-            for t in leaves:
-                t.grad = None
-        if dev == "cuda":
-            torch.cuda.synchronize()
-            torch.cuda.empty_cache()
-            torch.cuda.reset_peak_memory_stats()
-            base = torch.cuda.memory_allocated()
-            step()
-            torch.cuda.synchronize()
-            conn.send({"extra": torch.cuda.max_memory_allocated() - base,
-                       "backend": fused_backend(dev)})
-            return
-        import gc
-        gc.collect()
-        r0 = _rss_bytes()
-        _reset_hwm()
-        step()
-        conn.send({"extra": _hwm_bytes() - r0, "backend": fused_backend(dev)})
-    except Exception as e:  # noqa: BLE001
-        conn.send({"error": f"{type(e).__name__}: {e}"})
-    finally:
-        conn.close()
-
-
-_CTX = None
-
-
-def _mp_context():
-    global _CTX
-    if _CTX is None:
-        os.environ.setdefault("MALLOC_MMAP_THRESHOLD_", "65536")
-        os.environ.setdefault("MALLOC_TRIM_THRESHOLD_", "0")
-        # children re-import ``-m benchmarks.bench`` as their __main__: runpy's harmless warning
-        os.environ.setdefault("PYTHONWARNINGS",
-                              "ignore:'benchmarks.bench' found in sys.modules:RuntimeWarning")
-        _CTX = mp.get_context("forkserver")
-        _CTX.set_forkserver_preload(["torch", "kdfast", "benchmarks.bench"])
-    return _CTX
-
-
-def measure_mem(spec: dict, timeout: float = 900) -> dict:
-    ctx = _mp_context()
-    rd, wr = ctx.Pipe(duplex=False)
-    from benchmarks import bench as mod  # the importable copy (this file may run as __main__)
-    p = ctx.Process(target=mod._mem_child, args=(spec, wr))
-    p.start()
-    wr.close()
-    out = rd.recv() if rd.poll(timeout) else {"error": "timeout"}
-    p.join(30)
-    if p.is_alive():
-        p.kill()
-    return out
-
-
-def calibrate_mem(threads: int) -> list:
-    """Known allocations: torch.empty(N, C).fill_(1) must show N·C·itemsize bytes."""
-    out = []
-    for n, c in [(256, 1000), (8192, 1000), (4096, 32000)]:
-        r = measure_mem({"kind": "calib", "N": n, "C": c, "dtype": "fp32", "device": "cpu",
-                         "threads": threads})
-        r.update(N=n, C=c)
-        out.append(r)
-    return out
-
-
-# ----------------------------------------------------------------------------- machine
-
-
-def machine_info(device: str) -> dict:
-    cpu = platform.processor() or ""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    info = {"device": device, "cpu": cpu, "cores": os.cpu_count(),
-            "threads": torch.get_num_threads(), "isa": torch.backends.cpu.get_cpu_capability(),
-            "torch": torch.__version__, "python": platform.python_version(),
-            "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-            "hostname_hash": hex(hash(platform.node()) & 0xffff)}
-    try:
-        import triton
-        info["triton"] = triton.__version__
-    except ImportError:
-        info["triton"] = None
-    try:
-        kdfast = _kdfast()
-        info["kdfast"] = getattr(kdfast, "__version__", "unknown")
-        info["kdfast_file"] = str(Path(kdfast.__file__).resolve()) if kdfast.__file__ else None
-    except ImportError:
-        info["kdfast"] = None
-    if device == "cuda":
-        info["gpu"] = torch.cuda.get_device_name()
-        info["cuda"] = torch.version.cuda
-    return info
-
-
-def device_key(info: dict) -> str:
-    if info["device"] == "cuda":
-        return f"cuda: {info['gpu']}"
-    return f"cpu: {info['cpu']} ({info['threads']} threads, {info['isa']})"
-
-
-def copy_bandwidth(device) -> float:
-    """Device-to-device copy bandwidth in bytes/s (read + write), 1 GiB buffers."""
-    n = (1 << 30) // 4
-    a = torch.empty(n, device=device).fill_(1)
-    b = torch.empty_like(a)
-    if device == "cuda":
-        from triton.testing import do_bench
-        ms = do_bench(lambda: b.copy_(a), warmup=25, rep=200, return_mode="median")
-    else:
-        step = lambda: b.copy_(a)  # noqa: E731
-        step()
-        ms = time_cpu(step, torch.get_num_threads(), 1.0, 3, 10, 0.1)["ms"]
-    return 2 * a.numel() * 4 / (ms / 1e3)
+    rec = H.time_call(step, "cuda", budget_s=0.2, warmup=0)
+    rec["rotation_sets"] = n
+    return rec
 
 
 # ----------------------------------------------------------------------------- checks
@@ -526,24 +271,7 @@ def check_case(loss, n, c, dtype, device, labels) -> dict:
             "loss_fused": float(lf), "loss_eager": float(le)}
 
 
-# ----------------------------------------------------------------------------- sweep
-
-
-class Progress:
-    def __init__(self, total):
-        self.total, self.done, self.t0 = total, 0, time.perf_counter()
-
-    def step(self, what):
-        self.done += 1
-        el = time.perf_counter() - self.t0
-        w = 24
-        fill = int(w * self.done / max(self.total, 1))
-        sys.stderr.write(f"\r[{'#' * fill}{'.' * (w - fill)}] {self.done}/{self.total} "
-                         f"{int(el // 60)}m{int(el % 60):02d}s {what[:60]:<60}")
-        sys.stderr.flush()
-
-    def close(self):
-        sys.stderr.write("\n")
+# ----------------------------------------------------------------------------- plans and sweep
 
 
 def fused_backend(device: str) -> str:
@@ -619,44 +347,31 @@ def _rel_err(a, b) -> float:
     return float((a - b).abs().max() / b.abs().max().clamp(min=1e-30))
 
 
-def run_case(cs, fns, device, threads, cfg, labels_flag, fused_be) -> list:
-    """Time every implementation of one case side by side: warm up each, then ``reps`` rounds in
-    which each implementation runs one block of calls (the order rotates every round), so slow drift
-    of the machine (turbo, other load) hits them alike. Returns one record per implementation."""
+def run_case(res, cs, fns, device, cfg, labels_flag, fused_be) -> list:
+    """Every implementation of one case: a warm-up call each (values and gradients kept for the
+    fused-vs-eager error), then timed side by side (``harness.time_interleaved``; CUDA:
+    :func:`time_cuda_rotated`). Adds one row per implementation to ``res``."""
     mode, loss, n, c, dt = cs["mode"], cs["loss"], cs["N"], cs["C"], cs["dtype"]
     dtype = DTYPES[dt]
-    labels = labels_flag or LOSSES[loss][0]
+    case = dict(loss=loss, mode=mode, N=n, C=c, dtype=dt, labels=bool(labels_flag))
     z, v, extra = make_inputs(loss, n, c, dtype, device, labels_flag)
-    impls = [i for i in cs["impls"] if i in cfg["impls"]]
-    recs, steps, t1, vals, grads, callables = {}, {}, {}, {}, {}, {}
-    for impl in impls:
-        rec = dict(mode=mode, loss=loss, impl=impl, N=n, C=c, dtype=dt, labels=labels)
-        if impl == "fused":
-            rec["backend"] = fused_be
-        recs[impl] = rec
+    recs, steps, est, vals, grads, callables = {}, {}, {}, {}, {}, {}
+    for impl in [i for i in cs["impls"] if i in cfg["impls"]]:
+        recs[impl] = rec = {"backend": fused_be} if impl == "fused" else {}
         try:
             fn = _compiled(fns["eager"], fresh=mode == "bwd") if impl == "compile" else fns[impl]
             step, leaves = make_call(fn, mode, z, v, extra)
-            _sync(device)
-            t0 = time.perf_counter()
-            val = step()
-            _sync(device)
-            t = time.perf_counter() - t0
+            val, t = H.first_call(step, device)
             if impl == "compile":      # the first call compiled: time a second one
                 rec["compile_s"] = round(t, 2)
-                _sync(device)
-                t0 = time.perf_counter()
-                val = step()
-                _sync(device)
-                t = time.perf_counter() - t0
+                val, t = H.first_call(step, device)
             vals[impl] = val.detach().double()
             if leaves and impl in ("fused", "eager"):
                 grads[impl] = [x.grad for x in leaves]
-            steps[impl], t1[impl] = (step, leaves), t
-            callables[impl] = fn
+            steps[impl], est[impl], callables[impl] = step, t, fn
         except Exception as e:  # noqa: BLE001
-            rec["error"] = f"{type(e).__name__}: {e}"[:500]
-            print(f"\n# error: {mode} {loss} {n}x{c} {dt} {impl}: {rec['error']}", file=sys.stderr)
+            rec.update(status="error", reason=f"{type(e).__name__}: {e}"[:500])
+            print(f"\n# error: {mode} {loss} {n}x{c} {dt} {impl}: {rec['reason']}", file=sys.stderr)
     if "fused" in vals and "eager" in vals:
         err = float((vals["fused"] - vals["eager"]).abs() / vals["eager"].abs().clamp(min=1e-12))
         gerr = (max(_rel_err(a, b) for a, b in zip(grads["fused"], grads["eager"]))
@@ -676,8 +391,9 @@ def run_case(cs, fns, device, threads, cfg, labels_flag, fused_be) -> list:
             try:
                 recs[impl].update(time_cuda_rotated(callables[impl], mode, z, v, extra))
             except Exception as e:  # noqa: BLE001 - e.g. out of memory for the rotated sets
-                recs[impl]["error"] = f"{type(e).__name__}: {e}"[:500]
-                print(f"\n# error timing {mode} {loss} {n}x{c} {dt} {impl}: {recs[impl]['error']}",
+                recs[impl].update(status="oom" if H.is_oom(e) else "error",
+                                  reason=f"{type(e).__name__}: {e}"[:500])
+                print(f"\n# error timing {mode} {loss} {n}x{c} {dt} {impl}: {recs[impl]['reason']}",
                       file=sys.stderr)
                 torch.cuda.empty_cache()
                 continue
@@ -688,130 +404,153 @@ def run_case(cs, fns, device, threads, cfg, labels_flag, fused_be) -> list:
             if cfg.get("copy_GBs"):
                 recs[impl]["copy_frac"] = gbs / cfg["copy_GBs"]
     elif steps:
-        number = {i: max(1, math.ceil(0.02 / max(t1[i], 1e-6))) for i in steps}
-        per_round = sum(t1[i] * number[i] for i in steps)
-        reps = cs["reps"] or int(min(cfg["max_reps"], max(cfg["min_reps"],
-                                                          cfg["budget_s"] // max(per_round, 1e-9))))
-        times = {i: [] for i in steps}
-        order = list(steps)
-        for r in range(reps):      # torch.set_num_threads(threads) was called by main()
-            for impl in order[r % len(order):] + order[:r % len(order)]:
-                step = steps[impl][0]
-                t0 = time.perf_counter()
-                for _ in range(number[impl]):
-                    step()
-                times[impl].append((time.perf_counter() - t0) / number[impl])
-        for impl in steps:
-            recs[impl].update(_summary(times[impl], number[impl]))
+        timed = H.time_interleaved(steps, device, estimates=est, reps=cs["reps"], budget_s=cfg["budget_s"],
+                                   min_reps=cfg["min_reps"], max_reps=cfg["max_reps"])
+        for impl, t in timed.items():
+            recs[impl].update(t)
     del steps, callables, z, v, extra
-    if device == "cuda":
+    H.free_memory(device)
+    return [res.add(case, impl, **rec) for impl, rec in recs.items()]
+
+
+def time_floor(res, n, c, dt, device, cfg) -> dict:
+    """The memory floor ``torch.add(a, b, out=c)`` on one shape and dtype (case mode ``floor``)."""
+    a = torch.randn(n, c, device=device).to(DTYPES[dt])
+    b, o = torch.randn_like(a), torch.empty_like(a)
+    step = lambda: torch.add(a, b, out=o)  # noqa: E731
+    step()
+    _, t1 = H.first_call(step, device)
+    t = H.time_interleaved({"add": step}, device, estimates={"add": t1}, budget_s=cfg["budget_s"],
+                           min_reps=cfg["min_reps"],
+                           max_reps=cfg["min_reps"] if t1 > 0.5 else cfg["max_reps"])["add"]
+    return res.add(dict(loss="-", mode="floor", N=n, C=c, dtype=dt, labels=False), "add", **t)
+
+
+def _mem_probe(spec: dict) -> dict:
+    """In a fresh process (``harness.in_fresh_process``): the extra peak memory of one call beyond
+    the inputs. Allocate and touch the inputs; warm up (compile: the same shape, so the measured
+    call does not recompile; the others: a tiny shape, for lazy initialisation); then
+    ``harness.peak_bytes`` of one call (CPU: VmHWM - RSS; CUDA: max_memory_allocated)."""
+    torch.set_num_threads(spec["threads"])
+    dev, dtype = spec["device"], DTYPES[spec["dtype"]]
+    fns = loss_fns(spec["loss"])
+    fn = fns["eager" if spec["impl"] == "compile" else spec["impl"]]
+    if spec["impl"] == "compile":
+        fn = _compiled(fn)
+    else:  # lazy initialisation (extension load, thread pool) on a tiny input
+        zs, vs, es = make_inputs(spec["loss"], 4, 16, dtype, dev, spec["labels"])
+        make_call(fn, spec["mode"], zs, vs, es)[0]()
+        del zs, vs, es
+    z, v, extra = make_inputs(spec["loss"], spec["N"], spec["C"], dtype, dev, spec["labels"])
+    step, leaves = make_call(fn, spec["mode"], z, v, extra)
+    if spec["impl"] == "compile":
+        step()  # compiles (the inductor cache is warm from the timing sweep)
+        for t in leaves:
+            t.grad = None
+    if dev == "cuda":
+        torch.cuda.synchronize()
         torch.cuda.empty_cache()
-    return list(recs.values())
+    return {"peak_bytes": H.peak_bytes(step, dev), "backend": fused_backend(dev)}
 
 
-def sweep(args) -> tuple[list, dict]:
+class Progress:
+    def __init__(self, total):
+        self.total, self.done, self.t0 = total, 0, time.perf_counter()
+
+    def step(self, what):
+        self.done += 1
+        el = time.perf_counter() - self.t0
+        w = 24
+        fill = int(w * self.done / max(self.total, 1))
+        sys.stderr.write(f"\r[{'#' * fill}{'.' * (w - fill)}] {self.done}/{self.total} "
+                         f"{int(el // 60)}m{int(el % 60):02d}s {what[:60]:<60}")
+        sys.stderr.flush()
+
+    def close(self):
+        sys.stderr.write("\n")
+
+
+def sweep(args) -> H.Results:
+    """The plan's cases, in order: the floors, the timed cases, then the peak-memory processes."""
     device = args.device
-    cfg = dict(budget_s=args.budget, min_reps=args.min_reps, max_reps=args.max_reps,
-               impls=args.impls)
+    cfg = dict(budget_s=args.budget, min_reps=args.min_reps, max_reps=args.max_reps, impls=args.impls)
     threads = torch.get_num_threads()
-    info = machine_info(device)
+    info = H.machine(device, ROOT)
     info["fused_backend"] = fused_be = fused_backend(device)
-    info["loadavg_start"] = os.getloadavg()   # other processes on the machine make timings noise
-    if info["loadavg_start"][0] > 0.5:
+    info["loadavg_start"] = info.pop("loadavg")   # other processes on the machine make timings noise
+    if info["loadavg_start"] and info["loadavg_start"][0] > 0.5:
         print(f"# WARNING: load average {info['loadavg_start'][0]:.2f} before the sweep: something "
               "else is running; timings will be noisy", file=sys.stderr)
     if fused_be not in ("cpu", "triton"):
         print(f"\n# WARNING: kdfast resolves backend='auto' to {fused_be!r} on {device}: the fused "
               "column is the EAGER REFERENCE (fallback), not kdfast's kernels\n", file=sys.stderr)
-    key = device_key(info)
     plan = args.plan
     losses = sorted({cs["loss"] for cs in plan})
-    avail = {l: loss_fns(l) for l in losses}
-    skipped = [l for l in losses if set(avail[l]) != {"fused", "eager"}]
+    avail = {name: loss_fns(name) for name in losses}
+    skipped = [name for name in losses if set(avail[name]) != {"fused", "eager"}]
     plan = [cs for cs in plan if cs["loss"] not in skipped]
     if skipped:
         print(f"# skipped (not in kdfast yet): {', '.join(skipped)}", file=sys.stderr)
     if device == "cuda":
         plan = cuda_plan(plan)
-        # measured first: every timed record carries its achieved bandwidth as a fraction of it
-        info["copy_bandwidth_GBs"] = cfg["copy_GBs"] = copy_bandwidth(device) / 1e9
+        # measured first: every timed row carries its achieved bandwidth as a fraction of it
+        info["copy_bandwidth_GBs"] = cfg["copy_GBs"] = H.copy_bandwidth(device)["bytes_per_s"] / 1e9
         info["l2_bytes"] = getattr(torch.cuda.get_device_properties(0), "L2_cache_size", None)
     if args.no_extra:
         plan = [cs for cs in plan if cs["mode"] == "fwdbwd"]
+    res = H.Results(SUITE, None, info, {})
     mem_cases = [] if args.no_mem else [
         (cs["loss"], cs["N"], cs["C"], cs["dtype"], impl) for cs in plan if cs["mem"]
         and cs["mode"] == "fwdbwd" for impl in cs["impls"] if impl in args.impls]
     shapes_dt = sorted({(cs["N"], cs["C"], cs["dtype"]) for cs in plan if cs["mode"] == "fwdbwd"})
     prog = Progress(len(plan) + len(shapes_dt) + len(mem_cases))
-    out = []
-    common = dict(device_key=key, device=device, threads=threads, date=info["date"])
-
     for (n, c, dt) in shapes_dt:
         prog.step(f"add {n}x{c} {dt}")
-        dtype = DTYPES[dt]
-        a = torch.randn(n, c, device=device).to(dtype)
-        b, o = torch.randn_like(a), torch.empty_like(a)
-        step = lambda: torch.add(a, b, out=o)  # noqa: E731
-        r = measure(step, [], device, threads, dict(cfg, max_reps_slow=cfg["min_reps"]), warmups=2)
-        out.append(dict(common, mode="fwdbwd", loss="-", impl="add", N=n, C=c, dtype=dt, **r))
-        del a, b, o
-
+        time_floor(res, n, c, dt, device, cfg)
+    timed = {}
     for cs in plan:
         prog.step(f"{cs['mode']} {cs['loss']} {cs['N']}x{cs['C']} {cs['dtype']}")
-        for rec in run_case(cs, avail[cs["loss"]], device, threads, cfg, args.labels, fused_be):
-            out.append(dict(common, **rec))
-
+        for row in run_case(res, cs, avail[cs["loss"]], device, cfg, args.labels, fused_be):
+            timed[(row["case"]["mode"], row["case"]["loss"], row["case"]["N"], row["case"]["C"],
+                   row["case"]["dtype"], row["impl"])] = row
     for (loss, n, c, dt, impl) in mem_cases:
         prog.step(f"mem {loss} {n}x{c} {dt} {impl}")
-        spec = dict(kind="loss", loss=loss, impl=impl, N=n, C=c, dtype=dt, device=device,
-                    mode="fwdbwd", labels=args.labels, threads=threads)
-        r = measure_mem(spec)
-        grad_bytes = n * c * DTYPES[dt].itemsize
-        rec = dict(common, mode="mem", loss=loss, impl=impl, N=n, C=c, dtype=dt,
-                   grad_bytes=grad_bytes, labels=args.labels or LOSSES[loss][0])
-        if impl == "fused":   # as resolved in the child process
-            rec["backend"] = r.get("backend", fused_be)
-        if "error" in r:
-            rec["error"] = r["error"]
+        spec = dict(loss=loss, impl=impl, N=n, C=c, dtype=dt, device=device, mode="fwdbwd",
+                    labels=args.labels, threads=threads)
+        r = H.in_fresh_process(_mem_probe, spec)
+        row = timed.get(("fwdbwd", loss, n, c, dt, impl))
+        if row is None:
+            continue
+        if "error" in r or r.get("peak_bytes") is None:
+            row["peak_error"] = r.get("error", "the peak could not be read")
         else:
-            rec["extra_bytes"] = r["extra"]
-            rec["extra_grad_units"] = r["extra"] / grad_bytes
-        out.append(rec)
+            grad_bytes = n * c * DTYPES[dt].itemsize
+            row.update(peak_bytes=r["peak_bytes"], peak_units=r["peak_bytes"] / grad_bytes,
+                       peak_method=H.PEAK_METHOD["cuda" if device == "cuda" else "cpu"])
+            if impl == "fused":   # as resolved in the child process
+                row["backend"] = r.get("backend", fused_be)
     prog.close()
-
     info["elapsed_s"] = round(time.perf_counter() - prog.t0, 1)
     info["argv"] = " ".join(sys.argv[1:])
-    info["loadavg_end"] = os.getloadavg()
+    info["loadavg_end"] = H.loadavg()
     info["args"] = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
                     if k not in ("merge", "plan")}
     if device != "cuda" and not args.no_mem:
-        info["mem_calibration"] = calibrate_mem(threads)
-    return out, {key: info}
+        info["mem_calibration"] = H.calibrate_memory(threads=threads)
+    return res
 
 
-# ----------------------------------------------------------------------------- results file
-
-
-def _mkey(m):
-    return (m["device_key"], m["mode"], m["loss"], m["impl"], m["N"], m["C"], m["dtype"],
-            m.get("labels", False))
-
-
-def merge_results(base: dict, new: dict) -> dict:
-    """Measurements of ``new`` replace those of ``base`` with the same key (device, mode, loss,
-    impl, shape, dtype, labels); everything else is kept. Machines likewise, by device key."""
-    machines = dict(base.get("machines", {}))
-    machines.update(new.get("machines", {}))
-    meas = {_mkey(m): m for m in base.get("measurements", [])}
-    for m in new.get("measurements", []):
-        meas[_mkey(m)] = m
-    return {"schema": 1, "machines": machines, "measurements": list(meas.values())}
-
-
-def load_results(path: Path) -> dict:
-    if path.exists():
-        return json.loads(path.read_text())
-    return {"schema": 1, "machines": {}, "measurements": []}
+def load_results(path: Path | None) -> dict:
+    """The suite's results file, or an empty one (``path`` None or missing, or another schema)."""
+    empty = {"schema": H.SCHEMA, "suite": SUITE, "machines": {}, "config": {}, "calibration": {},
+             "rows": [], "extra": {}}
+    if path is None or not path.exists():
+        return empty
+    try:
+        return H.load(path)
+    except ValueError as e:
+        print(f"# {e}: starting a new file", file=sys.stderr)
+        return empty
 
 
 # ----------------------------------------------------------------------------- CLI
@@ -836,13 +575,14 @@ def parse_args(argv=None):
     p.add_argument("--extra-shapes", type=lambda s: [_shape(x) for x in s.split(",")],
                    default=None, help="shapes of the kd forward-only / teacher-grad set")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
+    p.add_argument("--threads", type=int, default=None,
+                   help=f"torch threads (default {H.THREADS}, at most the cores)")
     p.add_argument("--labels", action="store_true",
                    help="pass labels (add the CE term) to every loss, not only to dkd")
     p.add_argument("--budget", type=float, default=None, help="seconds of timing per case")
     p.add_argument("--min-reps", type=int, default=None)
     p.add_argument("--max-reps", type=int, default=None)
-    p.add_argument("--no-mem", action="store_true", help="skip the peak-memory subprocesses")
+    p.add_argument("--no-mem", action="store_true", help="skip the peak-memory processes")
     p.add_argument("--no-extra", action="store_true", help="skip the kd fwd / teacher-grad set")
     p.add_argument("--check", action="store_true",
                    help="only check fused == eager (loss and gradient) on the selected cases")
@@ -870,22 +610,20 @@ def parse_args(argv=None):
     for d in args.dtypes:
         if d not in DTYPES:
             p.error(f"unknown dtype {d!r}")
-    for l in args.losses:
-        if l not in LOSSES:
-            p.error(f"unknown loss {l!r}")
+    for name in args.losses:
+        if name not in LOSSES:
+            p.error(f"unknown loss {name!r}")
     return args
 
 
 def main(argv=None):
     args = parse_args(argv)
-    results = {"schema": 1, "machines": {}, "measurements": []} if args.fresh else \
-        load_results(args.out)
+    results = load_results(None if args.fresh else args.out)
     for other in args.merge:
-        results = merge_results(results, json.loads(Path(other).read_text()))
+        results = H.merge(results, H.load(Path(other)))
     if not args.merge_only:
         args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-        threads = args.threads or (os.cpu_count() or 1)
-        torch.set_num_threads(threads)
+        H.setup_cpu(args.threads)
         try:
             _kdfast()
         except ImportError as e:
@@ -905,13 +643,14 @@ def main(argv=None):
                               f"loss rel err {r['loss_rel_err']:.2e}  "
                               f"grad rel err {r['grad_rel_err']:.2e}", flush=True)
             sys.exit(1 if bad else 0)
-        meas, machines = sweep(args)
-        results = merge_results(results, {"machines": machines, "measurements": meas})
-        print(f"# sweep took {machines[next(iter(machines))]['elapsed_s']} s", file=sys.stderr)
+        res = sweep(args)
+        results = H.merge(results, res.doc)
+        print(f"# sweep took {res.doc['machines'][res.machine]['elapsed_s']} s", file=sys.stderr)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=1))
     if not args.no_report:
         from benchmarks import report
-        report.write_report(results, args.report_dir)
+        report.write_report(args.report_dir, {SUITE: results})
     print(f"wrote {args.out}" + ("" if args.no_report else f" and {args.report_dir}/RESULTS.md"))
 
 

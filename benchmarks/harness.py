@@ -166,7 +166,7 @@ def time_interleaved(steps: dict, device="cpu", *, estimates: dict | None = None
     """Time the implementations of one case side by side: {name: :func:`summarize`}.
 
     ``steps``: name -> zero-argument step, already warmed up. ``estimates``: name -> seconds of one
-    call (measured by one call each where missing). A block is ``ceil(block_s / estimate)`` calls.
+    call (measured by one call each where missing; ``inf``: unknown and slow, blocks of one call). A block is ``ceil(block_s / estimate)`` calls.
     ``reps`` rounds (default: as many as ``budget_s`` allows, clamped to [min_reps, max_reps]); in
     round r the order is rotated by r. ``limit``: name -> at most that many rounds (a slow baseline
     timed once). CUDA: each step through :func:`time_call` (``budget_s`` each) instead."""
@@ -325,11 +325,18 @@ def _importable(fn):
     again under its own name in the new process)."""
     mod = fn.__module__
     if mod == "__main__":
-        spec = getattr(sys.modules["__main__"], "__spec__", None)
-        if spec is None:
-            raise RuntimeError("run the suite with python -m benchmarks.<suite>")
         import importlib
-        mod = spec.name
+        main = sys.modules["__main__"]
+        spec = getattr(main, "__spec__", None)
+        if spec is not None:
+            mod = spec.name
+        else:   # python benchmarks/<suite>.py: the dotted name from the package folders above it
+            path = Path(main.__file__).resolve()
+            parts = [path.stem]
+            while (path.parent / "__init__.py").exists():
+                path = path.parent
+                parts.insert(0, path.name)
+            mod = ".".join(parts)
         fn = getattr(importlib.import_module(mod), fn.__name__)
     return fn, mod
 
@@ -521,8 +528,8 @@ def describe(info: dict) -> str:
         return (f"{info['gpu']} (sm_{info['capability'].replace('.', '')}, {info['sms']} SMs, "
                 f"{info['memory_bytes'] / 2**30:.0f} GiB), driver {info['driver']}, CUDA {info['cuda_runtime']}, "
                 f"torch {info['torch']}, triton {info['triton']}, Python {info['python']}")
-    return (f"CPU: {info['cpu']} ({info.get('isa')}, {info['threads']} threads), torch {info['torch']}, "
-            f"triton {info.get('triton')}, Python {info.get('python')}"
+    soft = [f"{k} {info[k.lower()]}" for k in ("torch", "triton", "Python") if info.get(k.lower())]
+    return (f"CPU: {info['cpu']} ({info.get('isa')}, {info['threads']} threads), " + ", ".join(soft)
             + (", TRITON_INTERPRET=1" if info.get("triton_interpret") == "1" else ""))
 
 
