@@ -1,7 +1,7 @@
 """RESULTS.md and its figures from the suites' results files (all ``harness.SCHEMA``).
 
     python -m benchmarks.report                       # benchmarks/*.json -> benchmarks/RESULTS.md
-    python -m benchmarks.report --out /tmp/report     # the same, written elsewhere
+    python -m benchmarks.report --out build/report   # the same, written elsewhere
     python -m benchmarks.report --src DIR --out DIR   # results files read from DIR
 
 Reads ``results.json`` (suite ``losses``, one section per machine), ``fused_linear.json``,
