@@ -5,9 +5,11 @@ VENV   := .venv
 VPY    := $(VENV)/bin/python
 DEPS   := $(VENV)/.deps-installed
 BUILT  := $(VENV)/.ext-built
-# torch 2.13.0 (CPU) comes from this machine's disk; every other pin admits it.
+# torch 2.13.0 (CPU) comes from this machine's disk; every other pin admits it. The Hugging Face
+# extras (kdfast[hf]: tests/test_integrations.py, benchmarks/bench_trl.py) resolve in the same pip
+# call as torch==2.13.0, so pip never pulls another torch for them.
 PKGS   := torch==2.13.0 triton==3.9.0 ninja pybind11 pytest pytest-benchmark numpy matplotlib \
-          scikit-learn
+          scikit-learn transformers trl datasets tokenizers
 # examples/imagenet_distill.py needs torchvision, which does not import beside torch 2.13.0: its
 # smoke test gets a venv of its own with the newest pair on this machine's disk.
 VVENV  := .venv-vision

@@ -72,8 +72,10 @@ setup(
     packages=find_packages(include=["kdfast", "kdfast.*"]),
     python_requires=">=3.10",
     install_requires=["torch>=2.4"],
+    # hf: the Hugging Face drop-ins (kdfast.integrations, docs/integrations.md)
     extras_require={"gpu": ["triton>=3.2"], "test": ["pytest", "pytest-benchmark", "numpy"],
-                    "vision": ["torchvision"]},
+                    "vision": ["torchvision"],
+                    "hf": ["transformers", "trl", "datasets", "tokenizers"]},
     ext_modules=[
         CppExtension(
             "kdfast._C",

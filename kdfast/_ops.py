@@ -71,9 +71,12 @@ def grad_scale(labels: Optional[Tensor], ignore_index: int, n: int, reduction: s
                device) -> Tensor:
     """The factor folded into the gradients, a (1,) ``acc`` tensor: ``1 / max(n_valid, 1)`` for
     ``reduction="mean"`` (``n_valid``: the rows whose label is not ``ignore_index``; all ``n``
-    without labels), else 1. Computed on the device: no host synchronisation."""
+    without labels), else 1. Computed on the device: no host synchronisation (``n`` is a Python
+    int: filled in by a kernel, not copied from the host)."""
     if reduction == "mean":
-        n_valid = (labels != ignore_index).sum() if labels is not None else torch.tensor(n, device=device)
+        if labels is None:
+            return torch.full((1,), max(n, 1), dtype=acc, device=device).reciprocal()
+        n_valid = (labels != ignore_index).sum()
         return n_valid.to(acc).clamp_min(1).reciprocal().reshape(1)  # in acc: exact 1/n
     return torch.ones(1, dtype=acc, device=device)
 

@@ -9,6 +9,9 @@ index is a row: a sample or a token), optional integer ``labels`` shaped like th
 - ``ignore_index``: rows whose label equals it contribute nothing.
 - ``reduction``: ``"mean"`` (alias ``"batchmean"``: sum over valid rows / their number, 0 when none is
   valid), ``"sum"`` or ``"none"`` (per row, leading shape).
+- ``num_items_in_batch``: an int or a 0-d tensor; ``"mean"`` then divides by ``max(it, 1)`` instead
+  of the local number of valid rows (token-count normalisation across gradient-accumulation steps
+  and ranks, as Hugging Face's ``Trainer`` passes it). Never read on the host.
 - ``backend``: ``"auto"`` (the C++ kernel for CPU tensors, Triton for CUDA; ``KDFAST_BACKEND``
   overrides it), ``"cpu"``, ``"triton"`` or ``"torch"`` (the eager reference).
 
@@ -182,18 +185,53 @@ class Prepared(NamedTuple):
     backend: str               # resolved: "cpu", "triton" or "torch"
     lead: torch.Size           # the leading (row) shape
     n: int                     # rows
+    #: ``1 / max(num_items_in_batch, 1)`` when it was folded into the row weights (``reduction``
+    #: then reads "sum"), else None: the eager reference paths multiply their "sum" by it
+    item_scale: Union[None, float, Tensor] = None
+
+    def rescale(self, loss: Tensor) -> Tensor:
+        """A loss computed with ``self.reduction`` from the *unscaled* weights (the eager reference
+        paths) -> the loss asked for."""
+        return loss if self.item_scale is None else loss * self.item_scale
+
+
+def _item_scale(num_items_in_batch, acc: torch.dtype, device: torch.device) -> Union[float, Tensor]:
+    """``1 / max(num_items_in_batch, 1)``: a Python float for a Python number; for a tensor, a 0-d
+    ``acc`` tensor computed where the count lives (the logits' device, or a CPU scalar, which device
+    kernels take as an argument): the count is never read on the host (no synchronisation, no graph
+    break under ``torch.compile``)."""
+    x = num_items_in_batch
+    if isinstance(x, Tensor):
+        if x.numel() != 1 or x.dtype.is_complex or x.dtype == torch.bool:
+            raise ValueError("num_items_in_batch must be an int or a one-element real tensor, got "
+                             f"a {x.dtype} tensor of shape {tuple(x.shape)}")
+        if x.device != device and x.device.type != "cpu":
+            raise ValueError(f"num_items_in_batch is on {x.device}, the logits on {device}")
+        return x.detach().reshape(()).to(acc).clamp_min(1).reciprocal()
+    if isinstance(x, bool) or not isinstance(x, (int, float)) or not x >= 0 or x == float("inf"):
+        raise ValueError(f"num_items_in_batch must be an int >= 0 or a 0-d tensor, got {x!r}")
+    return 1.0 / max(x, 1)
 
 
 def prepare(params, like: Tensor, labels, *, kd_weight, ce_weight, ignore_index, reduction, backend,
             acc: torch.dtype, num_classes: Optional[int] = None, what: str = "",
-            resolve_backend: bool = True) -> Prepared:
+            resolve_backend: bool = True, num_items_in_batch=None) -> Prepared:
     """The argument preparation every entry point (the losses, :mod:`~kdfast.fused_linear`,
     :mod:`~kdfast.multi_teacher`, :mod:`~kdfast.vocab_parallel`) shares, after checking its own
     tensors: ``ignore_index`` and ``reduction``, the labels against ``like`` (the ``(..., C)``
     logits, or a stand-in of their shape; ``num_classes``: the classes when not ``like``'s last dim),
     the row weights in ``acc``, the backend (``resolve_backend=False``: only its name is checked),
     and the kernel parameters' ``has_ce`` (labels given and ``ce_weight`` not the constant 0) and
-    ``ignore_index``."""
+    ``ignore_index``.
+
+    ``num_items_in_batch`` (token-count normalisation) is applied here, once for every entry point:
+    with ``reduction="mean"`` the row weights are multiplied by ``s = 1 / max(num_items_in_batch, 1)``
+    and the reduction becomes ``"sum"``, so ``loss = sum_i (s kd_w_i D_i + s ce_w_i CE_i)`` =
+    ``sum_i loss_i / num_items_in_batch``. The kernels already multiply each row's gradient by its
+    weights (``d loss / d z_i = kd_w_i dD_i/dz_i + ce_w_i dCE_i/dz_i``, times the reduction's scale,
+    here 1), so the count lands in the kernel's gradient scale: no (N, C) division, no extra buffer;
+    the only new autograd node is the (N,) product with ``s``, whose gradient to a weight tensor is
+    ``s D_i`` (resp. ``s CE_i``). Other reductions ignore the count."""
     reduction = _check_reduction(ignore_index, reduction)
     labels = _check_labels(labels, like, ignore_index, num_classes, what)
     lead = like.shape[:-1]
@@ -207,12 +245,19 @@ def prepare(params, like: Tensor, labels, *, kd_weight, ce_weight, ignore_index,
     y = None if labels is None else labels.reshape(n).to(torch.int64).contiguous()
     has_ce = labels is not None and not (not isinstance(ce_weight, Tensor) and ce_weight == 0)
     params = dataclasses.replace(params, has_ce=has_ce, ignore_index=ignore_index)
-    return Prepared(params, labels, y, kd_w, ce_w, reduction, backend, lead, n)
+    scale = None
+    if num_items_in_batch is not None:
+        scale = _item_scale(num_items_in_batch, acc, like.device)   # checked whatever the reduction
+        if reduction == "mean":
+            kd_w, ce_w, reduction = kd_w * scale, ce_w * scale, "sum"
+        else:
+            scale = None
+    return Prepared(params, labels, y, kd_w, ce_w, reduction, backend, lead, n, scale)
 
 
 def _distill(params: KernelParams, ref: Callable[..., Tensor], hyper: dict, z, v, labels, *,
              kd_weight, ce_weight, ignore_index, reduction, backend, inplace_backward,
-             zp=None, tp=None, min_classes: int = 1, what: str = "") -> Tensor:
+             num_items_in_batch=None, zp=None, tp=None, min_classes: int = 1, what: str = "") -> Tensor:
     """Check the arguments, pick the backend, call the fused op (or ``ref``, the eager reference,
     with ``hyper`` as its loss hyperparameters). ``tp = (process_group, vocab_start, vocab_size)``
     with a group: the logits are vocabulary shards (:func:`kdfast.vocab_parallel._run`; the global
@@ -223,7 +268,8 @@ def _distill(params: KernelParams, ref: Callable[..., Tensor], hyper: dict, z, v
                                    vocab_size=tp[2], kd_weight=kd_weight, ce_weight=ce_weight,
                                    ignore_index=ignore_index, reduction=reduction, backend=backend,
                                    inplace_backward=inplace_backward, zp=zp,
-                                   min_classes=min_classes, what=what)
+                                   min_classes=min_classes, what=what,
+                                   num_items_in_batch=num_items_in_batch)
     _check_logits("student_logits", z)
     _check_logits("teacher_logits", v)
     if v.shape != z.shape:
@@ -235,11 +281,11 @@ def _distill(params: KernelParams, ref: Callable[..., Tensor], hyper: dict, z, v
         _check_past(zp, z)
     acc = acc_dtype(z.dtype, v.dtype)
     a = prepare(params, z, labels, kd_weight=kd_weight, ce_weight=ce_weight, ignore_index=ignore_index,
-                reduction=reduction, backend=backend, acc=acc)
+                reduction=reduction, backend=backend, acc=acc, num_items_in_batch=num_items_in_batch)
     if a.backend == "torch":
         extra = () if zp is None else (zp,)
-        return ref(z, v, *extra, a.labels, **hyper, kd_weight=kd_weight, ce_weight=ce_weight,
-                   ignore_index=ignore_index, reduction=a.reduction)
+        return a.rescale(ref(z, v, *extra, a.labels, **hyper, kd_weight=kd_weight, ce_weight=ce_weight,
+                             ignore_index=ignore_index, reduction=a.reduction))
     c = z.shape[-1]
     z2, v2 = _as_rows(z, c), _as_rows(v, c)
     if acc == torch.float64:            # the kernels never mix float64 with another dtype
@@ -250,7 +296,8 @@ def _distill(params: KernelParams, ref: Callable[..., Tensor], hyper: dict, z, v
 
 
 def _topk(params: TopkParams, ref: Callable[..., Tensor], hyper: dict, z, lp, idx, labels, *,
-          kd_weight, ce_weight, ignore_index, reduction, backend, inplace_backward) -> Tensor:
+          kd_weight, ce_weight, ignore_index, reduction, backend, inplace_backward,
+          num_items_in_batch=None) -> Tensor:
     """:func:`_distill` for a top-k teacher (``kdfast::topk_distill``)."""
     _check_logits("student_logits", z)
     _check_logits("teacher_topk_logprobs", lp)
@@ -268,10 +315,10 @@ def _topk(params: TopkParams, ref: Callable[..., Tensor], hyper: dict, z, lp, id
             raise ValueError(f"teacher_topk_indices must be in [0, {c})")
     acc = acc_dtype(z.dtype, lp.dtype)
     a = prepare(params, z, labels, kd_weight=kd_weight, ce_weight=ce_weight, ignore_index=ignore_index,
-                reduction=reduction, backend=backend, acc=acc)
+                reduction=reduction, backend=backend, acc=acc, num_items_in_batch=num_items_in_batch)
     if a.backend == "torch":
-        return ref(z, lp.detach(), idx, a.labels, **hyper, kd_weight=kd_weight, ce_weight=ce_weight,
-                   ignore_index=ignore_index, reduction=a.reduction)
+        return a.rescale(ref(z, lp.detach(), idx, a.labels, **hyper, kd_weight=kd_weight,
+                             ce_weight=ce_weight, ignore_index=ignore_index, reduction=a.reduction))
     k = lp.shape[-1]
     z2 = _as_rows(z, c).to(acc) if acc == torch.float64 else _as_rows(z, c)
     lp2 = lp.detach().reshape(a.n, k).to(acc).contiguous()
@@ -305,7 +352,7 @@ def _call(loss: Loss, args: dict) -> Tensor:
 # ----------------------------------------------------------------------------- the named losses
 def _options(*, kd_weight: Weight = 1.0, ce_weight: Weight = 1.0, ignore_index: int = -100,
              reduction: str = "mean", backend: str = "auto", inplace_backward: bool = False,
-             process_group=None, vocab_start: Optional[int] = None, vocab_size: Optional[int] = None):
+             num_items_in_batch: Union[None, int, Tensor] = None, process_group=None, vocab_start: Optional[int] = None, vocab_size: Optional[int] = None):
     """The options every loss takes after its hyperparameters, with their defaults (the last three,
     the vocabulary shard layout, only the losses of a dense teacher)."""
 
@@ -320,6 +367,11 @@ _COMMON_DOC = """
     gradients), ``ignore_index``, ``reduction`` ("mean"/"batchmean", "sum", "none"), ``backend``
     ("auto", "cpu", "triton", "torch") and ``inplace_backward`` (scale the saved gradient in place in
     backward: saves one (N, C) buffer, forbids a second backward through the graph).
+    ``num_items_in_batch`` (an int or a 0-d tensor, as Hugging Face's ``Trainer`` passes it):
+    ``reduction="mean"`` divides the sum by ``max(num_items_in_batch, 1)`` instead of the number of
+    valid rows here (the count of the whole batch over gradient-accumulation steps and data-parallel
+    ranks); read on the device, never on the host; folded into the kernel's gradient scale. Other
+    reductions ignore it.
     ``process_group`` (with ``vocab_start`` / ``vocab_size`` for uneven shards): the logits are this
     rank's shard of the vocabulary (tensor parallelism); see :mod:`kdfast.vocab_parallel`.
 """

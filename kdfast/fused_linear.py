@@ -174,7 +174,7 @@ def _fused_linear_distill_loss(
         past_student_weight: Optional[Tensor] = None, past_student_bias: Optional[Tensor] = None,
         kd_weight=1.0, ce_weight=1.0, ignore_index: int = -100, reduction: str = "mean",
         chunk_size: Optional[int] = None, memory_budget: Optional[int] = None, backend: str = "auto",
-        **hyperparameters) -> Tensor:
+        num_items_in_batch=None, **hyperparameters) -> Tensor:
     """The distillation loss ``method`` of the student logits ``student_hidden @ student_weight.T
     (+ student_bias)`` against the teacher's, without materialising either ``(N, V)`` logits tensor.
 
@@ -190,6 +190,9 @@ def _fused_linear_distill_loss(
     - ``labels``, ``kd_weight``, ``ce_weight``, ``ignore_index``, ``reduction``, ``backend`` as in
       :mod:`kdfast.functional` (``backend="torch"`` materialises the logits and runs the eager
       reference).
+    - ``num_items_in_batch``: an int or a 0-d tensor; ``reduction="mean"`` divides by it instead of
+      the number of valid rows (as in :mod:`kdfast.functional`; folded into the row weights, so into
+      the gradients of the hidden states, the head and its bias; never read on the host).
     - ``chunk_size``: rows per chunk; default from ``memory_budget`` (bytes, default 256 MiB) for
       the chunk logits buffers: see :func:`default_chunk_size` and the module docstring.
 
@@ -241,7 +244,7 @@ def _fused_linear_distill_loss(
     # (..., V) stand-in for the logits (no memory): the labels are checked against its shape
     a = prepare(params, torch.empty((), device=h.device).expand(*lead, v), labels, kd_weight=kd_weight,
                 ce_weight=ce_weight, ignore_index=ignore_index, reduction=reduction, backend=backend,
-                acc=acc)
+                acc=acc, num_items_in_batch=num_items_in_batch)
 
     if a.backend == "torch":   # the eager reference on materialised logits
         z = torch.nn.functional.linear(h, w, b)
@@ -250,8 +253,9 @@ def _fused_linear_distill_loss(
             extra = () if past is None else (past.all_rows(n, h.dtype).reshape(z.shape),)
         if acc == torch.float64 or vt.dtype == torch.float64:
             z, vt = z.to(acc), vt.to(acc)
-        return loss.reference(z, vt, *extra, a.labels, **hyper, kd_weight=kd_weight,
-                              ce_weight=ce_weight, ignore_index=ignore_index, reduction=a.reduction)
+        return a.rescale(loss.reference(z, vt, *extra, a.labels, **hyper, kd_weight=kd_weight,
+                                        ce_weight=ce_weight, ignore_index=ignore_index,
+                                        reduction=a.reduction))
 
     if past is not None and params.rho == 0:
         past = None
@@ -306,14 +310,14 @@ class FusedLinearDistillLoss(nn.Module):
                 past_student_logits: Optional[Tensor] = None,
                 past_student_hidden: Optional[Tensor] = None,
                 past_student_weight: Optional[Tensor] = None,
-                past_student_bias: Optional[Tensor] = None) -> Tensor:
+                past_student_bias: Optional[Tensor] = None, num_items_in_batch=None) -> Tensor:
         return fused_linear_distill_loss(
             student_hidden, student_weight, labels, method=self.method, student_bias=student_bias,
             teacher_logits=teacher_logits, teacher_hidden=teacher_hidden,
             teacher_weight=teacher_weight, teacher_bias=teacher_bias,
             past_student_logits=past_student_logits, past_student_hidden=past_student_hidden,
             past_student_weight=past_student_weight, past_student_bias=past_student_bias,
-            **self.options)
+            num_items_in_batch=num_items_in_batch, **self.options)
 
     def extra_repr(self) -> str:
         return ", ".join([repr(self.method)] + [f"{k}={v!r}" for k, v in self.options.items()])

@@ -28,7 +28,7 @@ MAX_TEACHERS = 8
 #: the methods: the losses of a dense teacher (kdfast.losses.REGISTRY); name -> declaration
 _LOSSES = {name: loss for name, loss in REGISTRY.items() if loss.dense}
 _NAME_OF = {loss.function: name for name, loss in _LOSSES.items()}
-_COMMON = ("backend", "ignore_index", "inplace_backward")
+_COMMON = ("backend", "ignore_index", "inplace_backward", "num_items_in_batch")
 
 
 def multi_teacher_loss(method: Union[str, Callable[..., Tensor]], student_logits: Tensor,
@@ -44,7 +44,8 @@ def multi_teacher_loss(method: Union[str, Callable[..., Tensor]], student_logits
       teacher) or one of kdfast's loss functions (fused), or any other
       loss function with kdfast's signature (unfused: called once per teacher). ``hyperparameters`` are
       the loss's (``temperature=``, ``beta=``, ...) and the common ``backend=``, ``ignore_index=``,
-      ``inplace_backward=``.
+      ``inplace_backward=``, ``num_items_in_batch=`` (``"mean"`` divides by it instead of the
+      number of valid rows; see :mod:`kdfast.functional`).
     - ``teacher_logits``: a sequence of M tensors shaped like the student's, or one ``(M, ..., C)``
       tensor (read in place: no copy on the CPU; Triton copies a list whose tensors are not equally
       spaced in memory). Teachers that require grad get gradients.
@@ -96,7 +97,7 @@ def multi_teacher_loss(method: Union[str, Callable[..., Tensor]], student_logits
                         reduction, past_student_logits, {**hyperparameters, **common})
     return _fused(name, z, teachers, weights, labels, kd_weight, ce_weight, reduction, past_student_logits,
                   hyperparameters, backend, common.get("ignore_index", -100),
-                  common.get("inplace_backward", False))
+                  common.get("inplace_backward", False), common.get("num_items_in_batch"))
 
 
 def _unfused(fn, z, teachers, weights, labels, kd_weight, ce_weight, reduction, zp, kwargs) -> Tensor:
@@ -112,7 +113,7 @@ def _unfused(fn, z, teachers, weights, labels, kd_weight, ce_weight, reduction, 
 
 
 def _fused(name, z, teachers, weights, labels, kd_weight, ce_weight, reduction, zp, hyper, backend,
-           ignore_index, inplace_backward) -> Tensor:
+           ignore_index, inplace_backward, num_items_in_batch=None) -> Tensor:
     loss = _LOSSES[name]
     try:
         params = loss.params(**hyper)
@@ -133,7 +134,7 @@ def _fused(name, z, teachers, weights, labels, kd_weight, ce_weight, reduction, 
         F._check_past(zp, z)
     acc = acc_dtype(z.dtype, *(v.dtype for v in teachers))
     a = F.prepare(params, z, labels, kd_weight=kd_weight, ce_weight=ce_weight, ignore_index=ignore_index,
-                  reduction=reduction, backend=backend, acc=acc)
+                  reduction=reduction, backend=backend, acc=acc, num_items_in_batch=num_items_in_batch)
     # (M, N) row weights of the teachers: teacher weight x kd_weight (gradients flow into both)
     kd_w = torch.stack([a.kd_w * F._rows_weight(w, f"teacher_weights[{i}]", a.lead, a.n, acc, z.device)
                         for i, w in enumerate(weights)])

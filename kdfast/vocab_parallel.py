@@ -598,7 +598,7 @@ def _forward(z, v, zp, y, kd_w, ce_w, p: KernelParams, reduction, group: str, la
 # ----------------------------------------------------------------------------- the entry point
 def _run(params: KernelParams, z, v, labels, *, process_group, vocab_start, vocab_size,
          kd_weight, ce_weight, ignore_index, reduction, backend, inplace_backward, zp=None,
-         min_classes: int = 1, what: str = ""):
+         min_classes: int = 1, what: str = "", num_items_in_batch=None):
     _F._check_logits("student_logits", z)
     _F._check_logits("teacher_logits", v)
     if v.shape != z.shape:
@@ -618,7 +618,8 @@ def _run(params: KernelParams, z, v, labels, *, process_group, vocab_start, voca
     a = _F.prepare(params, z, labels, kd_weight=kd_weight, ce_weight=ce_weight,
                    ignore_index=ignore_index, reduction=reduction, backend=backend,
                    acc=acc_dtype(z.dtype, v.dtype), num_classes=layout[3], what="global class ids",
-                   resolve_backend=False)   # (the backend is ignored: eager torch ops)
+                   resolve_backend=False,   # (the backend is ignored: eager torch ops)
+                   num_items_in_batch=num_items_in_batch)
     z2, v2 = z.reshape(a.n, cl), v.reshape(a.n, cl)
     zp2 = None if zp is None or a.params.rho == 0 else zp.detach().reshape(a.n, cl)
     loss = run_vocab_parallel(z2, v2, zp2, a.y, a.kd_w, a.ce_w, a.params, a.reduction,

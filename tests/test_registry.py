@@ -14,7 +14,8 @@ import kdfast.vocab_parallel as VP
 from conftest import CASES, FAMILY, LOSSES
 from kdfast.losses import REGISTRY
 
-OPTIONS = ["kd_weight", "ce_weight", "ignore_index", "reduction", "backend", "inplace_backward"]
+OPTIONS = ["kd_weight", "ce_weight", "ignore_index", "reduction", "backend", "inplace_backward",
+           "num_items_in_batch"]
 SHARDED = ["process_group", "vocab_start", "vocab_size"]
 DENSE = [name for name, loss in REGISTRY.items() if loss.dense]
 
@@ -25,7 +26,8 @@ def test_public_signatures_are_unchanged():
         "(student_logits: 'Tensor', teacher_logits: 'Tensor', labels: 'Optional[Tensor]' = None, *, "
         "temperature: 'float' = 4.0, kd_weight: 'Weight' = 1.0, ce_weight: 'Weight' = 1.0, "
         "ignore_index: 'int' = -100, reduction: 'str' = 'mean', backend: 'str' = 'auto', "
-        "inplace_backward: 'bool' = False, process_group=None, vocab_start: 'Optional[int]' = None, "
+        "inplace_backward: 'bool' = False, num_items_in_batch: 'Union[None, int, Tensor]' = None, "
+        "process_group=None, vocab_start: 'Optional[int]' = None, "
         "vocab_size: 'Optional[int]' = None) -> 'Tensor'")
     assert str(inspect.signature(kdfast.dkd_loss)).startswith(
         "(student_logits: 'Tensor', teacher_logits: 'Tensor', labels: 'Tensor', *, temperature: "
@@ -37,7 +39,8 @@ def test_public_signatures_are_unchanged():
         "(student_logits: 'Tensor', teacher_topk_logprobs: 'Tensor', teacher_topk_indices: 'Tensor', "
         "labels: 'Optional[Tensor]' = None, *, temperature: 'float' = 1.0, renormalize: 'bool' = True, "
         "kd_weight: 'Weight' = 1.0, ce_weight: 'Weight' = 1.0, ignore_index: 'int' = -100, "
-        "reduction: 'str' = 'mean', backend: 'str' = 'auto', inplace_backward: 'bool' = False) -> 'Tensor'")
+        "reduction: 'str' = 'mean', backend: 'str' = 'auto', inplace_backward: 'bool' = False, "
+        "num_items_in_batch: 'Union[None, int, Tensor]' = None) -> 'Tensor'")
     assert "Hinton et al. (2015)" in kdfast.kd_loss.__doc__ and "Common arguments" in kdfast.kd_loss.__doc__
     assert kdfast.kd_loss.__module__ == "kdfast.functional" and kdfast.kd_loss.__name__ == "kd_loss"
 
@@ -54,15 +57,16 @@ def test_function_and_module_follow_the_declaration(name):
     for k, p in hyper.items():
         assert params[k].default == p.default and params[k].annotation == p.annotation, (name, k)
     assert ("labels" in params) and (params["labels"].default is inspect.Parameter.empty) == bool(loss.needs_labels)
-    # the module: every option of the function in the constructor (with its default), the
-    # function's positional tensors in forward
+    # the module: every option of the function but the per-call num_items_in_batch in the
+    # constructor (with its default), the function's positional tensors and num_items_in_batch
+    # (keyword-only) in forward
     cls = getattr(kdfast, loss.module)
     assert cls.__name__ in kdfast.__all__
     init = inspect.signature(cls).parameters
-    assert list(init) == kw
-    assert all(init[k].default == params[k].default for k in kw)
+    assert list(init) == [k for k in kw if k != "num_items_in_batch"]
+    assert all(init[k].default == params[k].default for k in init)
     fwd = list(inspect.signature(cls.forward).parameters)[1:]
-    assert fwd == [k for k, p in params.items() if p.kind == p.POSITIONAL_OR_KEYWORD]
+    assert fwd == [k for k, p in params.items() if p.kind == p.POSITIONAL_OR_KEYWORD] + ["num_items_in_batch"]
 
 
 def test_modules_take_inplace_backward_and_process_group():
