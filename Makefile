@@ -36,7 +36,7 @@ $(DEPS):
 	$(VPY) -m pip install -q $(PKGS) setuptools wheel
 	touch $@
 
-$(BUILT): $(DEPS) setup.py pyproject.toml $(wildcard csrc/*)
+$(BUILT): $(DEPS) setup.py pyproject.toml $(wildcard csrc/* csrc/kinds/*)
 	$(VPY) -m pip install -q --no-build-isolation --no-deps -e .
 	touch $@
 
@@ -69,7 +69,7 @@ inspect: $(BUILT)
 
 # kdfast built into .venv-vision (non-editable) from a copy of the sources in $(VSRC), so its build
 # directory and extension never touch build/ or kdfast/_C*.so of the main .venv.
-$(VVENV)/.ext-built: setup.py pyproject.toml $(wildcard csrc/*) $(wildcard kdfast/*.py kdfast/*/*.py)
+$(VVENV)/.ext-built: setup.py pyproject.toml $(wildcard csrc/* csrc/kinds/*) $(wildcard kdfast/*.py kdfast/*/*.py)
 	test -x $(VVPY) || $(PYTHON) -m venv $(VVENV)
 	$(VVPY) -m pip install -q $(VPKGS)
 	rm -rf $(VSRC)/csrc $(VSRC)/kdfast && mkdir -p $(VSRC)

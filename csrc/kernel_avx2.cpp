@@ -4,7 +4,7 @@
 #if defined(KDFAST_X86)
 #define CPU_CAPABILITY AVX2
 #define CPU_CAPABILITY_AVX2
-#include "row_kernel.h"
+#include "row_driver.h"
 
 namespace kdfast::AVX2 {
 void run_rows(const KernelArgs& args, int64_t begin, int64_t end) { run_rows_impl(args, begin, end); }

@@ -10,7 +10,7 @@
 // positive of the compiler's own headers.
 #pragma GCC diagnostic ignored "-Wuninitialized"
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
-#include "row_kernel.h"
+#include "row_driver.h"
 
 namespace kdfast::AVX512 {
 void run_rows(const KernelArgs& args, int64_t begin, int64_t end) { run_rows_impl(args, begin, end); }

@@ -4,7 +4,7 @@
 #include "kernel_api.h"
 #define CPU_CAPABILITY DEFAULT
 #define CPU_CAPABILITY_DEFAULT
-#include "row_kernel.h"
+#include "row_driver.h"
 
 namespace kdfast::DEFAULT {
 void run_rows(const KernelArgs& args, int64_t begin, int64_t end) { run_rows_impl(args, begin, end); }

@@ -212,7 +212,7 @@ def topk_distill(z: Tensor, t_lp: Tensor, t_idx: Tensor, labels: Optional[Tensor
                  ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """``fparams`` / ``iparams``: ``kdfast._spec.TopkParams``; returns
     ``(loss, d, ce, grad_z, empty, grad_scale)``; the API is ``kdfast.topk_kd_loss``, the kernels
-    ``kdfast/_triton/topk.py`` and ``csrc/row_kernel_more.h`` (``row_topk``)."""
+    ``kdfast/_triton/topk.py`` and ``csrc/kinds/topk.h`` (``row_topk``)."""
     d, ce, grad_scale = _row_outputs(z, labels, kd_w, iparams[TopkIParam.IGNORE_INDEX], reduction)
     grad_z = _grad_buffer(z) if need_grad_z else z.new_empty(0)
     _backend_fn(backend, "topk_forward")(z, t_lp, t_idx, labels, kd_w, ce_w, grad_scale, d, ce,

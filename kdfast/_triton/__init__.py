@@ -14,6 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .._spec import KernelParams, Kind, TopkParams
 from .kernel import _distill_kernel
 from .topk import _topk_kernel
 
@@ -120,16 +121,17 @@ def _launch(z, v, stride_vm, M, zp, labels, kd_w, ce_w, grad_scale, d_out, ce_ou
     """One launch of ``_distill_kernel`` over the N rows: ``v`` the first teacher's (N, C) rows,
     teacher m's at ``v + m * stride_vm`` elements; ``grad_v`` (M, N, C) (or (N, C) when M == 1)."""
     N, C = z.shape
-    kind, wttm, reverse, center, has_ce, ignore_index = (int(x) for x in iparams)
-    ts, tt, scale, rho, alpha, beta = (float(x) for x in fparams)
+    p = KernelParams.from_lists(fparams, iparams)
+    kind = p.kind
     has_labels = labels is not None
-    has_ce = bool(has_ce) and has_labels
+    has_ce = p.has_ce and has_labels
     # CE's lse(z) equals the student lse at Ts when Ts == 1 (a Python float: no host sync)
-    ce_shared = has_ce and kind in (0, 1, 4) and ts == 1.0
+    ce_shared = has_ce and kind in (Kind.KL, Kind.DKD, Kind.JSD) and p.t_student == 1.0
     mb = triton.next_power_of_2(M)
     acc = tl.float64 if z.dtype == torch.float64 else tl.float32
     dummy = d_out  # stands in for absent tensors (never read or written: constexpr flags)
-    hi_lo = [_split(x) for x in (ts, tt, scale, rho, alpha, beta)]
+    # the kernel's ts, tt, scale, rho, alpha, beta (each as hi + lo)
+    hi_lo = [_split(x) for x in (p.t_student, p.t_teacher, p.scale, p.rho, p.alpha, p.beta)]
     gv_row, gv_m = 0, 0
     if grad_v is not None:
         gv_row = grad_v.stride(-2)
@@ -147,10 +149,10 @@ def _launch(z, v, stride_vm, M, zp, labels, kd_w, ce_w, grad_scale, d_out, ce_ou
         grad_z.stride(0) // vec if grad_z is not None else 0, gv_row // vec,
         M, (stride_vm // vec) if M > 1 else 0, gv_m // vec, kd_w.stride(0) if M > 1 else 0,
         *[h for h, _ in hi_lo], *[lo for _, lo in hi_lo],
-        ignore_index,
-        KIND=kind, HAS_LABELS=has_labels, HAS_CE=has_ce, CE_SHARED=ce_shared,
-        WTTM=bool(wttm) and kind == 0, REVERSE=bool(reverse) and kind == 0, HAS_ZP=zp is not None,
-        CENTER=bool(center) and kind == 2, NEED_GZ=grad_z is not None, NEED_GV=grad_v is not None,
+        p.ignore_index,
+        KIND=int(kind), HAS_LABELS=has_labels, HAS_CE=has_ce, CE_SHARED=ce_shared,
+        WTTM=p.wttm and kind == Kind.KL, REVERSE=p.reverse and kind == Kind.KL, HAS_ZP=zp is not None,
+        CENTER=p.center and kind == Kind.LM, NEED_GZ=grad_z is not None, NEED_GV=grad_v is not None,
         ACC=acc, BLOCK=block, VEC=vec, MB=mb, num_warps=num_warps, maxnreg=max_registers(num_warps),
     )
 
@@ -243,26 +245,25 @@ def multi_forward(z, vs, zp, labels, kd_w, ce_w, grad_scale, d_out, ce_out, grad
 def topk_forward(z, t_lp, t_idx, labels, kd_w, ce_w, grad_scale, d_out, ce_out, grad_z, fparams,
                  iparams) -> None:
     """The top-k teacher form (``kdfast._ops.topk_distill``): ``t_lp`` (N, k) accumulation-dtype
-    log-probabilities, ``t_idx`` (N, k) int64 classes; ``fparams = [T, scale]``,
-    ``iparams = [renormalize, has_ce, ignore_index]``."""
+    log-probabilities, ``t_idx`` (N, k) int64 classes; ``fparams`` / ``iparams``: ``TopkParams``
+    (``kdfast._spec``)."""
     N, C = z.shape
     if N == 0:
         return
-    renorm, has_ce, ignore_index = (int(x) for x in iparams)
-    t, scale = (float(x) for x in fparams)
+    p = TopkParams.from_lists(fparams, iparams)
     has_labels = labels is not None
-    has_ce = bool(has_ce) and has_labels
+    has_ce = p.has_ce and has_labels
     block, num_warps = launch_config(C, fp64=z.dtype == torch.float64)
     K = t_lp.shape[1]
     dummy = d_out
-    (t_hi, t_lo), (s_hi, s_lo) = _split(t), _split(scale)
+    (t_hi, t_lo), (s_hi, s_lo) = _split(p.t), _split(p.scale)
     _topk_kernel[(N,)](
         z, t_lp, t_idx, labels if has_labels else dummy, kd_w, ce_w, grad_scale, d_out, ce_out,
         grad_z if grad_z is not None else dummy,
         C, K, z.stride(0), t_lp.stride(0), t_idx.stride(0),
         grad_z.stride(0) if grad_z is not None else 0,
-        t_hi, t_lo, s_hi, s_lo, ignore_index,
-        HAS_LABELS=has_labels, HAS_CE=has_ce, CE_SHARED=has_ce and t == 1.0, RENORM=bool(renorm),
+        t_hi, t_lo, s_hi, s_lo, p.ignore_index,
+        HAS_LABELS=has_labels, HAS_CE=has_ce, CE_SHARED=has_ce and p.t == 1.0, RENORM=p.renormalize,
         NEED_GZ=grad_z is not None, ACC=tl.float64 if z.dtype == torch.float64 else tl.float32,
         BLOCK=block, KBLOCK=max(16, triton.next_power_of_2(max(K, 1))), num_warps=num_warps,
         maxnreg=max_registers(num_warps),

@@ -8,7 +8,7 @@ barrier, the k teacher columns (and the label's) are rewritten with their full v
 import triton
 import triton.language as tl
 
-from .kernel import NEG_INF, _finish, _load_row, _lse_update, _safe
+from .common import NEG_INF, _finish, _load_row, _lse_update, _safe
 
 
 @triton.jit

@@ -1,6 +1,10 @@
-// The fused row kernel of kdfast (CPU). Included once per ISA by kernel_<isa>.cpp, after that file has
-// defined CPU_CAPABILITY / CPU_CAPABILITY_<ISA> and switched the compiler target, so that everything in
-// here lives in the namespace kdfast::<ISA> and ATen's Vectorized<T> is the <ISA> implementation.
+// Shared primitives of the C++ row kernel (every loss kind uses them): ATen vector helpers and the
+// vector exp / log / log1p, InvT, block load / store, Row / Block / BlockIO and `sweep` (one pass over a
+// row in blocks), the online log-sum-exp (Lse, LseTotal, LongSum), shifted sums, phi / wphi /
+// needs_refine, RowInfo / RowOut and the small scalar helpers. Included (through the kind headers in
+// csrc/kinds/ and csrc/row_driver.h) once per ISA by kernel_<isa>.cpp, after that file has defined
+// CPU_CAPABILITY / CPU_CAPABILITY_<ISA> and switched the compiler target, so that everything here lives
+// in the namespace kdfast::<ISA> and ATen's Vectorized<T> is the <ISA> implementation.
 //
 // Compiled once per ISA: kernel_<isa>.cpp defines CPU_CAPABILITY (DEFAULT, AVX2, AVX512) and setup.py
 // gives that file the matching -m flags, like ATen's own kernels.
@@ -13,8 +17,10 @@
 //     per-element branch anywhere.
 //   * `Lse` is the online max / sum-of-exp of one stream, per lane, updated once per block: the rescale
 //     exp(m_old - m_new) costs one exp per block of kBlock vectors, not one per element.
-//   * one `row_<kind>` per loss kind: its passes (statistics, then gradient) as lambdas over `sweep`.
-//   * `rows<TZ, TV>` handles labels (ignored / out of range rows), weights, and dispatches on the kind.
+//   * one `row_<kind>` per loss kind (csrc/kinds/<kind>.h): its passes (statistics, then gradient) as
+//     lambdas over `sweep`.
+//   * `rows<TZ, TV>` (csrc/row_driver.h) handles labels (ignored / out of range rows), weights, and
+//     dispatches on the kind.
 // A named loss (kd, ttm, wttm, retro_kd, ...) is only a choice of parameters of these kinds.
 #pragma once
 
@@ -550,175 +556,6 @@ inline double mixed(const Row<TZ, TV>& r, int t, int64_t y) {
 template <class T>
 inline void write_scalar(T* p, int64_t y, double x) { if (p) p[y] = static_cast<T>(x); }
 
-// ===================================================================================================
-// KL kind: D = s * KL(p || q) (or s * KL(q || p) when Rev), p = softmax(v / Tt), q = softmax(z / Ts).
-// kd, ttm, wttm (s = U), retro_kd (teacher row mixed with zp), jsd at beta in {0, 1}.
-// Multi-teacher (every kind): D_t per teacher t, the student's statistics once, each teacher's per
-// teacher; the student gradient is the sum over t of the single-teacher expressions, weighted g_kd[t].
-// ===================================================================================================
-template <bool Rev, int MT, class A, class TZ, class TV>
-RowOut row_kl(const KernelArgs& P, const Row<TZ, TV>& r, const RowInfo& ri) {
-  const InvT<A> its(P.ts), itt(P.tt);
-  const bool ce_sep = ri.ce && P.ts != 1.0;  // CE needs lse(z) at T = 1: its own stream unless Ts == 1
-  const bool wttm = P.wttm;
-  Lse<A> Sz, S1, Sv[kCap<MT>], Sv1[kCap<MT>];
-  Vec<A> W[kCap<MT>], R[kCap<MT>];
-  for (int t = 0; t < teachers<MT>(r); ++t) W[t] = R[t] = Vec<A>(A(0));
-  // Pass 1 (statistics): both online lse, and per teacher W = sum_j e_j d_j (docs/kernel-math.md, "KL"):
-  // forward e_j = exp(c_j - m_v), d_j = (c_j - m_v) - (a_j - R), R the student's value where the
-  // teacher has its lane max; Rev: e_j = exp(a_j - m_z), d_j = (a_j - m_z) - (c_j - R), R the teacher's
-  // value at the student's lane max. W is shifted when the maxima and references move (shift_w). d is
-  // free of the logits' offsets and 0 at the weighting stream's largest entry. Both operands are
-  // floored: a lane where both are -inf (padding, or a column -inf in both rows) adds 0 * finite.
-  sweep<A>(r, -1, false, [&](auto, Block<A>& b, int64_t, const auto& io) {
-    Vec<A> v[kBlock];  // the current teacher's block (locals: kept in registers)
-    Vec<A> a[kBlock], c[kBlock], ez[kBlock], e[kBlock], xa[kBlock];
-    for (int k = 0; k < kBlock; ++k) a[k] = vscale(b.z[k], its);
-    const Vec<A> mz0 = Sz.m, sz0 = Sz.s;
-    const Vec<A> rz = Sz.update(a, ez);
-    if (ce_sep) S1.update(b.z, e);
-    if constexpr (Rev)
-      for (int k = 0; k < kBlock; ++k) xa[k] = finite_floor(a[k] - Sz.m);
-    for (int t = 0; t < teachers<MT>(r); ++t) {
-      io.load(t, v);
-      for (int k = 0; k < kBlock; ++k) c[k] = vscale(v[k], itt);
-      const Vec<A> mv0 = Sv[t].m, sv0 = Sv[t].s;
-      const Vec<A> rv = Sv[t].update(c, e);
-      if constexpr (Rev) {
-        const Vec<A> R1 = track_ref(R[t], a, c, Sz.m);
-        Vec<A> w = shift_w(W[t], rz, sz0, Sz.m - mz0, R1 - R[t]);
-        for (int k = 0; k < kBlock; ++k) w = vec::fmadd(ez[k], xa[k] - finite_floor(c[k] - R1), w);
-        W[t] = w, R[t] = R1;
-      } else {
-        const Vec<A> R1 = track_ref(R[t], c, a, Sv[t].m);
-        Vec<A> w = shift_w(W[t], rv, sv0, Sv[t].m - mv0, R1 - R[t]);
-        for (int k = 0; k < kBlock; ++k)
-          w = vec::fmadd(e[k], finite_floor(c[k] - Sv[t].m) - finite_floor(a[k] - R1), w);
-        W[t] = w, R[t] = R1;
-      }
-      if (wttm) Sv1[t].update(v, e);
-    }
-  });
-  const LseTotal tz = total(Sz);
-  const double lz = tz.l();
-  LseTotal t1 = tz;
-  if (ri.ce && ce_sep) t1 = total(S1);
-  RowOut out;
-  out.CE = ri.ce ? (t1.M - ri.zy) + t1.l() : 0.0;
-  // per teacher: the row maxima and log S, the reference Rr (forward: a at the teacher's argmax; Rev: c
-  // at the student's), dbar, the one-pass KL1 and the scale s (wttm: U = exp(lse(v/T) - lse(v)/T), a
-  // per-row constant, no gradient through it). log p_j - log q_j = d_j + (M_z - Rr) - (l_v - l_z), so
-  //   KL1 = dbar + (M_z - Rr) - (l_v - l_z);   Rev: KL1 = dbar + (M_v - Rr) - (l_z - l_v).
-  double Mv[kCap<MT>] = {}, lv[kCap<MT>] = {}, Rr[kCap<MT>] = {}, dbar[kCap<MT>] = {}, KL1[kCap<MT>] = {};
-  double s[kCap<MT>] = {};
-  bool refine = false, rf[kCap<MT>] = {};
-  for (int t = 0; t < teachers<MT>(r); ++t) {
-    const LseTotal tv = total(Sv[t]);
-    Mv[t] = tv.M, lv[t] = tv.l();
-    double off;
-    if constexpr (Rev) {
-      Rr[t] = at_row_max(Sz, tz, R[t]);
-      dbar[t] = shifted_sum(W[t], Sz.s, Sz, tz, R[t], Rr[t]) / tz.S;
-      off = (tv.M - Rr[t]) - (lz - lv[t]);
-    } else {
-      Rr[t] = at_row_max(Sv[t], tv, R[t]);
-      dbar[t] = shifted_sum(W[t], Sv[t].s, Sv[t], tv, R[t], Rr[t]) / tv.S;
-      off = (tz.M - Rr[t]) - (lv[t] - lz);
-    }
-    KL1[t] = dbar[t] + off;
-    if (wttm) {
-      const LseTotal t1v = total(Sv1[t]);
-      // lse(v/T) - lse(v)/T = (max(v)/T + l_v) - (max(v) + l_1v)/T = l_v - l_1v/T: the maxima cancel
-      // exactly (their roundings, fl(max(v) / T) against max(v) / T, would not)
-      s[t] = std::exp(lv[t] - t1v.l() / P.tt);
-    } else {
-      s[t] = P.scale;
-    }
-    out.D[t] = s[t] * KL1[t];
-    // cancellation in KL1 costs more than 3 bits: the accurate sum of the gradient pass (log1p of
-    // nonnegative terms), in a sweep of its own for a forward-only call
-    rf[t] = needs_refine(KL1[t], std::abs(dbar[t]) + 1.0);
-    refine |= rf[t];
-  }
-  const bool grads = r.gz || r.gv[0];
-  if (!grads && !refine) return out;
-
-  // Pass 2: gradients, and the accurate KL. With d_j, dbar as above relative to the row maxima and
-  // u_j = d_j - dbar (sum_j p_j u_j = 0; Rev: weights q):
-  //   log p_j - log q_j - KL = (d_j - (l_v - l_z)) - (dbar - (l_v - l_z)) = u_j
-  // so (forward) dD/dz_j = (s/Ts)(q_j - p_j)                 [d log q_k / d a_j = delta_jk - q_j]
-  //              dD/dv_j = (s/Tt) p_j (log p_j - log q_j - KL) = (s/Tt) p_j u_j   [d p_k / d c_j = p_k(delta_jk - p_j)]
-  // Rev (KL(q||p)): dD/dz_j = (s/Ts) q_j u_j, dD/dv_j = (s/Tt)(p_j - q_j).
-  // q_j = exp((a_j - M_z) - l_z), p_j = exp((c_j - M_v) - l_v): no rounded lse is subtracted from a logit.
-  // KL = log1p(sum_j p_j phi(-u_j)) (phi_term; Rev: q weights), accurate relative to its own size.
-  // dCE/dz_j = softmax(z)_j - [j = y]: the softmax part here (= q_j when Ts == 1), the -1 below.
-  // Every constant (grad_scale, kd_w, s / T, retro's 1 - rho) is folded into one coefficient per
-  // teacher; with M teachers dz sums them: forward q_j Bq + sum_t Az_t (q_j - p_tj) (the difference
-  // first: where q ~ p, rounding the two products apart would cost the difference its precision).
-  A Az[kCap<MT>] = {}, Av[kCap<MT>] = {}, nMv[kCap<MT>] = {}, nlv[kCap<MT>] = {}, nR[kCap<MT>] = {};
-  A ndbar[kCap<MT>] = {}, E[kCap<MT>] = {};
-  for (int t = 0; t < teachers<MT>(r); ++t) {
-    Az[t] = A(ri.g_kd[t] * s[t] / P.ts);
-    Av[t] = A(ri.g_kd[t] * s[t] / P.tt * r.w_v);
-    nMv[t] = A(-Mv[t]);
-    nlv[t] = A(-lv[t]);
-    nR[t] = A(-Rr[t]);
-    ndbar[t] = A(-dbar[t]);
-    E[t] = A(rf[t] ? std::exp(KL1[t]) : 0.0);
-  }
-  const A Bq = A(ri.ce && !ce_sep ? ri.g_ce : 0.0);  // CE folded into the q coefficient (Ts == 1)
-  const A B1 = A(ce_sep ? ri.g_ce : 0.0);
-  const A nMz = A(-tz.M), nlz = A(-lz), nM1 = A(-t1.M), nl1 = A(-t1.l());
-  LongSum<A> X[kCap<MT>];
-  // (the student's terms are computed with teacher 0, in the same loop: with one teacher this is the
-  // single fused loop per vector; q is kept for the other teachers)
-  sweep<A>(r, -1, grads, [&](auto, Block<A>& b, int64_t, const auto& io) {
-    Vec<A> v[kBlock], gv[kBlock];  // the current teacher's block and gradient (locals: kept in registers)
-    Vec<A> q[kBlock], a[kBlock], xa[kBlock];
-    for (int t = 0; t < teachers<MT>(r); ++t) {
-      io.load(t, v);
-      for (int k = 0; k < kBlock; ++k) {
-        if (t == 0) {
-          a[k] = vscale(b.z[k], its);
-          xa[k] = a[k] + Vec<A>(nMz);
-          q[k] = vexp(xa[k] + Vec<A>(nlz));
-          xa[k] = finite_floor(xa[k]);
-          Vec<A> gz = q[k] * Vec<A>(Bq);
-          if (ce_sep) gz = vec::fmadd(vexp((b.z[k] + Vec<A>(nM1)) + Vec<A>(nl1)), Vec<A>(B1), gz);
-          b.gz[k] = gz;
-        }
-        const Vec<A> c = vscale(v[k], itt);
-        const Vec<A> p = vexp((c + Vec<A>(nMv[t])) + Vec<A>(nlv[t]));
-        if constexpr (!Rev) {
-          const Vec<A> u = (finite_floor(c + Vec<A>(nMv[t])) - finite_floor(a[k] + Vec<A>(nR[t]))) + Vec<A>(ndbar[t]);
-          b.gz[k] = vec::fmadd(q[k] - p, Vec<A>(Az[t]), b.gz[k]);
-          gv[k] = p * Vec<A>(Av[t]) * u;
-          if (refine) X[t].add(phi_term(p, u, q[k], Vec<A>(E[t])));
-        } else {
-          const Vec<A> u = (xa[k] - finite_floor(c + Vec<A>(nR[t]))) + Vec<A>(ndbar[t]);
-          b.gz[k] = vec::fmadd(q[k] * Vec<A>(Az[t]), u, b.gz[k]);
-          gv[k] = (p - q[k]) * Vec<A>(Av[t]);
-          if (refine) X[t].add(phi_term(q[k], u, p, Vec<A>(E[t])));
-        }
-      }
-      if (refine) X[t].end_block();
-      io.store(t, gv);
-    }
-  });
-  for (int t = 0; t < teachers<MT>(r); ++t)
-    if (rf[t]) out.D[t] = s[t] * std::log1p(X[t].total());
-  if (ri.ce && r.gz) {  // the label column, recomputed in double from values read before any write
-    const double ay = scaled(ri.zy, its), q = std::exp((ay - tz.M) - lz);
-    double g = ri.g_ce * (std::exp((ri.zy - t1.M) - t1.l()) - 1.0);
-    for (int t = 0; t < teachers<MT>(r); ++t) {
-      const double cy = scaled(ri.vy[t], itt), p = std::exp((cy - Mv[t]) - lv[t]);
-      g += Rev ? double(Az[t]) * q * (((ay - tz.M) - (cy - Rr[t])) - dbar[t]) : double(Az[t]) * (q - p);
-    }
-    write_scalar(r.gz, ri.y, g);
-  }
-  return out;
-}
-
 template <class T>
 inline void fill_row(T* p, int64_t C, double x) {
   if (!p) return;
@@ -726,100 +563,40 @@ inline void fill_row(T* p, int64_t C, double x) {
   for (int64_t j = 0; j < C; ++j) p[j] = t;
 }
 
-#include "row_kernel_more.h"
+// ---------------------------------------------------------------------------------------------------
+// Helpers of several kinds (DKD, LM, LS, JSD, TOPK)
 
-// ===================================================================================================
-// Row loop: labels, weights, ignored / invalid rows, kind dispatch.
-// ===================================================================================================
-
-template <int MT, class TZ, class TV>
-void rows(const KernelArgs& P, int64_t begin, int64_t end) {
-  using A = std::conditional_t<std::is_same_v<TZ, double>, double, float>;
-  const int M = MT ? MT : P.M;
-  const TZ* z = static_cast<const TZ*>(P.z);
-  const TZ* zp = static_cast<const TZ*>(P.zp);
-  TZ* gz = static_cast<TZ*>(P.grad_z);
-  const A* kd_w = static_cast<const A*>(P.kd_w);  // (M, N)
-  const A* ce_w = static_cast<const A*>(P.ce_w);
-  A* d_out = static_cast<A*>(P.d_out);            // (M, N)
-  A* ce_out = static_cast<A*>(P.ce_out);
-  const int64_t C = P.C, N = P.N;
-  for (int64_t i = begin; i < end; ++i) {
-    Row<TZ, TV> r{z + i * P.sz, zp ? zp + i * P.szp : nullptr, gz ? gz + i * P.sgz : nullptr, C,
-                  zp ? 1.0 - P.rho : 1.0, zp ? P.rho : 0.0, M, {}, {}};
-    RowInfo ri{-1, false, 0.0, 0.0, {}, {}};
-    for (int t = 0; t < M; ++t) {
-      r.v[t] = P.v[t] ? static_cast<const TV*>(P.v[t]) + i * P.sv[t] : nullptr;
-      r.gv[t] = P.grad_v[t] ? static_cast<TV*>(P.grad_v[t]) + i * P.sgv[t] : nullptr;
-      ri.g_kd[t] = P.grad_scale * double(kd_w[t * N + i]);
-    }
-    if (P.labels) {
-      const int64_t y = P.labels[i];
-      if (y == P.ignore_index || y < 0 || y >= C) {  // ignored: zeros; out of range: NaN (never indexed)
-        const double x = y == P.ignore_index ? 0.0 : NAN;
-        ce_out[i] = A(x);
-        fill_row(r.gz, C, x);
-        for (int t = 0; t < M; ++t) {
-          d_out[t * N + i] = A(x);
-          fill_row(r.gv[t], C, x);
-        }
-        continue;
-      }
-      ri.y = y;
-      ri.ce = P.has_ce;
-      ri.g_ce = ri.ce ? P.grad_scale * double(ce_w[i]) : 0.0;
-      ri.zy = double(r.z[y]);
-      for (int t = 0; t < M; ++t)
-        ri.vy[t] = r.v[t] ? mixed<A>(r, t, y) : 0.0;
-    }
-    RowOut o;
-    switch (P.kind) {
-      case Kind::KL: o = P.reverse ? row_kl<true, MT, A>(P, r, ri) : row_kl<false, MT, A>(P, r, ri); break;
-      case Kind::DKD: o = row_dkd<MT, A>(P, r, ri); break;
-      case Kind::LM: o = row_lm<MT, A>(P, r, ri); break;
-      case Kind::LS: o = row_ls<MT, A>(P, r, ri); break;
-      case Kind::JSD: o = row_jsd<MT, A>(P, r, ri); break;
-      case Kind::TOPK:
-        if constexpr (MT == 1) o = row_topk<A>(P, r, ri, i);  // single teacher only (checked by the binding)
-        break;
-    }
-    for (int t = 0; t < M; ++t) d_out[t * N + i] = A(o.D[t]);
-    ce_out[i] = A(o.CE);
-  }
+// Add `x` to lane `y - j0` of a block's vectors when column y lies in [j0, j0 + B): the `- [j = y]` of
+// the CE gradient. One scalar test per block; the store / reload happens in one block per row.
+template <class A>
+inline void add_at(Vec<A>* g, int64_t j0, int64_t y, A x) {
+  constexpr int W = Vec<A>::size();
+  if (y < j0 || y >= j0 + int64_t(kBlock) * W) return;
+  alignas(64) A buf[kBlock * W];
+  for (int k = 0; k < kBlock; ++k) g[k].store(buf + k * W);
+  buf[y - j0] += x;
+  for (int k = 0; k < kBlock; ++k) g[k] = Vec<A>::loadu(buf + k * W);
 }
 
-// vlog over an array (the test hook behind kdfast._C.vec_log: the ulp test of tests/test_cpu_isa.py)
-inline void log_f32_impl(const float* x, float* y, int64_t n) {
-  constexpr int W = Vec<float>::size();
-  int64_t j = 0;
-  for (; j + W <= n; j += W) vlog(Vec<float>::loadu(x + j)).store(y + j);
-  if (j < n) vlog(Vec<float>::loadu(x + j, n - j)).store(y + j, n - j);
+// Zero the padding lanes of a special block (z = v = -inf there), for sums of plain values.
+template <class A, class S>
+inline Vec<A> live_only(S, const Block<A>& b, int k, const Vec<A>& x) {
+  if constexpr (S::value) return Vec<A>::blendv(Vec<A>(A(0)), x, b.live[k]);
+  else return x;
 }
 
-// The ISA's entry point: dispatch on the dtypes (z and v independently among float / bf16 / fp16 with
-// float accumulation, or both double) and on single / multi-teacher.
-inline void run_rows_impl(const KernelArgs& P, int64_t begin, int64_t end) {
-  // one teacher: the MT = 1 instantiation (every per-teacher array a scalar); more: MT = 0 (dynamic)
-  auto with_m = [&](auto tz_tag, auto tv_tag) {
-    using TZ = decltype(tz_tag);
-    using TV = decltype(tv_tag);
-    if (P.M == 1) rows<1, TZ, TV>(P, begin, end);
-    else rows<0, TZ, TV>(P, begin, end);
-  };
-  auto with_v = [&](auto tz_tag) {
-    switch (P.tv) {
-      case DType::F32: return with_m(tz_tag, float{});
-      case DType::BF16: return with_m(tz_tag, BFloat16{});
-      case DType::F16: return with_m(tz_tag, Half{});
-      default: return;
-    }
-  };
-  switch (P.tz) {
-    case DType::F32: return with_v(float{});
-    case DType::BF16: return with_v(BFloat16{});
-    case DType::F16: return with_v(Half{});
-    case DType::F64: return with_m(double{}, double{});
-  }
+inline double finite_or(double x, double fallback) { return std::isfinite(x) ? x : fallback; }
+inline double clamp_finite(double x) {
+  return std::isnan(x) ? x : std::min(std::max(x, -1e300), 1e300);
+}
+
+// Per-thread scratch of at least n values of A, reused across rows and calls (JSD's per-element values
+// between its statistics sweep and its gradient sweep; one row's worth stays in L2 up to C ~ 32K).
+template <class A>
+inline A* scratch(int64_t n) {
+  thread_local std::vector<A> buf;
+  if (int64_t(buf.size()) < n) buf.resize(size_t(n));
+  return buf.data();
 }
 
 }  // namespace CPU_CAPABILITY

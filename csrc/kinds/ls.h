@@ -1,0 +1,205 @@
+// The LS kind of the row kernel: logit standardisation (KD on the standardised logits).
+// Derivations: docs/kernel-math.md; each gradient is re-derived in a comment next to the code.
+#pragma once
+
+#include "../row_common.h"
+
+namespace kdfast {
+namespace CPU_CAPABILITY {
+
+// ===================================================================================================
+// LS, logit standardisation: KD (s = T^2) on z' = (z - zbar) / (eps + sigma_z), v' likewise, sigma the
+// unbiased standard deviation, eps = 1e-7; T = Ts = Tt; C >= 2. Passes: 1 means (and CE's lse),
+// 2 variances, 3 the online lse / KL / sum(gamma u) statistics, 4 the gradient.
+// ===================================================================================================
+template <int MT, class A, class TZ, class TV>
+RowOut row_ls(const KernelArgs& P, const Row<TZ, TV>& r, const RowInfo& ri) {
+  const int64_t C = r.C;
+  const double T = P.ts, eps = 1e-7;
+  const bool gz_on = r.gz != nullptr, gv_on = r.gv[0] != nullptr;
+  Lse<A> S1;
+  LongSum<A> Sz, Sv[kCap<MT>];
+  // the means summed exactly (in double lanes, see row_lm)
+  sweep<A>(r, -1, false, [&](auto sp, Block<A>& b, int64_t, const auto& io) {
+    Vec<A> v[kBlock];  // the current teacher's block (locals: kept in registers)
+    Vec<A> e[kBlock];
+    for (int k = 0; k < kBlock; ++k) Sz.add_exact(live_only(sp, b, k, b.z[k]));
+    for (int t = 0; t < teachers<MT>(r); ++t) {
+      io.load(t, v);
+      for (int k = 0; k < kBlock; ++k) Sv[t].add_exact(live_only(sp, b, k, v[k]));
+      Sv[t].end_block();
+    }
+    if (ri.ce) S1.update(b.z, e);
+  });
+  // means rounded to A; fz / fv[t], what the rounding took off, are added back where a constant shift
+  // of u would survive (the sigma terms of the gradients; the softmaxes do not see a shift)
+  const double zbar = Sz.total() / double(C);
+  const A nzbar = A(-zbar);
+  const double fz = -zbar - double(nzbar);
+  A nvbar[kCap<MT>] = {};
+  double fv[kCap<MT>] = {};
+  for (int t = 0; t < teachers<MT>(r); ++t) {
+    const double vbar = Sv[t].total() / double(C);
+    nvbar[t] = A(-vbar);
+    fv[t] = -vbar - double(nvbar[t]);
+  }
+  LongSum<A> Qz, Qv[kCap<MT>];
+  sweep<A>(r, -1, false, [&](auto sp, Block<A>& b, int64_t, const auto& io) {
+    Vec<A> v[kBlock];  // the current teacher's block (locals: kept in registers)
+    for (int k = 0; k < kBlock; ++k) {
+      const Vec<A> uz = live_only(sp, b, k, b.z[k] + Vec<A>(nzbar));
+      Qz.fma(uz, uz);
+    }
+    Qz.end_block();
+    for (int t = 0; t < teachers<MT>(r); ++t) {
+      io.load(t, v);
+      for (int k = 0; k < kBlock; ++k) {
+        const Vec<A> uv = live_only(sp, b, k, v[k] + Vec<A>(nvbar[t]));
+        Qv[t].fma(uv, uv);
+      }
+      Qv[t].end_block();
+    }
+  });
+  const double sz = std::sqrt(Qz.total() / double(C - 1)), kz = eps + sz;
+  const A iz = A(1.0 / (kz * T));
+  double sv[kCap<MT>] = {}, kv[kCap<MT>] = {};
+  A iv[kCap<MT>] = {};
+  for (int t = 0; t < teachers<MT>(r); ++t) {
+    sv[t] = std::sqrt(Qv[t].total() / double(C - 1));
+    kv[t] = eps + sv[t];
+    iv[t] = A(1.0 / (kv[t] * T));
+  }
+  // Pass 3, with a = u_z / (k_z T), c = u_v / (k_v T): the KL-kind statistics (W of d_j = (c_j - m_v) -
+  // (a_j - m_z), shifted when the lane maxima move, see row_kl), plus
+  //   Qu = sum e^a u_z, Pu = sum e^c u_z     (student chain rule: sum_k gamma_k u_k)
+  //   PCu = sum e^c d u_v, PUv = sum e^c u_v  (teacher chain rule; PCu shifted like W, with PUv as mass)
+  // each at the scale of its stream's running max (rescaled with it); Qu once, the others per teacher.
+  Lse<A> La, Lc[kCap<MT>];
+  Vec<A> Qu(A(0)), Wk[kCap<MT>], Pu[kCap<MT>], PCu[kCap<MT>], PUv[kCap<MT>], R[kCap<MT>];
+  for (int t = 0; t < teachers<MT>(r); ++t) Wk[t] = Pu[t] = PCu[t] = PUv[t] = R[t] = Vec<A>(A(0));
+  sweep<A>(r, -1, false, [&](auto sp, Block<A>& b, int64_t, const auto& io) {
+    Vec<A> v[kBlock];  // the current teacher's block (locals: kept in registers)
+    Vec<A> a[kBlock], c[kBlock], uz[kBlock], uv[kBlock], e[kBlock];
+    for (int k = 0; k < kBlock; ++k) {
+      uz[k] = live_only(sp, b, k, b.z[k] + Vec<A>(nzbar));
+      a[k] = uz[k] * Vec<A>(iz);
+      if constexpr (decltype(sp)::value)  // padding lanes: -inf, so that they add exp(-inf) = 0
+        a[k] = Vec<A>::blendv(Vec<A>(ninf<A>()), a[k], b.live[k]);
+    }
+    const Vec<A> ra = La.update(a, e);
+    Vec<A> qu = Qu * ra;
+    for (int k = 0; k < kBlock; ++k) qu = vec::fmadd(e[k], uz[k], qu);
+    Qu = qu;
+    for (int t = 0; t < teachers<MT>(r); ++t) {
+      io.load(t, v);
+      for (int k = 0; k < kBlock; ++k) {
+        uv[k] = live_only(sp, b, k, v[k] + Vec<A>(nvbar[t]));
+        c[k] = uv[k] * Vec<A>(iv[t]);
+        if constexpr (decltype(sp)::value) c[k] = Vec<A>::blendv(Vec<A>(ninf<A>()), c[k], b.live[k]);
+      }
+      const Vec<A> mc0 = Lc[t].m, sc0 = Lc[t].s, puv0 = PUv[t];
+      const Vec<A> rc = Lc[t].update(c, e);
+      const Vec<A> R1 = track_ref(R[t], c, a, Lc[t].m);
+      const Vec<A> dmc = Lc[t].m - mc0, dR = R1 - R[t];
+      R[t] = R1;
+      Vec<A> w = shift_w(Wk[t], rc, sc0, dmc, dR), pu = Pu[t] * rc;
+      Vec<A> pcu = shift_w(PCu[t], rc, puv0, dmc, dR), puv = PUv[t] * rc;
+      for (int k = 0; k < kBlock; ++k) {
+        const Vec<A> d = finite_floor(c[k] - Lc[t].m) - finite_floor(a[k] - R1);
+        w = vec::fmadd(e[k], d, w);
+        pu = vec::fmadd(e[k], uz[k], pu);
+        if (gv_on) {
+          pcu = vec::fmadd(e[k] * d, uv[k], pcu);
+          puv = vec::fmadd(e[k], uv[k], puv);
+        }
+      }
+      Wk[t] = w, Pu[t] = pu, PCu[t] = pcu, PUv[t] = puv;
+    }
+  });
+  const LseTotal ta = total(La);
+  const double lz = ta.l();
+  const LseTotal t1 = ri.ce ? total(S1) : LseTotal{0.0, 1.0};
+  RowOut out;
+  out.CE = ri.ce ? (t1.M - ri.zy) + t1.l() : 0.0;
+  double Mv[kCap<MT>] = {}, lv[kCap<MT>] = {}, Rr[kCap<MT>] = {}, dbar[kCap<MT>] = {}, KL1[kCap<MT>] = {};
+  LseTotal tc[kCap<MT>] = {};
+  bool refine = false, rf[kCap<MT>] = {};
+  for (int t = 0; t < teachers<MT>(r); ++t) {
+    tc[t] = total(Lc[t]);
+    Mv[t] = tc[t].M, lv[t] = tc[t].l();
+    Rr[t] = at_row_max(Lc[t], tc[t], R[t]);
+    dbar[t] = shifted_sum(Wk[t], Lc[t].s, Lc[t], tc[t], R[t], Rr[t]) / tc[t].S;
+    const double off = (ta.M - Rr[t]) - (lv[t] - lz);
+    KL1[t] = dbar[t] + off;
+    out.D[t] = T * T * KL1[t];
+    rf[t] = needs_refine(KL1[t], std::abs(dbar[t]) + 1.0);
+    refine |= rf[t];
+  }
+  if (!gz_on && !gv_on && !refine) return out;
+
+  // Student: gamma_j = dD/dz'_j = T (q_j - p_j), sum_j gamma_j = 0. With z' = u / k, k = eps + sigma,
+  // d sigma / d z_j = u_j / ((C-1) sigma) and d u_k / d z_j = delta_jk - 1/C (the -1/C term meets
+  // sum gamma = 0):  dD/dz_j = gamma_j / k - (sum_k gamma_k u_k) u_j / (k^2 (C-1) sigma).
+  // Teacher: the same chain with gamma^v_j = T p_j (log p_j - log q_j - KL) = T p_j (d_j - dbar) (see
+  // row_kl; sum = 0), so sum_k gamma^v_k u_vk = T (sum p d u_v - dbar sum p u_v).
+  // A constant row (sigma = 0, u = 0) has no sigma term (its 0/0 is taken as 0).
+  // M teachers: dz = sum_t cq_t (q_j - p_tj) + u_zj sum_t cu_t (the differences first, as in row_kl).
+  const double Qs = rescaled_sum(Qu, La, ta) / ta.S;
+  double cus = 0;
+  A cq[kCap<MT>] = {}, cp[kCap<MT>] = {}, cuv[kCap<MT>] = {}, fcuv[kCap<MT>] = {}, nMv[kCap<MT>] = {}, nlv[kCap<MT>] = {};
+  A ndbar[kCap<MT>] = {}, E[kCap<MT>] = {}, nR[kCap<MT>] = {};
+  for (int t = 0; t < teachers<MT>(r); ++t) {
+    nR[t] = A(-Rr[t]);
+    const double Gz = T * (Qs - rescaled_sum(Pu[t], Lc[t], tc[t]) / tc[t].S);
+    const double Gv = T * (shifted_sum(PCu[t], PUv[t], Lc[t], tc[t], R[t], Rr[t]) / tc[t].S
+                           - dbar[t] * rescaled_sum(PUv[t], Lc[t], tc[t]) / tc[t].S);
+    const double g = ri.g_kd[t], gv = ri.g_kd[t] * r.w_v;
+    cq[t] = A(g * T / kz);
+    cus += sz > 0 ? -g * Gz / (kz * kz * double(C - 1) * sz) : 0.0;
+    cp[t] = A(gv * T / kv[t]);
+    cuv[t] = A(sv[t] > 0 ? -gv * Gv / (kv[t] * kv[t] * double(C - 1) * sv[t]) : 0.0);
+    fcuv[t] = A(fv[t] * double(cuv[t]));
+    nMv[t] = A(-Mv[t]);
+    nlv[t] = A(-lv[t]);
+    ndbar[t] = A(-dbar[t]);
+    E[t] = A(rf[t] ? std::exp(KL1[t]) : 0.0);
+  }
+  const A Acu = A(cus), fAcu = A(fz * cus);
+  const A nMz = A(-ta.M), nlz = A(-lz), nM1 = A(-t1.M), nl1 = A(-t1.l()), gce = A(ri.ce ? ri.g_ce : 0.0);
+  LongSum<A> X[kCap<MT>];
+  sweep<A>(r, -1, gz_on || gv_on, [&](auto, Block<A>& b, int64_t j0, const auto& io) {
+    Vec<A> v[kBlock], gv[kBlock];  // the current teacher's block and gradient (locals: kept in registers)
+    Vec<A> q[kBlock], a[kBlock];
+    // the student's terms, once; CE's -1 at the label before the small KD terms are added (added
+    // after them, the rounding of g_ce (softmax - 1) + small would be at g_ce's scale)
+    for (int k = 0; k < kBlock; ++k) {
+      const Vec<A> uz = b.z[k] + Vec<A>(nzbar);
+      a[k] = uz * Vec<A>(iz);
+      q[k] = vexp((a[k] + Vec<A>(nMz)) + Vec<A>(nlz));
+      b.gz[k] = ri.ce ? vexp((b.z[k] + Vec<A>(nM1)) + Vec<A>(nl1)) * Vec<A>(gce) : Vec<A>(A(0));
+    }
+    if (ri.ce) add_at(b.gz, j0, ri.y, A(-gce));
+    for (int k = 0; k < kBlock; ++k)
+      b.gz[k] = vec::fmadd(b.z[k] + Vec<A>(nzbar), Vec<A>(Acu), b.gz[k] + Vec<A>(fAcu));
+    for (int t = 0; t < teachers<MT>(r); ++t) {
+      io.load(t, v);
+      for (int k = 0; k < kBlock; ++k) {
+        const Vec<A> uv = v[k] + Vec<A>(nvbar[t]);
+        const Vec<A> xc = uv * Vec<A>(iv[t]) + Vec<A>(nMv[t]);
+        const Vec<A> p = vexp(xc + Vec<A>(nlv[t]));
+        const Vec<A> u = (finite_floor(xc) - finite_floor(a[k] + Vec<A>(nR[t]))) + Vec<A>(ndbar[t]);
+        b.gz[k] = vec::fmadd(q[k] - p, Vec<A>(cq[t]), b.gz[k]);
+        gv[k] = vec::fmadd(p * u, Vec<A>(cp[t]), vec::fmadd(uv, Vec<A>(cuv[t]), Vec<A>(fcuv[t])));
+        if (refine) X[t].add(phi_term(p, u, q[k], Vec<A>(E[t])));
+      }
+      if (refine) X[t].end_block();
+      io.store(t, gv);
+    }
+  });
+  for (int t = 0; t < teachers<MT>(r); ++t)
+    if (rf[t]) out.D[t] = T * T * std::log1p(X[t].total());
+  return out;
+}
+
+}  // namespace CPU_CAPABILITY
+}  // namespace kdfast
