@@ -52,9 +52,7 @@ if __name__ == "__main__":
     # is imported in this process (worker processes inherit the environment). Only when run as a
     # script: a test process importing the helpers below keeps its interpreter mode.
     os.environ.pop("TRITON_INTERPRET", None)
-    # Triton 3.9 warns once per process that the fp-fusion default will change; fusion (what real
-    # launches get today) is what is inspected.
-    os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    # (the compiles pass enable_fp_fusion=FP_FUSION, as the launches do: what is inspected is what runs)
 
 from kdfast._spec import Kind  # noqa: E402  (no triton import: the flag above is set first)
 
@@ -461,13 +459,13 @@ def compile_one(c: Combo, cc: int) -> dict:
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from kdfast._triton import REGISTERS_PER_BLOCK, max_registers, num_warps_for
+    from kdfast._triton import FP_FUSION, REGISTERS_PER_BLOCK, max_registers, num_warps_for
 
     fn, sig, constexprs, attrs = _signature(c)
     target = GPUTarget("cuda", cc, 32)
     nw = c.num_warps or _num_warps(c)
     src = ASTSource(fn=fn, signature=sig, constexprs=constexprs, attrs=attrs)
-    k, log = _triton_compile(src, target, {"num_warps": nw, "maxnreg": max_registers(nw)})
+    k, log = _triton_compile(src, target, {"num_warps": nw, "maxnreg": max_registers(nw), "enable_fp_fusion": FP_FUSION})
     ptx = k.asm["ptx"]
     arch = f"sm_{cc}a" if cc >= 90 else f"sm_{cc}"
     with tempfile.TemporaryDirectory() as d:

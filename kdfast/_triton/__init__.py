@@ -64,6 +64,18 @@ def max_registers(num_warps: int) -> int:
     return int(min(255, REGISTERS_PER_BLOCK // (32 * num_warps)))
 
 
+#: Triton's ``enable_fp_fusion`` (multiply + add contracted to an FMA), passed explicitly at every
+#: launch and AOT compile: Triton 3.9 warns when it is left to the default, which changes in 3.10, and
+#: the kernels must not change with Triton's default. On: the roundings the kernels rely on cancelling
+#: (``d = 0`` exactly at the reference class, the label's logit recomputed as its lane was, ``x * hi +
+#: x * lo`` for ``x / T``) come from the same expression evaluated for both operands, which the
+#: compiler contracts the same way for both; contraction only removes roundings. Off was tried: dkd at
+#: BLOCK 8192 then spills on sm_80 (tests/test_triton_aot.py). The interpreter, which runs the
+#: randomised suite, does not contract: the compiled kernel is checked against float64 by
+#: tests/test_cuda.py (``make gpu``).
+FP_FUSION = True
+
+
 #: Block cap for float64 rows: each element takes two registers, and ``python -m kdfast.aot
 #: --dtypes fp64`` measured kd spilling ~1.2 KB per thread at BLOCK 8192 and dkd / jsd spilling at
 #: 4096; 1024 is spill-free for every kind (fp64 is the gradcheck path, not a speed path).
@@ -154,6 +166,7 @@ def _launch(z, v, stride_vm, M, zp, labels, kd_w, ce_w, grad_scale, d_out, ce_ou
         WTTM=p.wttm and kind == Kind.KL, REVERSE=p.reverse and kind == Kind.KL, HAS_ZP=zp is not None,
         CENTER=p.center and kind == Kind.LM, NEED_GZ=grad_z is not None, NEED_GV=grad_v is not None,
         ACC=acc, BLOCK=block, VEC=vec, MB=mb, num_warps=num_warps, maxnreg=max_registers(num_warps),
+        enable_fp_fusion=FP_FUSION,
     )
 
 
@@ -266,5 +279,5 @@ def topk_forward(z, t_lp, t_idx, labels, kd_w, ce_w, grad_scale, d_out, ce_out, 
         HAS_LABELS=has_labels, HAS_CE=has_ce, CE_SHARED=has_ce and p.t == 1.0, RENORM=p.renormalize,
         NEED_GZ=grad_z is not None, ACC=tl.float64 if z.dtype == torch.float64 else tl.float32,
         BLOCK=block, KBLOCK=max(16, triton.next_power_of_2(max(K, 1))), num_warps=num_warps,
-        maxnreg=max_registers(num_warps),
+        maxnreg=max_registers(num_warps), enable_fp_fusion=FP_FUSION,
     )
