@@ -175,6 +175,18 @@ def _kd(temperature: float = 4.0) -> KernelParams:
     return KernelParams(Kind.KL, t, t, t * t)
 
 
+@declare("reverse_kd", reference.reverse_kd_loss, module="ReverseKDLoss",
+         cases={"reverse_kd": {"temperature": 2.0}})
+def _reverse_kd(temperature: float = 1.0) -> KernelParams:
+    """Reverse KD: ``T^2 * KL(softmax(z/T) || softmax(v/T))`` per row, plus CE with labels: the
+    student's distribution weights the log-ratio (mode-seeking, the token-level objective of reverse-KL
+    LLM distillation, e.g. Gu et al., MiniLLM, ICLR 2024). Equal to ``T^2 *`` :func:`jsd_loss` at
+    ``beta=1``.
+    """
+    t = check_temperature(temperature)
+    return KernelParams(Kind.KL, t, t, t * t, reverse=True)
+
+
 @declare("ttm", reference.ttm_loss, module="TTMLoss", cases={"ttm": {"temperature": 2.5}})
 def _ttm(temperature: float = 2.0) -> KernelParams:
     """Transformed teacher matching (Zheng & Yang, 2024): ``KL(softmax(v/T) || softmax(z))``.

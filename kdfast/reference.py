@@ -62,6 +62,15 @@ def kd_loss(student_logits, teacher_logits, labels=None, *, temperature=4.0, kd_
     return _finish(d, student_logits, labels, kd_weight, ce_weight, ignore_index, reduction)
 
 
+def reverse_kd_loss(student_logits, teacher_logits, labels=None, *, temperature=1.0, kd_weight=1.0,
+                    ce_weight=1.0, ignore_index=-100, reduction="mean"):
+    """Reverse KD: T^2 * KL(softmax(z/T) || softmax(v/T)) (+ CE)."""
+    log_q = F.log_softmax(student_logits / temperature, dim=-1)
+    log_p = F.log_softmax(teacher_logits / temperature, dim=-1)
+    d = temperature * temperature * _kl(log_q, log_p)
+    return _finish(d, student_logits, labels, kd_weight, ce_weight, ignore_index, reduction)
+
+
 def ttm_loss(student_logits, teacher_logits, labels=None, *, temperature=2.0, kd_weight=1.0,
              ce_weight=1.0, ignore_index=-100, reduction="mean"):
     """TTM: KL(softmax(v/T) || softmax(z)), temperature on the teacher only, no T^2."""

@@ -654,7 +654,7 @@ def _kind_scales(name, hyper, z, v, zp=None):
     C = z.shape[-1]
     T = hyper.get("temperature", 1.0)
     one = torch.ones(z.shape[:-1], dtype=torch.float64)
-    if name in ("kd", "retro_kd"):
+    if name in ("kd", "reverse_kd", "retro_kd"):   # T^2 KL either way round
         A = torch.maximum(_amax(z), _amax(v)) / T
         sv = T
         if name == "retro_kd":
