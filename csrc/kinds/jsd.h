@@ -90,10 +90,24 @@ RowOut row_jsd(const KernelArgs& P, const Row<TZ, TV>& r, const RowInfo& ri) {
   const A lb = A(std::log(beta) - std::log1p(-beta));
   LongSum<A> SP[kCap<MT>], SQ[kCap<MT>];
   // sp(+-delta) = max(+-delta, 0) + log1p(e^-|delta|): both from the one log1p (not sp(-delta) =
-  // sp(delta) - delta, which cancels for large delta)
-  auto softplus_pair = [&](const Vec<A>& lp, const Vec<A>& lq, Vec<A>& spd, Vec<A>& spn)  {
+  // sp(delta) - delta, which cancels for large delta). e^-|delta| = min(bp, bq) / max(bp, bq) with
+  // bp = beta p, bq = (1 - beta) q (e^delta = bp / bq), p and q already at hand: no exp per element,
+  // one division (vlog1p_ratio). Where both underflowed (max < 2^24 of the smallest normal: the
+  // quotient would lose bits), the lanes take exp(-|delta|) from the logs instead (a branch per
+  // vector, not taken in rows of ordinary scale).
+  const A Ab = A(beta), A1b = A(1.0 - beta);
+  const A tiny = std::numeric_limits<A>::min() * A(16777216);
+  auto softplus_pair = [&](const Vec<A>& lp, const Vec<A>& lq, const Vec<A>& p, const Vec<A>& q,
+                           Vec<A>& spd, Vec<A>& spn) {
     const Vec<A> delta = (lp - lq) + Vec<A>(lb);
-    const Vec<A> L = vlog1p(vexp(Vec<A>(A(0)) - delta.abs()));
+    const Vec<A> bp = p * Vec<A>(Ab), bq = q * Vec<A>(A1b);
+    Vec<A> mn = vec::minimum(bp, bq), mx = vec::maximum(bp, bq);
+    const Vec<A> under = mx < Vec<A>(tiny);
+    if (under.zero_mask() != (1 << Vec<A>::size()) - 1) {  // some lane underflowed
+      mn = Vec<A>::blendv(mn, vexp(Vec<A>(A(0)) - delta.abs()), under);
+      mx = Vec<A>::blendv(mx, Vec<A>(A(1)), under);
+    }
+    const Vec<A> L = vlog1p_ratio(mn, mx);
     spd = vec::clamp_min(delta, Vec<A>(A(0))) + L;
     spn = vec::clamp_min(Vec<A>(A(0)) - delta, Vec<A>(A(0))) + L;
   };
@@ -115,7 +129,7 @@ RowOut row_jsd(const KernelArgs& P, const Row<TZ, TV>& r, const RowInfo& ri) {
         const Vec<A> lp = finite_floor((vscale(v[k], iT) + Vec<A>(nMv[t])) + Vec<A>(nlv[t]));
         p[k] = Vec<A>::loadu(sp[t] + j0 + k * W) * fv;
         Vec<A> spd, spn;
-        softplus_pair(lp, lq[k], spd, spn);
+        softplus_pair(lp, lq[k], p[k], q[k], spd, spn);
         hp[k] = Vec<A>(A(0)) - spn;
         kp = vec::fmadd(p[k], spn, kp);
         kq = vec::fmadd(q[k], spd, kq);
@@ -157,7 +171,7 @@ RowOut row_jsd(const KernelArgs& P, const Row<TZ, TV>& r, const RowInfo& ri) {
     // rule 3), in a sweep of its own for such rows. With sum_j q_j e^{-hq_j} = sum_j m_j = 1,
     // KL(q || m) = sum_j q_j phi(-hq_j) (phi_term: the series for |hq| <= 1, else m_j - q_j + q_j hq_j),
     // likewise KL(p || m), hq = -log(1 - beta) - sp(delta), hp = -log beta - sp(-delta).
-    const A Ab = A(beta), A1b = A(1.0 - beta), nlb = A(-std::log(beta)), nl1b = A(-std::log1p(-beta));
+    const A nlb = A(-std::log(beta)), nl1b = A(-std::log1p(-beta));
     LongSum<A> DD[kCap<MT>];
     sweep<A>(r, -1, false, [&](auto, Block<A>& b, int64_t, const auto& io) {
       Vec<A> v[kBlock], lq[kBlock], q[kBlock];
@@ -171,7 +185,7 @@ RowOut row_jsd(const KernelArgs& P, const Row<TZ, TV>& r, const RowInfo& ri) {
           const Vec<A> lp = finite_floor((vscale(v[k], iT) + Vec<A>(nMv[t])) + Vec<A>(nlv[t]));
           const Vec<A> p = vexp(lp), one(A(1));
           Vec<A> spd, spn;
-          softplus_pair(lp, lq[k], spd, spn);
+          softplus_pair(lp, lq[k], p, q[k], spd, spn);
           const Vec<A> m = vec::fmadd(p, Vec<A>(Ab), q[k] * Vec<A>(A1b));
           DD[t].add(vec::fmadd(phi_term(p, Vec<A>(nlb) - spn, m, one), Vec<A>(Ab),
                                phi_term(q[k], Vec<A>(nl1b) - spd, m, one) * Vec<A>(A1b)));
