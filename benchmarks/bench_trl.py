@@ -169,7 +169,7 @@ def _md(res: dict) -> str:
     env = res["env"]
     la = res["loss_alone_s"]
     lines = [
-        "# GKDTrainer: TRL's loss vs kdfast's drop-ins (CPU)",
+        "## GKDTrainer: TRL's loss vs kdfast's drop-ins (CPU)",
         "",
         f"Random-init Llama student (hidden 128, 2 layers) and teacher (256, 4), vocabulary {VOCAB}, "
         f"batch {BATCH} x {SEQ} tokens (first {PROMPT} masked as a prompt), `lmbda=0`, beta 0.5, fp32, "

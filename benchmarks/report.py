@@ -5,7 +5,7 @@
     python -m benchmarks.report --src DIR --out DIR   # results files read from DIR
 
 Reads ``results.json`` (suite ``losses``, one section per machine), ``fused_linear.json``,
-``vocab_parallel.json`` and ``multi_teacher.json`` where present, and appends ``numerics_ab.md``
+``vocab_parallel.json`` and ``multi_teacher.json`` where present, and appends ``numerics_ab.md`` and ``trl.md``
 (a hand-kept record). :func:`suite_tables` renders one suite's tables (the suites print them too).
 
 Figures (per machine of the losses suite; each answers one question; titles name the machine, its
@@ -430,10 +430,12 @@ def write_report(out_dir: Path = HERE, docs: dict | None = None, src: Path | Non
     for suite, (title, text) in SUITE_TEXT.items():
         if suite in docs:
             L += ["", f"## {title}", "", text, ""] + suite_tables(docs[suite])
-    for na in (src / "numerics_ab.md", HERE / "numerics_ab.md"):   # a committed old-vs-new kernel record
-        if na.exists():
-            L += ["", na.read_text().rstrip(), ""]
-            break
+    # committed records of one-off runs: the numerics old-vs-new A/B, the GKDTrainer trial (bench_trl.py)
+    for name in ("numerics_ab.md", "trl.md"):
+        for na in (src / name, HERE / name):
+            if na.exists():
+                L += ["", na.read_text().rstrip(), ""]
+                break
     path = out_dir / "RESULTS.md"
     path.write_text("\n".join(L))
     return path
