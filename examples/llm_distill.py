@@ -249,16 +249,24 @@ def _make_classes():
         Trainer's ``num_items_in_batch``."""
 
         def __init__(self, *a, store, topk_loss, **kw):
+            import inspect
             self.store, self.topk_loss = store, topk_loss
+            self.takes_count = "num_items_in_batch" in inspect.signature(topk_loss).parameters
             super().__init__(*a, **kw)
             self.model_accepts_loss_kwargs = True   # count num_items_in_batch, no extra division
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             out = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])
             lp, idx = self.store.get(inputs["sample_index"])
-            loss = self.topk_loss(out.logits, lp, idx, shift_labels(inputs["labels"]),
-                                  temperature=self.store.temperature, renormalize=False, tail=True,
-                                  validate=False, num_items_in_batch=num_items_in_batch, **KD_WEIGHTS)
+            kw = dict(temperature=self.store.temperature, renormalize=False, tail=True, validate=False,
+                      **KD_WEIGHTS)
+            y = shift_labels(inputs["labels"])
+            if num_items_in_batch is None:
+                loss = self.topk_loss(out.logits, lp, idx, y, **kw)
+            elif self.takes_count:
+                loss = self.topk_loss(out.logits, lp, idx, y, num_items_in_batch=num_items_in_batch, **kw)
+            else:   # a kdfast without num_items_in_batch= on its losses: the same value, divided here
+                loss = self.topk_loss(out.logits, lp, idx, y, reduction="sum", **kw) / num_items_in_batch
             return (loss, out) if return_outputs else loss
 
     return CETrainer, TopKStoreTrainer
