@@ -36,7 +36,7 @@ def test_public_signatures_are_unchanged():
     assert str(inspect.signature(kdfast.topk_kd_loss)) == (
         "(student_logits: 'Tensor', teacher_topk_logprobs: 'Tensor', teacher_topk_indices: 'Tensor', "
         "labels: 'Optional[Tensor]' = None, *, temperature: 'float' = 1.0, renormalize: 'bool' = True, "
-        "kd_weight: 'Weight' = 1.0, ce_weight: 'Weight' = 1.0, ignore_index: 'int' = -100, "
+        "tail: 'bool' = False, validate: 'Optional[bool]' = None, kd_weight: 'Weight' = 1.0, ce_weight: 'Weight' = 1.0, ignore_index: 'int' = -100, "
         "reduction: 'str' = 'mean', backend: 'str' = 'auto', inplace_backward: 'bool' = False) -> 'Tensor'")
     assert "Hinton et al. (2015)" in kdfast.kd_loss.__doc__ and "Common arguments" in kdfast.kd_loss.__doc__
     assert kdfast.kd_loss.__module__ == "kdfast.functional" and kdfast.kd_loss.__name__ == "kd_loss"

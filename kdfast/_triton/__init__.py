@@ -244,11 +244,11 @@ def topk_forward(z, t_lp, t_idx, labels, kd_w, ce_w, grad_scale, d_out, ce_out, 
                  iparams) -> None:
     """The top-k teacher form (``kdfast._ops.topk_distill``): ``t_lp`` (N, k) accumulation-dtype
     log-probabilities, ``t_idx`` (N, k) int64 classes; ``fparams = [T, scale]``,
-    ``iparams = [renormalize, has_ce, ignore_index]``."""
+    ``iparams = [renormalize, has_ce, ignore_index, tail]``."""
     N, C = z.shape
     if N == 0:
         return
-    renorm, has_ce, ignore_index = (int(x) for x in iparams)
+    renorm, has_ce, ignore_index, tail = (int(x) for x in iparams)
     t, scale = (float(x) for x in fparams)
     has_labels = labels is not None
     has_ce = bool(has_ce) and has_labels
@@ -262,7 +262,7 @@ def topk_forward(z, t_lp, t_idx, labels, kd_w, ce_w, grad_scale, d_out, ce_out, 
         C, K, z.stride(0), t_lp.stride(0), t_idx.stride(0),
         grad_z.stride(0) if grad_z is not None else 0,
         t_hi, t_lo, s_hi, s_lo, ignore_index,
-        HAS_LABELS=has_labels, HAS_CE=has_ce, CE_SHARED=has_ce and t == 1.0, RENORM=bool(renorm),
+        HAS_LABELS=has_labels, HAS_CE=has_ce, CE_SHARED=has_ce and t == 1.0, RENORM=bool(renorm), TAIL=bool(tail),
         NEED_GZ=grad_z is not None, ACC=tl.float64 if z.dtype == torch.float64 else tl.float32,
         BLOCK=block, KBLOCK=max(16, triton.next_power_of_2(max(K, 1))), num_warps=num_warps,
         maxnreg=max_registers(num_warps),
