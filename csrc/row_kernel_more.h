@@ -812,10 +812,12 @@ RowOut row_topk(const KernelArgs& P, const Row<TZ, TV>& r, const RowInfo& ri, in
   // (sum_k p_k + Pt = 1). For j not in K, q_j / Qt = exp((a_j - Mt) - lt) (the non-K softmax, no
   // underflow where the student is saturated on K), so the dense term is
   //   (s / T) (Qt - Pt) exp((a_j - Mt) - lt);   Pt = 0: q_j, the tail adds nothing. Qt = 0 (no non-K
-  // column with mass): no column takes the dense term.
+  // column with mass, k = C): no tail bucket and no column takes the dense term; the K columns then
+  // get the tail-less (s / T)(P q_j - p_j), P = sum_k p_k (P + Pt = 1 only with the bucket's term).
   const double cp = ri.g_kd[0] * s / T;
   const double Qt = tail ? std::exp(logQt) : 0.0;
   const double ct = tail && lt > -INFINITY ? cp * (Qt - Pt) : 0.0;
+  const double qK = lt > -INFINITY ? 1.0 : Pm;  // q's factor on K: sum_k p_k + Pt = 1, or sum_k p_k alone
   const double dM = tail && lt > -INFINITY ? Mt : Mz, dl = tail && lt > -INFINITY ? lt : lz;
   const A cq = A(tail ? ct : cp * Pm + (ri.ce && !ce_sep ? ri.g_ce : 0.0));
   const A B1 = A(ce_sep ? ri.g_ce : 0.0), nMz = A(-dM), nlz = A(-dl), nM1 = A(-t1.M), nl1 = A(-t1.l());
@@ -836,8 +838,8 @@ RowOut row_topk(const KernelArgs& P, const Row<TZ, TV>& r, const RowInfo& ri, in
     const double lab = ri.ce && idx[k] == ri.y ? ri.g_ce : 0.0;
     if (!tail) {
       write_scalar(r.gz, idx[k], dense(zk[k]) - cp * pk[k] - lab);
-    } else if (lp[k] != -INFINITY) {  // a K column: (s / T)(q_j - p_j)
-      write_scalar(r.gz, idx[k], cp * (std::exp((scaled(zk[k], iT) - Mz) - lz) - pk[k]) + ce_part(zk[k]) - lab);
+    } else if (lp[k] != -INFINITY) {  // a K column: (s / T)(q_j - p_j); no tail bucket: (s / T)(P q_j - p_j)
+      write_scalar(r.gz, idx[k], cp * (qK * std::exp((scaled(zk[k], iT) - Mz) - lz) - pk[k]) + ce_part(zk[k]) - lab);
     }  // (a padding entry's class is a tail column: the sweep's value stands)
   }
   return out;

@@ -358,3 +358,19 @@ def test_renormalize_false_at_a_temperature():
     a = kdfast.topk_kd_loss(z, lp, idx, renormalize=False, temperature=3.0, backend="cpu")
     b = kdfast.kd_loss(z, v, temperature=3.0, backend="cpu")
     assert abs(a.item() - b.item()) <= 1e-10 * abs(b.item())
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_tail_k_equal_c_has_no_bucket(backend, gen):
+    """k = C: no class outside the teacher's, so no tail bucket, whatever mass the stored values'
+    rounding leaves (here 1 - sum_k p_k ~ 1e-2): loss and gradient are the tail-less ones."""
+    z, v = rand_logits((4, 12), gen=gen), rand_logits((4, 12), gen=gen)
+    lp, idx = torch.log_softmax(v, -1).topk(12, -1)
+    lp = lp - 1e-2 * (1 + lp.abs())
+    a, b = z.clone().requires_grad_(), z.clone().requires_grad_()
+    y = rand_labels((4,), 12, gen=gen)
+    la = kdfast.topk_kd_loss(a, lp, idx, y, renormalize=False, tail=True, temperature=2.0, backend=backend)
+    lb = kdfast.topk_kd_loss(b, lp, idx, y, renormalize=False, temperature=2.0, backend=backend)
+    la.backward()
+    lb.backward()
+    assert abs(la.item() - lb.item()) <= 1e-12 and torch.allclose(a.grad, b.grad, rtol=1e-12, atol=1e-15)

@@ -174,8 +174,10 @@ def _topk_kernel(
             gz = _finish(gz, ignored, bad)
             tl.store(gz_row + offs, gz.to(gz_ptr.dtype.element_ty), mask=inb)
         tl.debug_barrier()   # the dense stores above before the rewrites of single columns below
-        if TAIL:   # K columns: (s/T)(q_j - p_j); a padding entry's class keeps the dense value
-            gzk = cp * (tl.exp(logqk) - p)
+        if TAIL:   # K columns: (s/T)(q_j - p_j); a padding entry's class keeps the dense value;
+            # no tail bucket (k = C): the tail-less (s/T)(P q_j - p_j) (P + Pt = 1 needs the bucket)
+            qK = tl.where(has_t, 1.0, Pm)
+            gzk = cp * (qK * tl.exp(logqk) - p)
             kmask = kmask & fin
         else:
             gzk = cq * tl.exp(logqk) - cp * p
@@ -185,7 +187,7 @@ def _topk_kernel(
             py = tl.sum(tl.where(kmask & (ix == y), p, 0.0), 0)
             if TAIL:
                 y_in = tl.sum((kmask & (ix == y)).to(tl.int32), 0) > 0
-                gy = tl.where(y_in, cp * (tl.exp((zy * iT - mas) - la) - py),
+                gy = tl.where(y_in, cp * (qK * tl.exp((zy * iT - mas) - la) - py),
                               cq * tl.exp((zy * iT - dM) - dl))
             else:
                 gy = cq * tl.exp((zy * iT - mas) - la) - cp * py
