@@ -244,6 +244,8 @@ void topk_forward(const at::Tensor& z, const at::Tensor& t_lp, const at::Tensor&
   a.kind = Kind::TOPK;
   a.renormalize = iparams[topk_iparam::RENORMALIZE] != 0, a.has_ce = iparams[topk_iparam::HAS_CE] != 0;
   a.ignore_index = iparams[topk_iparam::IGNORE_INDEX];
+  a.tail = iparams[topk_iparam::TAIL] != 0;
+  TORCH_CHECK(!(a.tail && a.renormalize), "kdfast: topk tail needs renormalize off");
   run(a);
 }
 

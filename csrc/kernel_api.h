@@ -13,7 +13,7 @@ enum class Kind : int { KL = 0, DKD = 1, LM = 2, LS = 3, JSD = 4, TOPK = 5 };  /
 namespace fparam { enum : int { T_STUDENT = 0, T_TEACHER = 1, SCALE = 2, RHO = 3, ALPHA = 4, BETA = 5, COUNT = 6 }; }
 namespace iparam { enum : int { KIND = 0, WTTM = 1, REVERSE = 2, CENTER = 3, HAS_CE = 4, IGNORE_INDEX = 5, COUNT = 6 }; }
 namespace topk_fparam { enum : int { T = 0, SCALE = 1, COUNT = 2 }; }
-namespace topk_iparam { enum : int { RENORMALIZE = 0, HAS_CE = 1, IGNORE_INDEX = 2, COUNT = 3 }; }
+namespace topk_iparam { enum : int { RENORMALIZE = 0, HAS_CE = 1, IGNORE_INDEX = 2, TAIL = 3, COUNT = 4 }; }
 
 // Teachers one kernel call reads per row (multi-teacher distillation): the row kernel keeps this many
 // teachers' statistics at once; the Python layer splits more teachers into groups of this size.
@@ -49,6 +49,7 @@ struct KernelArgs {
   const int64_t* t_idx = nullptr;
   int64_t K = 0, stk = 0, sti = 0;
   bool renormalize = true;
+  bool tail = false;  // the leftover masses 1 - sum_k p_k, 1 - sum_k q_{i_k} as a (k+1)-th bucket
 };
 
 // One entry point per compiled ISA: processes rows [begin, end). Defined in kernel_<isa>.cpp.

@@ -3,7 +3,7 @@
 The losses are declared in :mod:`kdfast.losses`; their functions (``kdfast.kd_loss``, ...) and
 modules (``kdfast.KDLoss``, ...) are derived from those declarations.
 """
-from . import functional, losses, modules, recipes, reference, vocab_parallel
+from . import functional, losses, modules, recipes, reference, teacher_store, vocab_parallel
 from .functional import *  # noqa: F401,F403  (every named loss function: functional.__all__)
 from .fused_linear import FusedLinearDistillLoss, fused_linear_distill_loss
 from .modules import *  # noqa: F401,F403  (every loss module: modules.__all__)

@@ -123,6 +123,7 @@ class TopkIParam(enum.IntEnum):
     RENORMALIZE = 0
     HAS_CE = 1
     IGNORE_INDEX = 2
+    TAIL = 3
 
 
 def _to_lists(p, fields: type[enum.IntEnum], ints: type[enum.IntEnum]) -> tuple[list[float], list[int]]:
@@ -177,6 +178,8 @@ class TopkParams:
     renormalize: bool = True   # the teacher is softmax(logprobs / T) over its k classes
     has_ce: bool = True        # compute CE (only when labels are given)
     ignore_index: int = -100
+    tail: bool = False         # the teacher's leftover mass 1 - sum_k p_k is a (k+1)-th bucket
+                               # matched against the student's 1 - sum_k q_{i_k} (renormalize off)
 
     kind = Kind.TOPK           # (a class constant, not a field)
 

@@ -32,6 +32,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import inspect
+import math
 import os
 import warnings
 from typing import Callable, NamedTuple, Optional, Union
@@ -310,9 +311,9 @@ def _topk(params: TopkParams, ref: Callable[..., Tensor], hyper: dict, z, lp, id
     if lp.device != z.device or idx.device != z.device:
         raise ValueError("the teacher's top-k tensors must be on the student logits' device")
     c = z.shape[-1]
-    if idx.device.type == "cpu" and idx.numel() and not torch.compiler.is_compiling():
-        if not bool(((idx >= 0) & (idx < c)).all()):   # CUDA: the kernel makes such a row NaN
-            raise ValueError(f"teacher_topk_indices must be in [0, {c})")
+    validate = hyper.get("validate")
+    if (validate if validate is not None else idx.device.type == "cpu") and not torch.compiler.is_compiling():
+        validate_topk(lp, idx, c, as_given=not params.renormalize)
     acc = acc_dtype(z.dtype, lp.dtype)
     a = prepare(params, z, labels, kd_weight=kd_weight, ce_weight=ce_weight, ignore_index=ignore_index,
                 reduction=reduction, backend=backend, acc=acc, num_items_in_batch=num_items_in_batch)
@@ -326,6 +327,37 @@ def _topk(params: TopkParams, ref: Callable[..., Tensor], hyper: dict, z, lp, id
     loss = run_topk(z2, lp2, idx2, a.y, a.kd_w, a.ce_w, a.params, a.reduction, a.backend,
                     inplace_backward)
     return loss.view(a.lead) if a.reduction == "none" else loss
+
+
+def validate_topk(lp: Tensor, idx: Tensor, num_classes: int, *, as_given: bool = True) -> None:
+    """Check a top-k teacher (``topk_kd_loss(..., validate=...)``; :mod:`kdfast.teacher_store` on
+    read): ``ValueError`` for a class outside ``[0, num_classes)``, a class twice in a row, a NaN
+    log-probability, and with ``as_given`` (log-probabilities used as given, ``renormalize=False``)
+    a log-probability above 0 or a row whose ``sum_k exp(lp_k)`` exceeds 1, beyond rounding
+    (``4 eps`` of ``lp``'s dtype on each value, ``eps (4 + log k)`` on the sum: a stored value's
+    relative rounding moves ``p_k`` by ``eps |lp_k|``, and ``sum_k p_k |lp_k|`` is at most about
+    ``log k + 1``). Cost: a few elementwise passes and a sort over the ``(N, k)`` tensors, and one
+    host synchronisation (the ``bool`` of each check) when they are on a GPU."""
+    if not idx.numel():
+        return
+    if not bool(((idx >= 0) & (idx < num_classes)).all()):
+        raise ValueError(f"teacher_topk_indices must be in [0, {num_classes})")
+    k = idx.shape[-1]
+    if k > 1:
+        srt = idx.reshape(-1, k).sort(dim=-1).values
+        if bool((srt[:, 1:] == srt[:, :-1]).any()):
+            raise ValueError("teacher_topk_indices must be distinct within a row (a class appears twice)")
+    if bool(torch.isnan(lp).any()):
+        raise ValueError("teacher_topk_logprobs contain NaN")
+    if as_given:
+        eps = torch.finfo(lp.dtype).eps
+        if bool((lp > 4 * eps).any()):
+            raise ValueError("teacher_topk_logprobs must be log-probabilities (<= 0) with "
+                             "renormalize=False; found a value above 0")
+        mass = torch.logsumexp(lp.double().reshape(-1, k), dim=-1).exp()
+        if bool((mass > 1 + eps * (4 + math.log(k))).any()):
+            raise ValueError("teacher_topk_logprobs: a row's probabilities sum_k exp(lp_k) exceed 1 "
+                             "(renormalize=False takes them as given)")
 
 
 def _call(loss: Loss, args: dict) -> Tensor:

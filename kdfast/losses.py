@@ -269,8 +269,10 @@ def _retro_kd(temperature: float = 4.0, past_weight: float = 0.5) -> KernelParam
 
 
 @declare("topk_kd", reference.topk_kd_loss, module="TopKKDLoss", teacher="topk",
-         cases={"topk_kd": {"temperature": 2.0}, "topk_kd_raw": {"renormalize": False}})
-def _topk_kd(temperature: float = 1.0, renormalize: bool = True) -> TopkParams:
+         cases={"topk_kd": {"temperature": 2.0}, "topk_kd_raw": {"renormalize": False},
+                "topk_kd_tail": {"renormalize": False, "tail": True, "temperature": 2.0}})
+def _topk_kd(temperature: float = 1.0, renormalize: bool = True, tail: bool = False,
+             validate: Optional[bool] = None) -> TopkParams:
     """KD against a sparse teacher that kept only its top-k log-probabilities (offline teachers, k = 8..128):
     ``T^2 * sum_k p_k (log p_k - log q_{i_k})`` per row, ``q = softmax(z / T)`` over all C classes.
 
@@ -278,8 +280,18 @@ def _topk_kd(temperature: float = 1.0, renormalize: bool = True) -> TopkParams:
       the classes ``teacher_topk_indices`` (``(..., k)`` integers in ``[0, C)``, distinct within a
       row; pad a short row with any unused class and ``-inf``).
     - ``renormalize=True``: the teacher is ``softmax(logprobs / T)`` over its k classes.
-      ``renormalize=False``: ``p_k = exp(logprobs_k)`` as given (its mass may be below 1; only
-      ``temperature=1``); the loss is then the KL restricted to the k classes.
+      ``renormalize=False``: ``p_k = exp(logprobs_k)`` as given, the teacher's log-probabilities at
+      the distillation temperature ``T`` (as stored, e.g. by :mod:`kdfast.teacher_store`); its mass
+      may be below 1 and the loss is then the KL restricted to the k classes.
+    - ``tail=True`` (needs ``renormalize=False``): the teacher's leftover mass
+      ``P_tail = 1 - sum_k p_k`` is one more bucket, matched against the student's leftover
+      ``Q_tail = 1 - sum_k q_{i_k}``: ``T^2 * (sum_k p_k (log p_k - log q_{i_k}) + P_tail (log P_tail -
+      log Q_tail))``, a forward KL over k + 1 buckets (padding entries, ``-inf``, are in the tail).
+    - ``validate``: check the teacher's tensors (indices in ``[0, C)`` and distinct within a row, no
+      NaN; with ``renormalize=False`` also log-probabilities ``<= 0`` and ``sum_k exp <= 1`` up to
+      rounding) and raise ``ValueError``. ``None`` (default): on CPU tensors only (on CUDA the checks
+      would cost a host synchronisation; a bad class there makes its row NaN); ``True``: always
+      (one host sync on CUDA); ``False``: never.
 
     No dense teacher tensor is built: the kernel sweeps the student row (its log-sum-exp) and gathers
     the k columns. The teacher gets no gradient (it is data). Equal to :func:`kd_loss` with the
@@ -287,9 +299,13 @@ def _topk_kd(temperature: float = 1.0, renormalize: bool = True) -> TopkParams:
     """
     t = check_temperature(temperature)
     check_bool(renormalize, "renormalize")
-    if not renormalize and t != 1.0:
-        raise ValueError("renormalize=False takes the teacher's probabilities as given: temperature must be 1")
-    return TopkParams(t, t * t, renormalize)
+    check_bool(tail, "tail")
+    if validate is not None:
+        check_bool(validate, "validate")
+    if tail and renormalize:
+        raise ValueError("tail=True needs renormalize=False: a teacher renormalized over its k classes "
+                         "has no leftover mass")
+    return TopkParams(t, t * t, renormalize, tail=tail)
 
 
 # ----------------------------------------------------------------------------- generated functions

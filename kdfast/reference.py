@@ -161,14 +161,30 @@ def retro_kd_loss(student_logits, teacher_logits, past_student_logits, labels=No
 
 
 def topk_kd_loss(student_logits, teacher_topk_logprobs, teacher_topk_indices, labels=None, *,
-                 temperature=1.0, renormalize=True, kd_weight=1.0, ce_weight=1.0, ignore_index=-100,
-                 reduction="mean"):
+                 temperature=1.0, renormalize=True, tail=False, validate=None, kd_weight=1.0,
+                 ce_weight=1.0, ignore_index=-100, reduction="mean"):
     """KD against a top-k teacher, densely: the k log-probabilities scattered into a row of -inf,
-    then T^2 * KL(p || softmax(z/T)) with p = softmax(row / T) (renormalize) or exp(row) (as given)."""
+    then T^2 * KL(p || softmax(z/T)) with p = softmax(row / T) (renormalize) or exp(row) (as given).
+    ``tail``: plus T^2 * P_tail (log P_tail - log Q_tail), P_tail = 1 - sum_k p_k (from the
+    log-sum-exp of the k log-probabilities), Q_tail the student's mass outside the k classes (the
+    log-sum-exp of its log-probabilities there); padding entries (-inf) belong to the tail; a row
+    whose k classes are all C has no tail bucket.
+    (``validate`` is checked and acted on by ``kdfast.topk_kd_loss``, not here.)"""
     z = student_logits
-    dense = torch.full_like(z, float("-inf")).scatter(
-        -1, teacher_topk_indices.long(), teacher_topk_logprobs.to(z.dtype))
+    lp = teacher_topk_logprobs.to(z.dtype)
+    ninf = float("-inf")
+    dense = torch.full_like(z, ninf).scatter(-1, teacher_topk_indices.long(), lp)
     log_p = F.log_softmax(dense / temperature, dim=-1) if renormalize else dense
-    log_p = log_p.masked_fill(dense == float("-inf"), float("-inf"))  # a row of padding only: p = 0
-    d = temperature * temperature * _kl(log_p, F.log_softmax(z / temperature, dim=-1))
+    log_p = log_p.masked_fill(dense == ninf, ninf)  # a row of padding only: p = 0
+    log_q = F.log_softmax(z / temperature, dim=-1)
+    d = _kl(log_p, log_q)
+    if tail:
+        p_tail = (-torch.expm1(torch.logsumexp(lp, dim=-1))).clamp_min(0)
+        out = dense == ninf                      # the student's classes outside the teacher's k
+        has = out.any(-1, keepdim=True)          # (rows without one: Q_tail = 0, no gradient path)
+        log_qt = torch.where(has, log_q.masked_fill(~out, ninf), 0.0).logsumexp(-1)
+        log_qt = torch.where(has.squeeze(-1), log_qt, ninf)
+        # (no class outside the k: no tail bucket; a leftover P_tail there is the values' rounding)
+        d = d + torch.where((p_tail > 0) & has.squeeze(-1), p_tail * (torch.log(p_tail) - log_qt), 0.0)
+    d = temperature * temperature * d
     return _finish(d, z, labels, kd_weight, ce_weight, ignore_index, reduction)

@@ -312,7 +312,9 @@ def draw_case(kind: str, name: str, backend: str, seed: int) -> Case:
     def temp():
         return 1.0 if rng.random() < 0.2 else _round_to(_sig(_logu(rng, 0.5, 20)), lowest)
 
-    if kind == "topk":
+    if kind == "topk" and name == "topk_tail":   # the leftover masses as a (k+1)-th bucket
+        hy = {"renormalize": False, "tail": True, "temperature": temp()}
+    elif kind == "topk":
         ren = bool(rng.random() < 0.7)
         hy = {"renormalize": ren, "temperature": temp() if ren else 1.0}
     else:
@@ -473,7 +475,9 @@ def make_inputs(case: Case) -> dict:
     elif case.kind == "topk":
         k, pad = case.extra["k"], case.extra["pad"]
         v = teacher(z.double())
-        if case.extra["lp"] == "logprob" or not case.hyper["renormalize"]:
+        if case.hyper.get("tail"):   # the teacher's log-probabilities at the temperature, as stored
+            v = torch.log_softmax(v / case.hyper["temperature"], -1)
+        elif case.extra["lp"] == "logprob" or not case.hyper["renormalize"]:
             v = torch.log_softmax(v, -1)
         lp, idx = v.topk(k, dim=-1) if v.numel() else (v[..., :k], torch.zeros((*case.lead, k), dtype=torch.long))
         if not case.hyper["renormalize"]:   # valid log-probabilities after rounding: a margin below 0

@@ -53,6 +53,7 @@ f32, f64, bf16 = torch.float32, torch.float64, torch.bfloat16
 N_CASES = {
     ("family", "cpu"): 250, ("family", "triton"): 25,
     ("topk", "cpu"): 300, ("topk", "triton"): 40,
+    ("topk_tail", "cpu"): 300, ("topk_tail", "triton"): 40,
     ("multi", "cpu"): 40, ("multi", "triton"): 4,
     ("linear", "cpu"): 25, ("linear", "triton"): 4,
 }
@@ -81,7 +82,7 @@ def _run_group(kind, name, backend):
             pytest.skip(f"KDFAST_RANDCASE={ONLY}")
         seeds = [seed]
     else:
-        seeds = range(N_CASES[(kind, backend)])
+        seeds = range(N_CASES[(name if name == "topk_tail" else kind, backend)])
     findings, known, fixed = [], [], []
     for seed in seeds:
         case = RC.draw_case(kind, name, backend, seed)
@@ -119,6 +120,14 @@ def test_random_topk(backend):
     """topk_kd_loss: renormalize True (temperature drawn) / False (valid log-probabilities, T = 1),
     k drawn, padded rows, a teacher of raw logits or log-probabilities."""
     _run_group("topk", "topk", backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_random_topk_tail(backend):
+    """topk_kd_loss(renormalize=False, tail=True): the teacher's log-probabilities at the drawn
+    temperature (valid after rounding), k drawn up to C (k = C: no tail bucket), padded rows, the
+    "near" regime's students saturated on the teacher's classes (the masked recomputation of Q_tail)."""
+    _run_group("topk", "topk_tail", backend)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

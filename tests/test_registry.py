@@ -38,6 +38,7 @@ def test_public_signatures_are_unchanged():
     assert str(inspect.signature(kdfast.topk_kd_loss)) == (
         "(student_logits: 'Tensor', teacher_topk_logprobs: 'Tensor', teacher_topk_indices: 'Tensor', "
         "labels: 'Optional[Tensor]' = None, *, temperature: 'float' = 1.0, renormalize: 'bool' = True, "
+        "tail: 'bool' = False, validate: 'Optional[bool]' = None, "
         "kd_weight: 'Weight' = 1.0, ce_weight: 'Weight' = 1.0, ignore_index: 'int' = -100, "
         "reduction: 'str' = 'mean', backend: 'str' = 'auto', inplace_backward: 'bool' = False, "
         "num_items_in_batch: 'Union[None, int, Tensor]' = None) -> 'Tensor'")

@@ -68,7 +68,8 @@ def test_params_round_trip_through_the_layout():
     assert f[FParam.T_STUDENT] == 2.0 and f[FParam.T_TEACHER] == 3.0 and f[FParam.RHO] == 0.25
     assert i[IParam.KIND] == Kind.DKD and i[IParam.WTTM] == 1 and i[IParam.IGNORE_INDEX] == -7
     assert KernelParams.from_lists(f, i) == p
-    t = TopkParams(2.0, 4.0, renormalize=False, has_ce=True, ignore_index=3)
+    t = TopkParams(2.0, 4.0, renormalize=False, has_ce=True, ignore_index=3, tail=True)
     f, i = t.fparams(), t.iparams()
     assert f[TopkFParam.SCALE] == 4.0 and i[TopkIParam.RENORMALIZE] == 0 and i[TopkIParam.IGNORE_INDEX] == 3
+    assert i[TopkIParam.TAIL] == 1
     assert TopkParams.from_lists(f, i) == t and t.kind == Kind.TOPK

@@ -141,8 +141,8 @@ def test_errors():
     lp, idx = torch.randn(2, 3), torch.tensor([[0, 1, 2], [2, 3, 5]])
     with pytest.raises(ValueError, match=r"in \[0, 5\)"):
         kdfast.topk_kd_loss(z, lp, idx, backend="cpu")
-    with pytest.raises(ValueError, match="temperature must be 1"):
-        kdfast.topk_kd_loss(z, lp, idx.clamp_max(4), temperature=2.0, renormalize=False)
+    with pytest.raises(ValueError, match="needs renormalize=False"):
+        kdfast.topk_kd_loss(z, lp, idx.clamp_max(4), tail=True)
     with pytest.raises(ValueError, match="integer"):
         kdfast.topk_kd_loss(z, lp, idx.float())
     with pytest.raises(ValueError, match="leading shape"):
@@ -156,7 +156,7 @@ def test_triton_bad_class_makes_the_row_nan():
     lp = torch.log_softmax(torch.randn(2, 3), -1)
     idx = torch.tensor([[0, 1, 2], [2, 3, 9]])
     ones = torch.ones(2)
-    out = topk_distill(z, lp, idx, None, ones, ones, [1.0, 1.0], [1, 0, -100], "none", "triton", True, False)
+    out = topk_distill(z, lp, idx, None, ones, ones, [1.0, 1.0], [1, 0, -100, 0], "none", "triton", True, False)
     loss, grad = out[0], out[3]
     assert torch.isfinite(loss[0]) and torch.isnan(loss[1])
     assert torch.isfinite(grad[0]).all() and torch.isnan(grad[1]).all()
@@ -174,3 +174,203 @@ def test_compile_fullgraph():
     want = kdfast.topk_kd_loss(z, lp, idx, temperature=2.0, backend="cpu")
     want.backward()
     assert torch.allclose(got, want) and torch.allclose(g1, z.grad)
+
+
+# ----------------------------------------------------------------------------- tail=True
+def valid_lp(lp):
+    """Log-probabilities kept valid after rounding (a margin below 0, as _randcase does)."""
+    eps = torch.finfo(lp.dtype).eps
+    return lp - eps * (2 + lp.abs())
+
+
+TAIL_CASES = [   # (shape, k, pad, temperature)
+    ((1, 1), 1, 0, 1.0),       # k = C = 1: no tail bucket
+    ((5, 3), 1, 0, 2.0),       # k = 1
+    ((4, 37), 8, 3, 1.5),
+    ((2, 3, 300), 16, 0, 1.0),
+    ((3, 50), 50, 0, 3.0),     # k = C
+    ((6, 1031), 64, 5, 4.0),
+]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", range(len(TAIL_CASES)))
+@pytest.mark.parametrize("with_labels", [True, False])
+def test_tail_float64_matches_reference(backend, case, with_labels, gen):
+    shape, k, pad, t = TAIL_CASES[case]
+    lead, c = shape[:-1], shape[-1]
+    z = rand_logits(shape, gen=gen)
+    v = rand_logits(shape, gen=gen)
+    lp, idx = torch.log_softmax(v / t, -1).topk(k, dim=-1)
+    lp = valid_lp(lp)
+    if pad:
+        lp[..., k - pad:] = float("-inf")
+    labels = rand_labels(lead, c, gen=gen) if with_labels else None
+    if with_labels and c > 2:   # a label among the teacher's classes
+        labels.view(-1)[0] = idx.reshape(-1, k)[0, 0]
+    w = tuple(torch.rand(lead, generator=gen, dtype=torch.float64) + 0.5 for _ in range(2))
+    kw = dict(renormalize=False, tail=True, temperature=t)
+    got, up = run(kdfast.topk_kd_loss, z, lp, idx, labels, weights=w, gen=gen, backend=backend, **kw)
+    want, _ = run(R.topk_kd_loss, z, lp, idx, labels, weights=w, upstream=up, **kw)
+    for key in want:
+        tol = 1e-10 * max(1.0, scale_of(want[key])) * (1 + c ** 0.5)
+        assert max_err(got[key], want[key]) <= tol, (shape, key, max_err(got[key], want[key]))
+
+
+@pytest.mark.parametrize("t", [1.0, 2.5])
+def test_tail_gradcheck(t):
+    """The kernel's gradient (q_j - p_j on K, q_j (1 - P_tail / Q_tail) elsewhere, times T^2 / T) is
+    the derivative of its loss; padding entries, a label in K and one outside."""
+    g = torch.Generator().manual_seed(1)
+    z = rand_logits((4, 11), gen=g).requires_grad_()
+    v = rand_logits((4, 11), gen=g)
+    lp, idx = torch.log_softmax(v / t, -1).topk(4, -1)
+    lp = lp.clone()
+    lp[1, 3] = float("-inf")
+    y = torch.tensor([idx[0, 0].item(), 5, -100, idx[3, 1].item()])
+    kd_w = (torch.rand(4, dtype=torch.float64, generator=g) + 0.5).requires_grad_()
+    for backend in ("cpu", "torch"):
+        assert torch.autograd.gradcheck(
+            lambda a, w: kdfast.topk_kd_loss(a, lp, idx, y, temperature=t, renormalize=False, tail=True,
+                                             kd_weight=w, backend=backend, reduction="none"),
+            (z, kd_w))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_tail_student_saturated_on_k(backend, dtype, gen):
+    """The student holds nearly all its mass on the teacher's classes: Q_tail = 1 - sum_k q_k cancels
+    in a plain evaluation; the kernels take it from the non-K exponentials (recomputed, masked)."""
+    c, k = 300, 8
+    z = rand_logits((4, c), gen=gen)
+    v = rand_logits((4, c), gen=gen) * 2
+    lp, idx = torch.log_softmax(v, -1).topk(k, -1)
+    lp = valid_lp(lp.to(dtype)).to(dtype)
+    for i, boost in enumerate([8.0, 15.0, 40.0, 120.0]):   # Q_tail ~ e^-8 .. e^-120 (fp32 underflow)
+        z[i].scatter_(-1, idx[i], z[i].max().item() + boost)
+    z = z.to(dtype)
+    kw = dict(renormalize=False, tail=True, temperature=1.0)
+    got, up = run(kdfast.topk_kd_loss, z, lp, idx, None, gen=gen, backend=backend, **kw)
+    want, _ = run(R.topk_kd_loss, z.double(), lp.double(), idx, None, upstream=up, **kw)
+    eager, _ = run(R.topk_kd_loss, z, lp, idx, None, upstream=up, **kw)
+    assert torch.isfinite(got["loss"]).all() and torch.isfinite(got["z"]).all()
+    for key in want:
+        bound = low_precision_bound(max_err(eager[key], want[key]), dtype, scale_of(want[key]))
+        assert max_err(got[key], want[key]) <= bound, (key, max_err(got[key], want[key]), bound)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_tail_teacher_mass_exactly_one(backend, gen):
+    """P_tail = 0: the tail adds 0 (0 log 0 = 0) and its gradient term vanishes: the loss equals the
+    tail-less one; a full teacher over k = C classes equals kd_loss at T = 1."""
+    z = rand_logits((3, 20), gen=gen)
+    lp = torch.log(torch.tensor([[0.5, 0.25, 0.25]] * 3, dtype=torch.float64))
+    assert torch.logsumexp(lp, -1).eq(0).all()
+    idx = torch.tensor([[0, 5, 7], [1, 2, 3], [19, 4, 9]])
+    a, b = z.clone().requires_grad_(), z.clone().requires_grad_()
+    la = kdfast.topk_kd_loss(a, lp, idx, renormalize=False, tail=True, backend=backend, reduction="none")
+    lb = kdfast.topk_kd_loss(b, lp, idx, renormalize=False, backend=backend, reduction="none")
+    la.sum().backward()
+    lb.sum().backward()
+    assert torch.allclose(la, lb, rtol=1e-12, atol=0) and torch.allclose(a.grad, b.grad, rtol=1e-12, atol=1e-15)
+    v = rand_logits((3, 20), gen=gen)
+    lp, idx = torch.log_softmax(v, -1).topk(20, -1)
+    full = kdfast.topk_kd_loss(z, lp, idx, renormalize=False, tail=True, backend=backend)
+    assert abs(full.item() - kdfast.kd_loss(z, v, temperature=1.0, backend=backend).item()) <= 1e-12
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_tail_is_kl_over_k_plus_one_buckets(backend, gen):
+    """The definition: KL over the k classes and one bucket holding the rest, from dense softmaxes."""
+    t = 2.0
+    z, v = rand_logits((5, 40), gen=gen), rand_logits((5, 40), gen=gen)
+    lp, idx = torch.log_softmax(v / t, -1).topk(6, -1)
+    q = torch.softmax(z / t, -1)
+    qk = q.gather(-1, idx)
+    pk = lp.exp()
+    P = torch.cat([pk, 1 - pk.sum(-1, keepdim=True)], -1)
+    Q = torch.cat([qk, 1 - qk.sum(-1, keepdim=True)], -1)
+    want = t * t * (P * (P.log() - Q.log())).sum(-1)
+    got = kdfast.topk_kd_loss(z, lp, idx, renormalize=False, tail=True, temperature=t, backend=backend,
+                              reduction="none")
+    assert torch.allclose(got, want, rtol=1e-10, atol=1e-12)
+
+
+def test_tail_all_padding_row_and_empty():
+    """A row of padding only: all the teacher's mass is in the tail, which is every class: D = 0."""
+    z = rand_logits((2, 9), gen=torch.Generator().manual_seed(3))
+    lp = torch.full((2, 3), float("-inf"), dtype=torch.float64)
+    lp[0] = torch.log(torch.tensor([0.2, 0.3, 0.1]))
+    idx = torch.tensor([[0, 1, 2], [3, 4, 5]])
+    for backend in BACKENDS:
+        d = kdfast.topk_kd_loss(z, lp, idx, renormalize=False, tail=True, backend=backend, reduction="none")
+        assert d[1] == 0 and torch.isfinite(d).all()
+        e = kdfast.topk_kd_loss(torch.zeros(0, 7, requires_grad=True), torch.zeros(0, 3),
+                                torch.zeros(0, 3, dtype=torch.long), renormalize=False, tail=True,
+                                backend=backend)
+        e.backward()
+        assert e.item() == 0.0
+
+
+def test_validation_errors():
+    z = torch.randn(2, 6)
+    lp = torch.log(torch.tensor([[0.5, 0.2, 0.1], [0.3, 0.3, 0.3]]))
+    idx = torch.tensor([[0, 1, 2], [3, 4, 5]])
+    kw = dict(renormalize=False, tail=True)
+    kdfast.topk_kd_loss(z, lp, idx, **kw)   # valid
+    with pytest.raises(ValueError, match="distinct"):
+        kdfast.topk_kd_loss(z, lp, torch.tensor([[0, 1, 0], [3, 4, 5]]), **kw)
+    with pytest.raises(ValueError, match=r"in \[0, 6\)"):
+        kdfast.topk_kd_loss(z, lp, torch.tensor([[0, 1, 6], [3, 4, 5]]), **kw)
+    with pytest.raises(ValueError, match=r"in \[0, 6\)"):
+        kdfast.topk_kd_loss(z, lp, torch.tensor([[0, 1, -1], [3, 4, 5]]), **kw)
+    bad = lp.clone()
+    bad[1, 1] = float("nan")
+    with pytest.raises(ValueError, match="NaN"):
+        kdfast.topk_kd_loss(z, bad, idx, **kw)
+    with pytest.raises(ValueError, match="NaN"):   # NaN and duplicates: with renormalize too
+        kdfast.topk_kd_loss(z, bad, idx)
+    bad = lp.clone()
+    bad[0, 0] = 0.01
+    with pytest.raises(ValueError, match="above 0"):
+        kdfast.topk_kd_loss(z, bad, idx, **kw)
+    kdfast.topk_kd_loss(z, bad, idx)   # logits are fine for renormalize=True
+    bad = torch.log(torch.tensor([[0.5, 0.4, 0.2], [0.3, 0.3, 0.3]]))
+    with pytest.raises(ValueError, match="exceed 1"):
+        kdfast.topk_kd_loss(z, bad, idx, renormalize=False)
+    # rounding is not an error: bf16 log-probabilities of a full distribution
+    v = torch.randn(2, 6)
+    full, fidx = torch.log_softmax(v, -1).topk(6, -1)
+    kdfast.topk_kd_loss(z, full.to(torch.bfloat16), fidx, **kw)
+    # validate=False skips the checks (the CPU kernel still makes a bad class's row NaN)
+    out = kdfast.topk_kd_loss(z, lp, torch.tensor([[0, 1, 6], [3, 4, 5]]), validate=False, reduction="none", **kw)
+    assert torch.isnan(out[0]) and torch.isfinite(out[1])
+    with pytest.raises(ValueError, match="validate must be a bool"):
+        kdfast.topk_kd_loss(z, lp, idx, validate=1)
+
+
+def test_renormalize_false_at_a_temperature():
+    """renormalize=False takes the log-probabilities as stored at the distillation temperature T:
+    p_k = exp(lp_k) (not re-scaled by T), the student at z / T, times T^2."""
+    g = torch.Generator().manual_seed(4)
+    z, v = rand_logits((3, 30), gen=g), rand_logits((3, 30), gen=g)
+    lp, idx = torch.log_softmax(v / 3.0, -1).topk(30, -1)
+    a = kdfast.topk_kd_loss(z, lp, idx, renormalize=False, temperature=3.0, backend="cpu")
+    b = kdfast.kd_loss(z, v, temperature=3.0, backend="cpu")
+    assert abs(a.item() - b.item()) <= 1e-10 * abs(b.item())
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_tail_k_equal_c_has_no_bucket(backend, gen):
+    """k = C: no class outside the teacher's, so no tail bucket, whatever mass the stored values'
+    rounding leaves (here 1 - sum_k p_k ~ 1e-2): loss and gradient are the tail-less ones."""
+    z, v = rand_logits((4, 12), gen=gen), rand_logits((4, 12), gen=gen)
+    lp, idx = torch.log_softmax(v, -1).topk(12, -1)
+    lp = lp - 1e-2 * (1 + lp.abs())
+    a, b = z.clone().requires_grad_(), z.clone().requires_grad_()
+    y = rand_labels((4,), 12, gen=gen)
+    la = kdfast.topk_kd_loss(a, lp, idx, y, renormalize=False, tail=True, temperature=2.0, backend=backend)
+    lb = kdfast.topk_kd_loss(b, lp, idx, y, renormalize=False, temperature=2.0, backend=backend)
+    la.backward()
+    lb.backward()
+    assert abs(la.item() - lb.item()) <= 1e-12 and torch.allclose(a.grad, b.grad, rtol=1e-12, atol=1e-15)
