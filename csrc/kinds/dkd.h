@@ -47,14 +47,18 @@ RowOut row_dkd(const KernelArgs& P, const Row<TZ, TV>& r, const RowInfo& ri) {
   const double Lz = logaddexp(Lzn, ay);
   const double lqy = ay - Lz, l1qy = Lzn - Lz, qy = std::exp(lqy), qy1 = std::exp(l1qy);
   // CE's lse(z) at T = 1: its own stream (over j != y) or the student's (T == 1), plus the label column
-  LseTotal t1{0.0, 1.0};
+  LseTotal t1{0.0, 1.0}, s1{0.0, 0.0};
   if (ri.ce) {
-    const LseTotal s1 = ce_sep ? total(S1) : tz;
+    s1 = ce_sep ? total(S1) : tz;
     const double M = std::max(s1.M, ri.zy);
     t1 = {M, s1.S * std::exp(s1.M - M) + std::exp(ri.zy - M)};
   }
   RowOut out;
-  out.CE = ri.ce ? (t1.M - ri.zy) + t1.l() : 0.0;
+  // S1 runs over j != y: with the label at the max, CE = log1p of the other classes' mass, which does
+  // not cancel when CE is small (see ce_value)
+  out.CE = !ri.ce ? 0.0
+         : ri.zy == t1.M ? std::log1p(s1.S > 0.0 ? s1.S * std::exp(s1.M - t1.M) : 0.0)
+                         : (t1.M - ri.zy) + t1.l();
   // per teacher: Lv\y (max and log S), the reference Rr (a at the teacher's argmax over j != y), dbar,
   // NCKD1 = dbar + (M_z\y - Rr) - (l_v\y - l_z\y), p_y, 1 - p_y, G p_y
   double Mvn[kCap<MT>] = {}, lvn[kCap<MT>] = {}, Rr[kCap<MT>] = {}, dbar[kCap<MT>] = {}, NCKD1[kCap<MT>] = {};

@@ -154,7 +154,7 @@ RowOut row_jsd(const KernelArgs& P, const Row<TZ, TV>& r, const RowInfo& ri) {
     }
   });
   RowOut out;
-  out.CE = ri.ce ? (t1.M - ri.zy) + t1.l() : 0.0;
+  out.CE = ri.ce ? ce_value<A>(r, ri, t1) : 0.0;
   double SPs[kCap<MT>] = {}, Kqs = 0;
   bool refine = false, rf[kCap<MT>] = {};
   const double Hb = -beta * std::log(beta) - (1.0 - beta) * std::log1p(-beta);  // the entropy of beta

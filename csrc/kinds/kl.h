@@ -62,7 +62,7 @@ RowOut row_kl(const KernelArgs& P, const Row<TZ, TV>& r, const RowInfo& ri) {
   LseTotal t1 = tz;
   if (ri.ce && ce_sep) t1 = total(S1);
   RowOut out;
-  out.CE = ri.ce ? (t1.M - ri.zy) + t1.l() : 0.0;
+  out.CE = ri.ce ? ce_value<A>(r, ri, t1) : 0.0;
   // per teacher: the row maxima and log S, the reference Rr (forward: a at the teacher's argmax; Rev: c
   // at the student's), dbar, the one-pass KL1 and the scale s (wttm: U = exp(lse(v/T) - lse(v)/T), a
   // per-row constant, no gradient through it). log p_j - log q_j = d_j + (M_z - Rr) - (l_v - l_z), so

@@ -36,6 +36,7 @@ RowOut row_lm(const KernelArgs& P, const Row<TZ, TV>& r, const RowInfo& ri) {
     });
   }
   const LseTotal t1 = ri.ce ? total(S1) : LseTotal{0.0, 1.0};
+  const double ce = ri.ce ? ce_value<A>(r, ri, t1) : 0.0;  // (before the sweep that may write over z)
   // u_j = (z_j - zbar) - (v_j - vbar) (center) or z_j - v_j, D = sum u^2 / 2C:
   // dD/dz_j = u_j / C (the means' own derivatives sum to zero); dD/dv_j = -dD/dz_j;
   // dCE/dz_j = exp((z_j - M1) - l1) - [j = y] (M1 + l1 = lse(z), never rounded as one number). M teachers: dz = sum_t g_t (d_tj - dbar_t) / C.
@@ -77,7 +78,7 @@ RowOut row_lm(const KernelArgs& P, const Row<TZ, TV>& r, const RowInfo& ri) {
   });
   RowOut out;
   for (int t = 0; t < teachers<MT>(r); ++t) out.D[t] = SS[t].total() / (2.0 * double(C));
-  out.CE = ri.ce ? (t1.M - ri.zy) + t1.l() : 0.0;
+  out.CE = ce;
   return out;
 }
 

@@ -120,7 +120,7 @@ RowOut row_ls(const KernelArgs& P, const Row<TZ, TV>& r, const RowInfo& ri) {
   const double lz = ta.l();
   const LseTotal t1 = ri.ce ? total(S1) : LseTotal{0.0, 1.0};
   RowOut out;
-  out.CE = ri.ce ? (t1.M - ri.zy) + t1.l() : 0.0;
+  out.CE = ri.ce ? ce_value<A>(r, ri, t1) : 0.0;
   double Mv[kCap<MT>] = {}, lv[kCap<MT>] = {}, Rr[kCap<MT>] = {}, dbar[kCap<MT>] = {}, KL1[kCap<MT>] = {};
   LseTotal tc[kCap<MT>] = {};
   bool refine = false, rf[kCap<MT>] = {};

@@ -130,7 +130,7 @@ RowOut row_topk(const KernelArgs& P, const Row<TZ, TV>& r, const RowInfo& ri, in
   }
   RowOut out;
   out.D[0] = s * S;
-  out.CE = ri.ce ? (t1.M - ri.zy) + t1.l() : 0.0;
+  out.CE = ri.ce ? ce_value<A>(r, ri, t1) : 0.0;
   if (!r.gz) return out;
   // dD/da_j = s (P q_j - sum_k p_k [i_k = j]), a = z / T:  dD/dz_j = (s / T)(P q_j - p_j [j in top-k]);
   // plus CE g_ce (softmax(z)_j - [j = y]), softmax(z) = q when T == 1. Dense part in the sweep, the
