@@ -27,6 +27,7 @@ import statistics
 import subprocess
 import sys
 import time
+import tempfile
 
 os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
 
@@ -104,7 +105,7 @@ def one(variant: str, steps: int) -> dict:
             times.append(time.perf_counter() - self.t)
 
     student, teacher = _models()
-    args = GKDConfig(output_dir="/tmp/kdfast_bench_trl", max_steps=steps, per_device_train_batch_size=BATCH,
+    args = GKDConfig(output_dir=tempfile.mkdtemp(prefix="kdfast_bench_trl_"), max_steps=steps, per_device_train_batch_size=BATCH,
                      lmbda=0.0, beta=0.5, report_to="none", save_strategy="no", use_cpu=True,
                      learning_rate=1e-3, optim="sgd", lr_scheduler_type="constant", logging_steps=1,
                      disable_tqdm=True, seed=0, dataloader_num_workers=0, max_length=SEQ)
