@@ -15,7 +15,7 @@ from torch.utils.cpp_extension import BuildExtension, CppExtension
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 x86 = platform.machine().lower() in ("x86_64", "amd64", "i686", "x86")
-sources = ["csrc/kdfast.cpp", "csrc/kernel_default.cpp"]
+sources = ["csrc/kdfast.cpp", "csrc/grad_pool.cpp", "csrc/kernel_default.cpp"]
 if x86:
     sources += ["csrc/kernel_avx2.cpp", "csrc/kernel_avx512.cpp"]
 

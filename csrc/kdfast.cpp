@@ -14,6 +14,7 @@
 #include <string>
 #include <vector>
 
+#include "grad_pool.h"
 #include "kernel_api.h"
 
 namespace kdfast {
@@ -300,4 +301,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("isa", [] { return kdfast::g_isa; }, "The ISA whose kernel runs now");
   m.def("advise_huge_pages", &kdfast::advise_huge_pages, "madvise(MADV_HUGEPAGE) a fresh CPU buffer",
         pybind11::arg("tensor"));
+  m.def("pool_empty", [](std::vector<int64_t> sizes, const at::Tensor& like) { return kdfast::pool::empty(sizes, like); },
+        "A CPU buffer (like's dtype) from the gradient pool (csrc/grad_pool.cpp)", pybind11::arg("sizes"),
+        pybind11::arg("like"));
+  m.def("pool_set_cap", &kdfast::pool::set_cap, "The gradient pool's bound in bytes (0: off)", pybind11::arg("bytes"));
+  m.def("pool_clear", &kdfast::pool::clear, "Release the gradient pool's free blocks");
+  m.def("pool_stats", &kdfast::pool::stats, "{hits, misses, evictions, free blocks, free bytes, cap}");
 }
