@@ -19,6 +19,7 @@ custom ops lets ``torch.compile`` trace a training step through the loss without
 from __future__ import annotations
 
 import functools
+import math
 from typing import Optional
 
 import torch
@@ -48,17 +49,21 @@ def acc_dtype(*dtypes: torch.dtype) -> torch.dtype:
 
 
 def buffer(shape, dtype: torch.dtype, device) -> Tensor:
-    """A buffer the kernels (or the fused linear chunk loop) write. On the CPU, a large buffer is
-    advised to use transparent huge pages before its first touch: the kernel's first write into fresh
-    memory otherwise costs a page fault per 4 KiB, which on the 2-core dev machine took longer than
-    the whole fused kernel at 4096 x 32000 fp32 (torch's own THP_MEM_ALLOC_ENABLE=1 does the same
-    for every allocation)."""
-    buf = torch.empty(shape, dtype=dtype, device=device)
-    if buf.device.type == "cpu" and buf.numel() * buf.element_size() >= (8 << 20):
+    """A buffer the kernels (or the fused linear chunk loop) write. On the CPU a large one (8 MiB and
+    more) comes from kdfast's gradient pool (:func:`kdfast._cpu.pool_cap_bytes`): a training loop
+    then reuses the pages its previous step freed instead of faulting in fresh memory every step
+    (PyTorch's CPU allocator caches nothing), and fresh blocks are advised to use transparent huge
+    pages before their first touch (one fault per 2 MiB instead of per 4 KiB)."""
+    if (torch.device(device).type == "cpu" and math.prod(shape) * dtype.itemsize >= (8 << 20)):
         from . import _cpu
         if _cpu.available():
-            _cpu.load().advise_huge_pages(buf)
-    return buf
+            return _cpu.load().pool_empty(list(shape), _like(dtype))
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+@functools.lru_cache(maxsize=None)
+def _like(dtype: torch.dtype) -> Tensor:
+    return torch.empty(0, dtype=dtype)
 
 
 def _grad_buffer(x: Tensor, shape: Optional[tuple] = None) -> Tensor:
@@ -81,8 +86,7 @@ def grad_scale(labels: Optional[Tensor], ignore_index: int, n: int, reduction: s
     return torch.ones(1, dtype=acc, device=device)
 
 
-@torch.library.custom_op("kdfast::distill", mutates_args=())
-def distill(z: Tensor, v: Tensor, zp: Optional[Tensor], labels: Optional[Tensor], kd_w: Tensor,
+def _distill_impl(z: Tensor, v: Tensor, zp: Optional[Tensor], labels: Optional[Tensor], kd_w: Tensor,
             ce_w: Tensor, fparams: list[float], iparams: list[int], reduction: str, backend: str,
             need_grad_z: bool, need_grad_v: bool, inplace_backward: bool = False
             ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
@@ -98,6 +102,9 @@ def distill(z: Tensor, v: Tensor, zp: Optional[Tensor], labels: Optional[Tensor]
                          grad_z if need_grad_z else None, grad_v if need_grad_v else None,
                          fparams, iparams)
     return _reduce(kd_w, d, ce_w, ce, reduction, grad_scale), d, ce, grad_z, grad_v, grad_scale
+
+
+distill = torch.library.custom_op("kdfast::distill", mutates_args=())(_distill_impl)
 
 
 def _row_outputs(z: Tensor, labels: Optional[Tensor], kd_w: Tensor, ignore_index: int, reduction: str):
@@ -205,8 +212,7 @@ distill.register_autograd(_backward, setup_context=_setup_context)
 # The top-k (sparse teacher) op: the same positional layout as ``distill`` with the teacher's (N, k)
 # log-probabilities in ``v``'s place and their int64 classes in ``zp``'s, so that the fake shapes,
 # the saved tensors and the backward are shared. The teacher gets no gradient (it is data).
-@torch.library.custom_op("kdfast::topk_distill", mutates_args=())
-def topk_distill(z: Tensor, t_lp: Tensor, t_idx: Tensor, labels: Optional[Tensor], kd_w: Tensor,
+def _topk_impl(z: Tensor, t_lp: Tensor, t_idx: Tensor, labels: Optional[Tensor], kd_w: Tensor,
                  ce_w: Tensor, fparams: list[float], iparams: list[int], reduction: str, backend: str,
                  need_grad_z: bool, need_grad_v: bool, inplace_backward: bool = False
                  ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
@@ -220,6 +226,8 @@ def topk_distill(z: Tensor, t_lp: Tensor, t_idx: Tensor, labels: Optional[Tensor
     return (_reduce(kd_w, d, ce_w, ce, reduction, grad_scale), d, ce, grad_z, t_lp.new_empty(0),
             grad_scale)
 
+
+topk_distill = torch.library.custom_op("kdfast::topk_distill", mutates_args=())(_topk_impl)
 
 @topk_distill.register_fake
 def _(z, t_lp, t_idx, labels, kd_w, ce_w, fparams, iparams, reduction, backend, need_grad_z,
@@ -481,6 +489,43 @@ vocab_parallel_distill.register_autograd(_backward, setup_context=_setup_context
 
 
 # ---------------------------------------------------------------------------------------------------
+# The eager fast path. A call through a custom op crosses the dispatcher twice (its autograd kernel,
+# then its CPU / CUDA implementation) and torch's Python autograd glue (which rebuilds the op's
+# argument list from its schema on every call): ~100 us a call on the 2-core dev machine, where the
+# whole fused fwd+bwd at (8, 10) takes ~10 us of kernel. Outside torch.compile, functorch transforms
+# and tensor subclasses / modes (which need the op: its fake kernel, its schema), `distill` and
+# `topk_distill` run their implementation under a plain autograd.Function with the op's own
+# setup_context and backward: the same code, the same saved tensors, the same gradients.
+def _function(impl, setup_context, backward) -> type:
+    class Fn(torch.autograd.Function):
+        # (forward takes ctx: a separate setup_context makes apply() bind the arguments to
+        # forward's signature with inspect on every call)
+        @staticmethod
+        def forward(ctx, *args):
+            out = impl(*args)
+            setup_context(ctx, args, out)
+            return out
+
+        @staticmethod
+        def backward(ctx, *grads):
+            return backward(ctx, *grads)
+    Fn.__name__ = Fn.__qualname__ = impl.__name__.strip("_").replace("_impl", "") + "_eager"
+    return Fn
+
+
+_DistillFn = _function(_distill_impl, _setup_context, _backward)
+_TopkFn = _function(_topk_impl, _setup_context, _backward)
+
+
+def _plain(*xs) -> bool:
+    """Whether the eager fast path may run: plain tensors, nothing tracing or transforming them."""
+    return (not torch.compiler.is_compiling() and torch._C._len_torch_dispatch_stack() == 0
+            and not torch._C._is_torch_function_mode_enabled()
+            and torch._C._functorch.peek_interpreter_stack() is None
+            and all(x is None or type(x) is Tensor for x in xs))
+
+
+# ---------------------------------------------------------------------------------------------------
 # The calls: each asks the op for the gradients its inputs need, and returns the loss.
 def _needs(*xs) -> bool:
     return torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in xs)
@@ -489,17 +534,24 @@ def _needs(*xs) -> bool:
 def run(z: Tensor, v: Tensor, zp: Optional[Tensor], labels: Optional[Tensor], kd_w: Tensor,
         ce_w: Tensor, params: KernelParams, reduction: str, backend: str,
         inplace_backward: bool = False) -> Tensor:
-    """``kdfast::distill``."""
-    return torch.ops.kdfast.distill(z, v, zp, labels, kd_w, ce_w, params.fparams(), params.iparams(),
-                                    reduction, backend, _needs(z), _needs(v), inplace_backward)[0]
+    """``kdfast::distill`` (eagerly: its fast path, :func:`_plain`)."""
+    fp, ip = params.lists()
+    args = (z, v, zp, labels, kd_w, ce_w, fp, ip, reduction, backend, _needs(z), _needs(v), inplace_backward)
+    if _plain(z, v, zp, labels, kd_w, ce_w):
+        return _DistillFn.apply(*args)[0]
+    return torch.ops.kdfast.distill(*args)[0]
 
 
 def run_topk(z: Tensor, t_lp: Tensor, t_idx: Tensor, labels: Optional[Tensor], kd_w: Tensor,
              ce_w: Tensor, params, reduction: str, backend: str, inplace_backward: bool = False) -> Tensor:
-    """``kdfast::topk_distill`` (``params``: a ``TopkParams``; the teacher gets no gradient)."""
-    return torch.ops.kdfast.topk_distill(z, t_lp, t_idx, labels, kd_w, ce_w, params.fparams(),
-                                         params.iparams(), reduction, backend, _needs(z), False,
-                                         inplace_backward)[0]
+    """``kdfast::topk_distill`` (``params``: a ``TopkParams``; the teacher gets no gradient; eagerly:
+    its fast path, :func:`_plain`)."""
+    fp, ip = params.lists()
+    args = (z, t_lp, t_idx, labels, kd_w, ce_w, fp, ip, reduction, backend, _needs(z), False,
+            inplace_backward)
+    if _plain(z, t_lp, t_idx, labels, kd_w, ce_w):
+        return _TopkFn.apply(*args)[0]
+    return torch.ops.kdfast.topk_distill(*args)[0]
 
 
 def run_multi(z: Tensor, vs: list[Tensor], zp: Optional[Tensor], labels: Optional[Tensor], kd_w: Tensor,

@@ -74,6 +74,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import functools
 
 
 class Kind(enum.IntEnum):
@@ -132,6 +133,13 @@ def _to_lists(p, fields: type[enum.IntEnum], ints: type[enum.IntEnum]) -> tuple[
             [int(getattr(p, f.name.lower())) for f in ints])
 
 
+@functools.lru_cache(maxsize=256)
+def _cached_lists(p) -> tuple[list[float], list[int]]:
+    """:meth:`KernelParams.lists` / :meth:`TopkParams.lists`, once per distinct (frozen) parameters:
+    a training loop calls with the same ones every step. The lists are shared: never mutate them."""
+    return _to_lists(p, *_LAYOUTS[type(p)])
+
+
 def _from_lists(cls, fparams, iparams, fields: type[enum.IntEnum], ints: type[enum.IntEnum]):
     kw = {f.name.lower(): float(fparams[f]) for f in fields}
     for f in ints:   # each int field back to the type of its default (Kind, bool or int)
@@ -164,6 +172,10 @@ class KernelParams:
         """The int / bool fields in the :class:`IParam` layout."""
         return _to_lists(self, FParam, IParam)[1]
 
+    def lists(self) -> tuple[list[float], list[int]]:
+        """``(fparams(), iparams())``, cached per distinct parameters (shared: do not mutate)."""
+        return _cached_lists(self)
+
     @classmethod
     def from_lists(cls, fparams, iparams) -> "KernelParams":
         return _from_lists(cls, fparams, iparams, FParam, IParam)
@@ -191,6 +203,14 @@ class TopkParams:
         """The int / bool fields in the :class:`TopkIParam` layout."""
         return _to_lists(self, TopkFParam, TopkIParam)[1]
 
+    def lists(self) -> tuple[list[float], list[int]]:
+        """``(fparams(), iparams())``, cached per distinct parameters (shared: do not mutate)."""
+        return _cached_lists(self)
+
     @classmethod
     def from_lists(cls, fparams, iparams) -> "TopkParams":
         return _from_lists(cls, fparams, iparams, TopkFParam, TopkIParam)
+
+
+# the list layouts of each parameter class (_cached_lists)
+_LAYOUTS = {KernelParams: (FParam, IParam), TopkParams: (TopkFParam, TopkIParam)}
