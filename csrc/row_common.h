@@ -391,6 +391,61 @@ inline LseTotal total(const Lse<A>& o) {
   for (int l = 0; l < W; ++l) S += double(s[l]) * std::exp(double(m[l]) - M);
   return {M, S};
 }
+// ---------------------------------------------------------------------------------------------------
+// The statistics pass's exponentials, kept for the gradient pass (PERF-NOTES: the kernel is bound by
+// its exponentials, not by memory, and the gradient pass recomputed every one of them).
+// A stream's pass-1 values are e_j = exp(x_j - m_b), m_b the lane maxima of the online max just after
+// x_j's block b (Lse::update). The gradient pass needs exp((x_j - M) - l) = e_j * f_b with the
+// per-lane factor f_b = exp((m_b - M) - l): one vector exp per block where a lane max moved (rare
+// after a row's first blocks; ExpRead compares, as Lse::update does), instead of one per element.
+// Rounding: e_j * f_b rounds the product once more than the direct exp; each factor's argument is a
+// difference of logits (and l), as in the direct form, so no rounded lse is subtracted from a logit.
+// Per thread, for rows of up to kCacheCols columns: a row's cache, inputs and gradient stay in L2.
+constexpr int64_t kCacheCols = 65536;
+template <class A>
+struct ExpCache {
+  static constexpr int W = Vec<A>::size();
+  static constexpr int64_t B = int64_t(kBlock) * W;
+  A* e[3] = {};  // per stream: the values, C rounded up to whole blocks
+  A* m[3] = {};  // per stream: each block's lane maxima
+  ExpCache() = default;  // off
+  // `streams` streams for a row of C columns, in this thread's buffer (grown, never shrunk)
+  ExpCache(int64_t C, int streams) {
+    thread_local std::vector<A> buf;
+    const int64_t cp = (C + B - 1) / B * B, nb = cp / B * W;
+    if (int64_t(buf.size()) < streams * (cp + nb)) buf.resize(streams * (cp + nb));
+    for (int s = 0; s < streams; ++s) e[s] = buf.data() + s * (cp + nb), m[s] = e[s] + cp;
+  }
+  KD_INLINE void put(int s, int64_t j, const Vec<A>* x, const Vec<A>& mb) const {
+    for (int k = 0; k < kBlock; ++k) x[k].store(e[s] + j + k * W);
+    mb.store(m[s] + j / B * W);
+  }
+  KD_INLINE Vec<A> get(int s, int64_t j, int k) const { return Vec<A>::loadu(e[s] + j + k * W); }
+  KD_INLINE Vec<A> max(int s, int64_t j) const { return Vec<A>::loadu(m[s] + j / B * W); }
+};
+// The factor f_b = exp((m_b - M) - l) of one stream, recomputed only where a lane max moved.
+template <class A>
+struct ExpRead {
+  Vec<A> nM, nl, mb{A(0)}, f{A(0)};
+  bool fresh = true;
+  ExpRead(double M, double l) : nM(A(-M)), nl(A(-l)) {}
+  KD_INLINE Vec<A> factor(const Vec<A>& m) {
+    constexpr int kAll = (1 << Vec<A>::size()) - 1;
+    if (fresh || (m != mb).zero_mask() != kAll) {   // (a NaN max counts as moved)
+      f = vexp((m + nM) + nl);
+      mb = m, fresh = false;
+    }
+    return f;
+  }
+};
+// x^P for P in {2, 4} (the CE stream at T = 2 or 4 from the student's: exp(z - T m) = exp(z/T - m)^T,
+// z/T exact for a power of two)
+template <class A>
+KD_INLINE Vec<A> vpow(const Vec<A>& x, int P) {
+  const Vec<A> x2 = x * x;
+  return P == 4 ? x2 * x2 : x2;
+}
+
 // sum over lanes of an accumulator kept at the scale of stream o (acc_l relative to exp(m_l)),
 // expressed at the scale of t.M
 template <class A>

@@ -309,8 +309,11 @@ def draw_case(kind: str, name: str, backend: str, seed: int) -> Case:
     hy = {}
     lowest = lower(c.zdt, c.vdt)
 
-    def temp():
-        return 1.0 if rng.random() < 0.2 else _round_to(_sig(_logu(rng, 0.5, 20)), lowest)
+    def temp():   # (1, 2 and 4 exactly: the CPU kernel's CE stream is derived from the student's there)
+        u = rng.random()
+        if u < 0.3:
+            return 1.0 if u < 0.15 else 2.0 if u < 0.24 else 4.0
+        return _round_to(_sig(_logu(rng, 0.5, 20)), lowest)
 
     if kind == "topk" and name == "topk_tail":   # the leftover masses as a (k+1)-th bucket
         hy = {"renormalize": False, "tail": True, "temperature": temp()}

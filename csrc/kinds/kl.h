@@ -22,19 +22,37 @@ RowOut row_kl(const KernelArgs& P, const Row<TZ, TV>& r, const RowInfo& ri) {
   Lse<A> Sz, S1, Sv[kCap<MT>], Sv1[kCap<MT>];
   Vec<A> W[kCap<MT>], R[kCap<MT>];
   for (int t = 0; t < teachers<MT>(r); ++t) W[t] = R[t] = Vec<A>(A(0));
+  const bool grads = r.gz || r.gv[0];
+  // CE at Ts = 2 or 4: its stream is the student's raised to the power Ts (z/Ts is exact, so
+  // exp(z - Ts m) = exp(z/Ts - m)^Ts and max(z) = Ts max(z/Ts)): no exponential of its own. S1's
+  // lanes are then kept at the maxima Ts * Sz.m: s1 = s1 * rz^Ts + sum_k ez_k^Ts.
+  const int ce_pow = ce_sep && its.lo == A(0) && (P.ts == 2.0 || P.ts == 4.0) ? int(P.ts) : 0;
+  Vec<A> s1p(A(0));
+  // pass 1's exponentials kept for pass 2 (ExpCache): one teacher, gradients asked for, C <= kCacheCols.
+  // Streams: 0 the student's (a), 1 the teacher's (c), 2 CE's (z) unless ce_pow derives it from 0.
+  const bool cached = MT == 1 && grads && r.C <= kCacheCols;
+  const ExpCache<A> cache = cached ? ExpCache<A>(r.C, ce_sep && !ce_pow ? 3 : 2) : ExpCache<A>();
   // Pass 1 (statistics): both online lse, and per teacher W = sum_j e_j d_j (docs/kernel-math.md, "KL"):
   // forward e_j = exp(c_j - m_v), d_j = (c_j - m_v) - (a_j - R), R the student's value where the
   // teacher has its lane max; Rev: e_j = exp(a_j - m_z), d_j = (a_j - m_z) - (c_j - R), R the teacher's
   // value at the student's lane max. W is shifted when the maxima and references move (shift_w). d is
   // free of the logits' offsets and 0 at the weighting stream's largest entry. Both operands are
   // floored: a lane where both are -inf (padding, or a column -inf in both rows) adds 0 * finite.
-  sweep<A>(r, -1, false, [&](auto, Block<A>& b, int64_t, const auto& io) {
+  sweep<A>(r, -1, false, [&](auto, Block<A>& b, int64_t j, const auto& io) {
     Vec<A> v[kBlock];  // the current teacher's block (locals: kept in registers)
     Vec<A> a[kBlock], c[kBlock], ez[kBlock], e[kBlock], xa[kBlock];
     for (int k = 0; k < kBlock; ++k) a[k] = vscale(b.z[k], its);
     const Vec<A> mz0 = Sz.m, sz0 = Sz.s;
     const Vec<A> rz = Sz.update(a, ez);
-    if (ce_sep) S1.update(b.z, e);
+    if (cached) cache.put(0, j, ez, Sz.m);
+    if (ce_pow) {
+      Vec<A> acc = s1p * vpow(rz, ce_pow);
+      for (int k = 0; k < kBlock; ++k) acc = acc + vpow(ez[k], ce_pow);
+      s1p = acc;
+    } else if (ce_sep) {
+      S1.update(b.z, e);
+      if (cached) cache.put(2, j, e, S1.m);
+    }
     if constexpr (Rev)
       for (int k = 0; k < kBlock; ++k) xa[k] = finite_floor(a[k] - Sz.m);
     for (int t = 0; t < teachers<MT>(r); ++t) {
@@ -42,6 +60,7 @@ RowOut row_kl(const KernelArgs& P, const Row<TZ, TV>& r, const RowInfo& ri) {
       for (int k = 0; k < kBlock; ++k) c[k] = vscale(v[k], itt);
       const Vec<A> mv0 = Sv[t].m, sv0 = Sv[t].s;
       const Vec<A> rv = Sv[t].update(c, e);
+      if (cached) cache.put(1, j, e, Sv[0].m);  // (cached: one teacher, t = 0)
       if constexpr (Rev) {
         const Vec<A> R1 = track_ref(R[t], a, c, Sz.m);
         Vec<A> w = shift_w(W[t], rz, sz0, Sz.m - mz0, R1 - R[t]);
@@ -57,6 +76,10 @@ RowOut row_kl(const KernelArgs& P, const Row<TZ, TV>& r, const RowInfo& ri) {
       if (wttm) Sv1[t].update(v, e);
     }
   });
+  if (ce_pow) {  // S1's lanes at the maxima Ts * Sz.m (exact: Ts is a power of two)
+    S1.m = vec::maximum(Sz.m * Vec<A>(A(ce_pow)), Vec<A>(lowest<A>()));
+    S1.s = s1p;
+  }
   const LseTotal tz = total(Sz);
   const double lz = tz.l();
   LseTotal t1 = tz;
@@ -98,7 +121,6 @@ RowOut row_kl(const KernelArgs& P, const Row<TZ, TV>& r, const RowInfo& ri) {
     rf[t] = needs_refine(KL1[t], std::abs(dbar[t]) + 1.0);
     refine |= rf[t];
   }
-  const bool grads = r.gz || r.gv[0];
   if (!grads && !refine) return out;
 
   // Pass 2: gradients, and the accurate KL. With d_j, dbar as above relative to the row maxima and
@@ -128,25 +150,40 @@ RowOut row_kl(const KernelArgs& P, const Row<TZ, TV>& r, const RowInfo& ri) {
   const A B1 = A(ce_sep ? ri.g_ce : 0.0);
   const A nMz = A(-tz.M), nlz = A(-lz), nM1 = A(-t1.M), nl1 = A(-t1.l());
   LongSum<A> X[kCap<MT>];
+  // cached: q_j = ez_j * fz, p_j = ev_j * fv, softmax(z)_j = e1_j * f1 (e1 = ez^Ts with ce_pow), the
+  // factors per block (ExpRead)
+  ExpRead<A> Rz(tz.M, lz), Rv(Mv[0], lv[0]), R1(t1.M, t1.l());
   // (the student's terms are computed with teacher 0, in the same loop: with one teacher this is the
   // single fused loop per vector; q is kept for the other teachers)
-  sweep<A>(r, -1, grads, [&](auto, Block<A>& b, int64_t, const auto& io) {
+  sweep<A>(r, -1, grads, [&](auto, Block<A>& b, int64_t j, const auto& io) {
     Vec<A> v[kBlock], gv[kBlock];  // the current teacher's block and gradient (locals: kept in registers)
     Vec<A> q[kBlock], a[kBlock], xa[kBlock];
+    Vec<A> fz, fv, f1;
+    if (cached) {
+      const Vec<A> mzb = cache.max(0, j);
+      fz = Rz.factor(mzb);
+      fv = Rv.factor(cache.max(1, j));
+      if (ce_sep) f1 = R1.factor(ce_pow ? mzb * Vec<A>(A(ce_pow)) : cache.max(2, j));
+    }
     for (int t = 0; t < teachers<MT>(r); ++t) {
       io.load(t, v);
       for (int k = 0; k < kBlock; ++k) {
         if (t == 0) {
           a[k] = vscale(b.z[k], its);
           xa[k] = a[k] + Vec<A>(nMz);
-          q[k] = vexp(xa[k] + Vec<A>(nlz));
+          const Vec<A> ez = cached ? cache.get(0, j, k) : Vec<A>(A(0));
+          q[k] = cached ? ez * fz : vexp(xa[k] + Vec<A>(nlz));
           xa[k] = finite_floor(xa[k]);
           Vec<A> gz = q[k] * Vec<A>(Bq);
-          if (ce_sep) gz = vec::fmadd(vexp((b.z[k] + Vec<A>(nM1)) + Vec<A>(nl1)), Vec<A>(B1), gz);
+          if (ce_sep) {
+            const Vec<A> s1 = !cached ? vexp((b.z[k] + Vec<A>(nM1)) + Vec<A>(nl1))
+                              : (ce_pow ? vpow(ez, ce_pow) : cache.get(2, j, k)) * f1;
+            gz = vec::fmadd(s1, Vec<A>(B1), gz);
+          }
           b.gz[k] = gz;
         }
         const Vec<A> c = vscale(v[k], itt);
-        const Vec<A> p = vexp((c + Vec<A>(nMv[t])) + Vec<A>(nlv[t]));
+        const Vec<A> p = cached ? cache.get(1, j, k) * fv : vexp((c + Vec<A>(nMv[t])) + Vec<A>(nlv[t]));
         if constexpr (!Rev) {
           const Vec<A> u = (finite_floor(c + Vec<A>(nMv[t])) - finite_floor(a[k] + Vec<A>(nR[t]))) + Vec<A>(ndbar[t]);
           b.gz[k] = vec::fmadd(q[k] - p, Vec<A>(Az[t]), b.gz[k]);
