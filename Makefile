@@ -59,6 +59,7 @@ bench: $(BUILT)
 	$(VPY) -m benchmarks.bench_fused_linear --json benchmarks/fused_linear.json
 	$(VPY) -m benchmarks.bench_vocab_parallel --json benchmarks/vocab_parallel.json
 	$(VPY) -m benchmarks.bench_multi_teacher --json benchmarks/multi_teacher.json
+	$(VPY) -m benchmarks.bench_steady --json benchmarks/steady.json
 	$(VPY) -m benchmarks.bench
 
 bench-quick: $(BUILT)

@@ -288,8 +288,14 @@ def fused_backend(device: str) -> str:
             return f"error: {type(e).__name__}: {e}"
 
 
-def _case(mode, loss, n, c, dt, reps=None, mem=False, impls=("fused", "eager", "compile")):
-    return dict(mode=mode, loss=loss, N=n, C=c, dtype=dt, reps=reps, mem=mem, impls=tuple(impls))
+def _case(mode, loss, n, c, dt, reps=None, mem=False, impls=("fused", "eager", "compile"), labels=None):
+    """One case of a plan; ``labels``: True / False for this case, None: ``--labels``."""
+    return dict(mode=mode, loss=loss, N=n, C=c, dtype=dt, reps=reps, mem=mem, impls=tuple(impls),
+                labels=labels)
+
+
+def _labels(cs, args) -> bool:
+    return bool(args.labels if cs.get("labels") is None else cs["labels"])
 
 
 HEADLINE = (4096, 32000)
@@ -317,6 +323,17 @@ def default_plan() -> list:
     plan += [_case("fwdbwd", loss, n, c, "fp32", reps=3, impls=("fused", "compile"))
              for loss in LOSSES if loss not in ("kd", "topk_kd")]
     plan += [_case("fwdbwd", "topk_kd", n, c, "fp32", reps=3, mem=True, impls=eager_only)]
+    # a training step has labels: kd + CE where training spends it (the LLM shape, ImageNet rows at a
+    # per-GPU and a large batch, bf16), every loss + CE at the ImageNet shape (against kd + CE), and
+    # the per-call overhead at a tiny shape
+    plan += [_case("fwdbwd", "kd", n, c, "fp32", reps=3, labels=True),
+             _case("fwdbwd", "kd", 8192, 1000, "fp32", labels=True),
+             _case("fwdbwd", "kd", 65536, 1000, "fp32", reps=3, labels=True),
+             _case("fwdbwd", "kd", n, c, "bf16", reps=3, impls=("fused", "compile")),
+             _case("fwdbwd", "kd", n, c, "bf16", reps=3, impls=("fused", "compile"), labels=True),
+             _case("fwdbwd", "kd", 8, 10, "fp32", impls=eager_only)]
+    plan += [_case("fwdbwd", loss, 8192, 1000, "fp32", impls=("fused",), labels=True)
+             for loss in LOSSES if loss not in ("kd", "dkd")]
     return plan
 
 
@@ -500,7 +517,7 @@ def sweep(args) -> H.Results:
         plan = [cs for cs in plan if cs["mode"] == "fwdbwd"]
     res = H.Results(SUITE, None, info, {})
     mem_cases = [] if args.no_mem else [
-        (cs["loss"], cs["N"], cs["C"], cs["dtype"], impl) for cs in plan if cs["mem"]
+        (cs["loss"], cs["N"], cs["C"], cs["dtype"], impl, _labels(cs, args)) for cs in plan if cs["mem"]
         and cs["mode"] == "fwdbwd" for impl in cs["impls"] if impl in args.impls]
     shapes_dt = sorted({(cs["N"], cs["C"], cs["dtype"]) for cs in plan if cs["mode"] == "fwdbwd"})
     prog = Progress(len(plan) + len(shapes_dt) + len(mem_cases))
@@ -510,15 +527,15 @@ def sweep(args) -> H.Results:
     timed = {}
     for cs in plan:
         prog.step(f"{cs['mode']} {cs['loss']} {cs['N']}x{cs['C']} {cs['dtype']}")
-        for row in run_case(res, cs, avail[cs["loss"]], device, cfg, args.labels, fused_be):
+        for row in run_case(res, cs, avail[cs["loss"]], device, cfg, _labels(cs, args), fused_be):
             timed[(row["case"]["mode"], row["case"]["loss"], row["case"]["N"], row["case"]["C"],
-                   row["case"]["dtype"], row["impl"])] = row
-    for (loss, n, c, dt, impl) in mem_cases:
+                   row["case"]["dtype"], row["impl"], row["case"]["labels"])] = row
+    for (loss, n, c, dt, impl, lab) in mem_cases:
         prog.step(f"mem {loss} {n}x{c} {dt} {impl}")
         spec = dict(loss=loss, impl=impl, N=n, C=c, dtype=dt, device=device, mode="fwdbwd",
-                    labels=args.labels, threads=threads)
+                    labels=lab, threads=threads)
         r = H.in_fresh_process(_mem_probe, spec)
-        row = timed.get(("fwdbwd", loss, n, c, dt, impl))
+        row = timed.get(("fwdbwd", loss, n, c, dt, impl, lab))
         if row is None:
             continue
         if "error" in r or r.get("peak_bytes") is None:

@@ -30,7 +30,8 @@ from benchmarks import harness as H  # noqa: E402
 
 MiB = 1024 ** 2
 FILES = {"losses": "results.json", "fused_linear": "fused_linear.json",
-         "vocab_parallel": "vocab_parallel.json", "multi_teacher": "multi_teacher.json"}
+         "vocab_parallel": "vocab_parallel.json", "multi_teacher": "multi_teacher.json",
+         "steady": "steady.json"}
 FUSED_BACKENDS = ("cpu", "triton")
 IMPLS = ("fused", "eager", "compile")
 COLORS = {"fused": "tab:blue", "eager": "tab:orange", "compile": "tab:green",
@@ -366,6 +367,19 @@ def suite_tables(doc) -> list:
                      f"{cell['eager']} | {_f(_ratio(_ms(g['fused']), _ms(g['per-teacher'])))} | "
                      + " | ".join(_f(_mib(g[k]), "{:.0f}") for k in ("fused", "per-teacher", "eager")) + " |")
         return L + [""]
+    if suite == "steady":
+        L = [head, "", "| condition | implementation | N x C | first step ms | best ms | median ms | max ms | "
+             "median / best | max / best |", "|---|---|---|--:|--:|--:|--:|--:|--:|"]
+        for key, impls in by.items():
+            c = dict(key)
+            for name, r in impls.items():
+                if r.get("status", "ok") != "ok":
+                    L.append(f"| {c['condition']} | {name} | {c['N']} x {c['C']} | {r['status']}: {r.get('reason')} |")
+                    continue
+                L.append(f"| {c['condition']} | {name} | {c['N']} x {c['C']} | {_f(r['first_ms'], '{:.0f}')} | "
+                         f"{_f(r['best_ms'], '{:.0f}')} | {_f(r['ms'], '{:.0f}')} | {_f(r['max_ms'], '{:.0f}')} | "
+                         f"{_f(r['median_over_best'])} | {_f(r['max_over_best'])} |")
+        return L + [""]
     return [f"(no table for suite {suite!r})"]
 
 
@@ -386,6 +400,12 @@ SUITE_TEXT = {
                       "(`python -m benchmarks.bench_multi_teacher`). M = 1 runs the same kernel instantiation "
                       "as the single-teacher loss; each row is one run on a shared 2-core VM (single figures "
                       "move by up to +-30 % between runs)."),
+    "steady": ("Steady state: a training loop of kd + CE steps (`kdfast` gradient pool)",
+               "kd + CE (T = 3) fwd+bwd, step after step, `z.grad = None` between steps, each condition in a "
+               "fresh process; `after eager`: one eager kd + CE step of the same shape ran first (its (N, C) "
+               "temporaries allocated and freed). `fused, no pool`: the pool off (`KDFAST_GRAD_POOL_MB=0`), "
+               "every step faults in a fresh gradient. Best / median / max over the steps after the first; "
+               "from `benchmarks/steady.json` (`python -m benchmarks.bench_steady`)."),
 }
 
 
