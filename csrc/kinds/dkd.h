@@ -21,19 +21,29 @@ RowOut row_dkd(const KernelArgs& P, const Row<TZ, TV>& r, const RowInfo& ri) {
   Lse<A> Sz, S1, Sv[kCap<MT>];
   Vec<A> W[kCap<MT>], R[kCap<MT>];
   for (int t = 0; t < teachers<MT>(r); ++t) W[t] = R[t] = Vec<A>(A(0));
+  const bool grads = r.gz || r.gv[0];
+  // pass 1's exponentials kept for pass 2 (ExpCache, as in row_kl): 0 the student's, 1 the teacher's,
+  // 2 CE's; one teacher, gradients asked for, C <= kCacheCols
+  const bool cached = MT == 1 && grads && r.C <= kCacheCols;
+  const ExpCache<A> cache = cached ? ExpCache<A>(r.C, ce_sep ? 3 : 2) : ExpCache<A>();
   // W = sum_{j != y} exp(c_j - m_v) d_j, d_j = (c_j - m_v) - (a_j - R), R the student's value at the
   // teacher's lane max, as in the KL kind (shifted when the lane maxima and references move)
-  sweep<A>(r, y, false, [&](auto, Block<A>& b, int64_t, const auto& io) {
+  sweep<A>(r, y, false, [&](auto, Block<A>& b, int64_t j, const auto& io) {
     Vec<A> v[kBlock];  // the current teacher's block (locals: kept in registers)
     Vec<A> a[kBlock], c[kBlock], e[kBlock];
     for (int k = 0; k < kBlock; ++k) a[k] = vscale(b.z[k], iT);
     Sz.update(a, e);
-    if (ce_sep) S1.update(b.z, e);
+    if (cached) cache.put(0, j, e, Sz.m);
+    if (ce_sep) {
+      S1.update(b.z, e);
+      if (cached) cache.put(2, j, e, S1.m);
+    }
     for (int t = 0; t < teachers<MT>(r); ++t) {
       io.load(t, v);
       for (int k = 0; k < kBlock; ++k) c[k] = vscale(v[k], iT);
       const Vec<A> mv0 = Sv[t].m, sv0 = Sv[t].s;
       const Vec<A> rv = Sv[t].update(c, e);
+      if (cached) cache.put(1, j, e, Sv[0].m);  // (cached: one teacher, t = 0)
       const Vec<A> R1 = track_ref(R[t], c, a, Sv[t].m);
       Vec<A> w = shift_w(W[t], rv, sv0, Sv[t].m - mv0, R1 - R[t]);
       for (int k = 0; k < kBlock; ++k)
@@ -92,7 +102,6 @@ RowOut row_dkd(const KernelArgs& P, const Row<TZ, TV>& r, const RowInfo& ri) {
     out.D[t] = T * T * (P.alpha * TCKD[t] + P.beta * NCKD1[t]);
     Gp[t] = clamp_finite(py[t] > 0 ? (rr - rs) * py[t] : 0.0);
   }
-  const bool grads = r.gz || r.gv[0];
   if (!grads && !refine) return out;
 
   // Gradients (s = T^2, da/dz = 1/T: a factor T overall). With q_hat_j = exp((a_j - M_z\y) - l_z\y),
@@ -128,21 +137,32 @@ RowOut row_dkd(const KernelArgs& P, const Row<TZ, TV>& r, const RowInfo& ri) {
   const A B1 = A(ce_sep ? ri.g_ce : 0.0);
   const A nMzn = A(-tz.M), nlzn = A(-lzn), nM1 = A(-t1.M), nl1 = A(-t1.l());
   LongSum<A> X[kCap<MT>];
-  sweep<A>(r, y, grads, [&](auto, Block<A>& b, int64_t, const auto& io) {
+  // cached: q_hat_j = ez_j * fz, p_hat_j = ev_j * fv, softmax(z)_j = e1_j * f1 (ExpRead: the factors
+  // per block)
+  ExpRead<A> Rz(tz.M, lzn), Rv(Mvn[0], lvn[0]), R1(t1.M, t1.l());
+  sweep<A>(r, y, grads, [&](auto, Block<A>& b, int64_t j, const auto& io) {
     Vec<A> v[kBlock], gv[kBlock];  // the current teacher's block and gradient (locals: kept in registers)
     Vec<A> qh[kBlock], a[kBlock];
+    Vec<A> fz, fv, f1;
+    if (cached) {
+      fz = Rz.factor(cache.max(0, j));
+      fv = Rv.factor(cache.max(1, j));
+      if (ce_sep) f1 = R1.factor(cache.max(2, j));
+    }
     for (int t = 0; t < teachers<MT>(r); ++t) {
       io.load(t, v);
       for (int k = 0; k < kBlock; ++k) {
         if (t == 0) {  // the student's terms, once
           a[k] = vscale(b.z[k], iT);
-          qh[k] = vexp((a[k] + Vec<A>(nMzn)) + Vec<A>(nlzn));
+          qh[k] = cached ? cache.get(0, j, k) * fz : vexp((a[k] + Vec<A>(nMzn)) + Vec<A>(nlzn));
           Vec<A> gz = qh[k] * Vec<A>(Aq);
-          if (ce_sep) gz = vec::fmadd(vexp((b.z[k] + Vec<A>(nM1)) + Vec<A>(nl1)), Vec<A>(B1), gz);
+          if (ce_sep)
+            gz = vec::fmadd(cached ? cache.get(2, j, k) * f1 : vexp((b.z[k] + Vec<A>(nM1)) + Vec<A>(nl1)),
+                            Vec<A>(B1), gz);
           b.gz[k] = gz;
         }
         const Vec<A> xc = vscale(v[k], iT) + Vec<A>(nMvn[t]);
-        const Vec<A> ph = vexp(xc + Vec<A>(nlvn[t]));
+        const Vec<A> ph = cached ? cache.get(1, j, k) * fv : vexp(xc + Vec<A>(nlvn[t]));
         const Vec<A> u = (finite_floor(xc) - finite_floor(a[k] + Vec<A>(nR[t]))) + Vec<A>(ndbar[t]);
         b.gz[k] = vec::fmadd(qh[k] - ph, Vec<A>(Ap[t]), b.gz[k]);
         // (p_hat * coefficient) first: a masked teacher column has p_hat = 0 and u = lowest

@@ -17,10 +17,14 @@ RowOut row_ls(const KernelArgs& P, const Row<TZ, TV>& r, const RowInfo& ri) {
   const int64_t C = r.C;
   const double T = P.ts, eps = 1e-7;
   const bool gz_on = r.gz != nullptr, gv_on = r.gv[0] != nullptr;
+  // the exponentials of passes 1 and 3 kept for pass 4 (ExpCache, as in row_kl): 0 the student's
+  // (pass 3), 1 the teacher's (pass 3), 2 CE's (pass 1); one teacher, gradients asked for, C <= kCacheCols
+  const bool cached = MT == 1 && (gz_on || gv_on) && C <= kCacheCols;
+  const ExpCache<A> cache = cached ? ExpCache<A>(C, ri.ce ? 3 : 2) : ExpCache<A>();
   Lse<A> S1;
   LongSum<A> Sz, Sv[kCap<MT>];
   // the means summed exactly (in double lanes, see row_lm)
-  sweep<A>(r, -1, false, [&](auto sp, Block<A>& b, int64_t, const auto& io) {
+  sweep<A>(r, -1, false, [&](auto sp, Block<A>& b, int64_t j, const auto& io) {
     Vec<A> v[kBlock];  // the current teacher's block (locals: kept in registers)
     Vec<A> e[kBlock];
     for (int k = 0; k < kBlock; ++k) Sz.add_exact(live_only(sp, b, k, b.z[k]));
@@ -29,7 +33,10 @@ RowOut row_ls(const KernelArgs& P, const Row<TZ, TV>& r, const RowInfo& ri) {
       for (int k = 0; k < kBlock; ++k) Sv[t].add_exact(live_only(sp, b, k, v[k]));
       Sv[t].end_block();
     }
-    if (ri.ce) S1.update(b.z, e);
+    if (ri.ce) {
+      S1.update(b.z, e);
+      if (cached) cache.put(2, j, e, S1.m);
+    }
   });
   // means rounded to A; fz / fv[t], what the rounding took off, are added back where a constant shift
   // of u would survive (the sigma terms of the gradients; the softmaxes do not see a shift)
@@ -77,7 +84,7 @@ RowOut row_ls(const KernelArgs& P, const Row<TZ, TV>& r, const RowInfo& ri) {
   Lse<A> La, Lc[kCap<MT>];
   Vec<A> Qu(A(0)), Wk[kCap<MT>], Pu[kCap<MT>], PCu[kCap<MT>], PUv[kCap<MT>], R[kCap<MT>];
   for (int t = 0; t < teachers<MT>(r); ++t) Wk[t] = Pu[t] = PCu[t] = PUv[t] = R[t] = Vec<A>(A(0));
-  sweep<A>(r, -1, false, [&](auto sp, Block<A>& b, int64_t, const auto& io) {
+  sweep<A>(r, -1, false, [&](auto sp, Block<A>& b, int64_t j, const auto& io) {
     Vec<A> v[kBlock];  // the current teacher's block (locals: kept in registers)
     Vec<A> a[kBlock], c[kBlock], uz[kBlock], uv[kBlock], e[kBlock];
     for (int k = 0; k < kBlock; ++k) {
@@ -87,6 +94,7 @@ RowOut row_ls(const KernelArgs& P, const Row<TZ, TV>& r, const RowInfo& ri) {
         a[k] = Vec<A>::blendv(Vec<A>(ninf<A>()), a[k], b.live[k]);
     }
     const Vec<A> ra = La.update(a, e);
+    if (cached) cache.put(0, j, e, La.m);
     Vec<A> qu = Qu * ra;
     for (int k = 0; k < kBlock; ++k) qu = vec::fmadd(e[k], uz[k], qu);
     Qu = qu;
@@ -99,6 +107,7 @@ RowOut row_ls(const KernelArgs& P, const Row<TZ, TV>& r, const RowInfo& ri) {
       }
       const Vec<A> mc0 = Lc[t].m, sc0 = Lc[t].s, puv0 = PUv[t];
       const Vec<A> rc = Lc[t].update(c, e);
+      if (cached) cache.put(1, j, e, Lc[0].m);  // (cached: one teacher, t = 0)
       const Vec<A> R1 = track_ref(R[t], c, a, Lc[t].m);
       const Vec<A> dmc = Lc[t].m - mc0, dR = R1 - R[t];
       R[t] = R1;
@@ -167,16 +176,26 @@ RowOut row_ls(const KernelArgs& P, const Row<TZ, TV>& r, const RowInfo& ri) {
   const A Acu = A(cus), fAcu = A(fz * cus);
   const A nMz = A(-ta.M), nlz = A(-lz), nM1 = A(-t1.M), nl1 = A(-t1.l()), gce = A(ri.ce ? ri.g_ce : 0.0);
   LongSum<A> X[kCap<MT>];
+  // cached: q_j = ez_j * fq, p_j = ev_j * fp, softmax(z)_j = e1_j * f1 (ExpRead: the factors per block)
+  ExpRead<A> Rq(ta.M, lz), Rp(Mv[0], lv[0]), R1(t1.M, t1.l());
   sweep<A>(r, -1, gz_on || gv_on, [&](auto, Block<A>& b, int64_t j0, const auto& io) {
     Vec<A> v[kBlock], gv[kBlock];  // the current teacher's block and gradient (locals: kept in registers)
     Vec<A> q[kBlock], a[kBlock];
+    Vec<A> fq, fp, f1;
+    if (cached) {
+      fq = Rq.factor(cache.max(0, j0));
+      fp = Rp.factor(cache.max(1, j0));
+      if (ri.ce) f1 = R1.factor(cache.max(2, j0));
+    }
     // the student's terms, once; CE's -1 at the label before the small KD terms are added (added
     // after them, the rounding of g_ce (softmax - 1) + small would be at g_ce's scale)
     for (int k = 0; k < kBlock; ++k) {
       const Vec<A> uz = b.z[k] + Vec<A>(nzbar);
       a[k] = uz * Vec<A>(iz);
-      q[k] = vexp((a[k] + Vec<A>(nMz)) + Vec<A>(nlz));
-      b.gz[k] = ri.ce ? vexp((b.z[k] + Vec<A>(nM1)) + Vec<A>(nl1)) * Vec<A>(gce) : Vec<A>(A(0));
+      q[k] = cached ? cache.get(0, j0, k) * fq : vexp((a[k] + Vec<A>(nMz)) + Vec<A>(nlz));
+      const Vec<A> s1 = !ri.ce ? Vec<A>(A(0))
+                        : cached ? cache.get(2, j0, k) * f1 : vexp((b.z[k] + Vec<A>(nM1)) + Vec<A>(nl1));
+      b.gz[k] = s1 * Vec<A>(gce);
     }
     if (ri.ce) add_at(b.gz, j0, ri.y, A(-gce));
     for (int k = 0; k < kBlock; ++k)
@@ -186,7 +205,7 @@ RowOut row_ls(const KernelArgs& P, const Row<TZ, TV>& r, const RowInfo& ri) {
       for (int k = 0; k < kBlock; ++k) {
         const Vec<A> uv = v[k] + Vec<A>(nvbar[t]);
         const Vec<A> xc = uv * Vec<A>(iv[t]) + Vec<A>(nMv[t]);
-        const Vec<A> p = vexp(xc + Vec<A>(nlv[t]));
+        const Vec<A> p = cached ? cache.get(1, j0, k) * fp : vexp(xc + Vec<A>(nlv[t]));
         const Vec<A> u = (finite_floor(xc) - finite_floor(a[k] + Vec<A>(nR[t]))) + Vec<A>(ndbar[t]);
         b.gz[k] = vec::fmadd(q[k] - p, Vec<A>(cq[t]), b.gz[k]);
         gv[k] = vec::fmadd(p * u, Vec<A>(cp[t]), vec::fmadd(uv, Vec<A>(cuv[t]), Vec<A>(fcuv[t])));
