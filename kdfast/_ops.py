@@ -196,7 +196,7 @@ def _backward(ctx, g_loss, _gd, _gce, _ggz, _ggv, _gscale):
     # need[i] implies the forward computed that gradient (run() asks for it when the input requires grad)
     if need[_Z]:
         grads[_Z] = _scaled(grad_z, g_mat, ctx.inplace)
-    if need[_V] and grad_v.numel():
+    if need[_V] and grad_v.dim() > 1:   # computed (a 1-D empty placeholder otherwise; N = 0 rows: (0, C))
         grads[_V] = _scaled(grad_v, g_mat, ctx.inplace)
     if need[_KD_W]:
         grads[_KD_W] = g_rows * d      # d loss / d kd_w_i = D_i (times the reduction's scale)
@@ -275,7 +275,7 @@ def _multi_backward(ctx, g_loss, _gd, _gce, _ggz, _ggv, _gscale):
     if need[_Z]:
         grads[_Z] = _scaled(grad_z, g_mat, ctx.inplace)
     # (the forward computed grad_v when any teacher requires grad; the others get None)
-    if grad_v.numel():
+    if grad_v.dim() > 1:   # computed: (M, N, C), also with N = 0 rows
         grads[_V] = [g if n else None
                      for g, n in zip(_scaled(grad_v, g_mat, ctx.inplace).unbind(0), need[_V])]
     if need[_KD_W]:
