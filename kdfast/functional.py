@@ -418,6 +418,8 @@ _COMMON_DOC = """
     reductions ignore it.
     ``process_group`` (with ``vocab_start`` / ``vocab_size`` for uneven shards): the logits are this
     rank's shard of the vocabulary (tensor parallelism); see :mod:`kdfast.vocab_parallel`.
+    DTensor logits on a 1-D mesh (``Shard(-1)``, ``Replicate()`` or sharded rows) need no
+    ``process_group``; see :mod:`kdfast._dtensor` and ``docs/vocab-parallel.md``.
 """
 
 
