@@ -5,21 +5,14 @@ given as ``torch.distributed.tensor.DTensor`` on a **1-D device mesh**. The plac
 picks the path; this module only unwraps the local tensors, calls the loss on them and wraps the
 result, so it sits on top of the public ``process_group=`` path and knows nothing of its internals.
 
-================  ===============================================  =============================
-logits            what each rank computes                          loss (``mean`` / ``sum``;
-                                                                   ``none``)
-================  ===============================================  =============================
-``Shard(-1)``     its vocabulary columns, through the               ``Replicate`` DTensor; per
-(class dim)       ``process_group=`` path: group                    row: ``Replicate``
-                  ``mesh.get_group()``, ``vocab_start`` /
-                  ``vocab_size`` from the global shape (torch.chunk
-                  layout: uneven last shards are fine)
-``Replicate()``   the whole loss on its full local tensors          ``Replicate``; ``Replicate``
-                  (the same on every rank)
-``Shard(d)``,     its rows, with the fused kernels; then one         ``Replicate`` (the global
-d < ndim - 1      ``all_reduce`` of 2 numbers: the global sum and    value); per row:
-(rows)            the global count of valid rows                     ``Shard(d)``
-================  ===============================================  =============================
+- ``Shard(-1)`` (the class dim): each rank its vocabulary columns, through the ``process_group=``
+  path (group ``mesh.get_group()``; ``vocab_start`` / ``vocab_size`` from the global shape and the
+  torch.chunk layout of DTensor's ``Shard``, uneven last shards included). Loss: ``Replicate``.
+- ``Replicate()``: each rank the whole loss on its full local tensors (the fused kernels; the same
+  result everywhere). Loss: ``Replicate``.
+- ``Shard(d)``, ``d`` a leading dim (rows, e.g. ``Shard(0)``): each rank its rows (the fused
+  kernels), then one ``all_reduce`` of 2 numbers (the sum and the count of valid rows). Loss:
+  ``Replicate``, the global value; with ``reduction="none"``, ``Shard(d)``.
 
 The gradients come back as DTensors of their input's placement (``to_local`` / ``from_local`` are
 differentiable), as with PyTorch's ``loss_parallel``, whose cross-entropy on a 1-D mesh returns a
