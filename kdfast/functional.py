@@ -34,6 +34,7 @@ import functools
 import inspect
 import math
 import os
+import sys
 import warnings
 from typing import Callable, NamedTuple, Optional, Union
 
@@ -360,8 +361,19 @@ def validate_topk(lp: Tensor, idx: Tensor, num_classes: int, *, as_given: bool =
                              "(renormalize=False takes them as given)")
 
 
+def _has_dtensor(args: dict) -> bool:
+    """DTensor logits (student or teacher). No DTensor exists before torch.distributed.tensor is
+    imported: until then this is one dict look-up (nothing imported); then two isinstance."""
+    cls = getattr(sys.modules.get("torch.distributed.tensor"), "DTensor", None)
+    return cls is not None and (isinstance(args["student_logits"], cls)
+                                or isinstance(args.get("teacher_logits"), cls))
+
+
 def _call(loss: Loss, args: dict) -> Tensor:
     """The body of every named loss function: ``args`` its arguments by name."""
+    if _has_dtensor(args):   # DTensor logits -> local tensors (kdfast/_dtensor.py)
+        from . import _dtensor
+        return _dtensor.call(loss, args)
     hyper = {k: args[k] for k in loss.hyperparameters}
     params = loss.params(**hyper)            # checks the hyperparameters
     z, labels = args["student_logits"], args["labels"]
@@ -406,6 +418,8 @@ _COMMON_DOC = """
     reductions ignore it.
     ``process_group`` (with ``vocab_start`` / ``vocab_size`` for uneven shards): the logits are this
     rank's shard of the vocabulary (tensor parallelism); see :mod:`kdfast.vocab_parallel`.
+    DTensor logits on a 1-D mesh (``Shard(-1)``, ``Replicate()`` or sharded rows) need no
+    ``process_group``; see :mod:`kdfast._dtensor` and ``docs/vocab-parallel.md``.
 """
 
 
