@@ -109,16 +109,6 @@ def _aux(name: str, x, mesh, rows):
     return x
 
 
-def _tie(out: Tensor, xs: list) -> Tensor:
-    """On a rank without rows, ``out + 0 * sum(x)`` for each local logits tensor that requires grad:
-    the fused op returns no teacher gradient for 0 rows, and every rank's DTensor leaf must get one
-    (an empty local tensor), or a later collective over the gradients (clipping) would hang."""
-    for x in xs:
-        if x.numel() == 0 and x.requires_grad:
-            out = out + x.sum().to(out.dtype) * 0
-    return out
-
-
 def _logits(args: dict) -> tuple[dict, object, dict]:
     """The DTensor logits by name, their mesh and each one's placement (None: Replicate, else the
     sharded dim), with the checks that need no communication (the same outcome on every rank)."""
@@ -191,12 +181,12 @@ def call(loss, args: dict) -> Tensor:
     # rows: each rank its rows (fused kernels), then the global reduction
     reduction = F._check_reduction(args["ignore_index"], args["reduction"])
     if reduction == "none":
-        out = _tie(F._call(loss, local), [local[k] for k in xs])
+        out = F._call(loss, local)
         stride = torch.empty(lead, device="meta").stride()
         return DTensor.from_local(out, mesh, [Shard(target)], run_check=False, shape=lead, stride=stride)
     per_count = reduction == "mean" and local["num_items_in_batch"] is None
     local["reduction"] = "sum" if per_count else reduction   # (mean with num_items_in_batch: s / it)
-    s = _tie(F._call(loss, local), [local[k] for k in xs])
+    s = F._call(loss, local)
     count = s.new_zeros((), dtype=torch.float64)
     if per_count:                                        # the valid rows (kdfast's "mean")
         y = local["labels"]

@@ -215,6 +215,13 @@ def _item_scale(num_items_in_batch, acc: torch.dtype, device: torch.device) -> U
     return 1.0 / max(x, 1)
 
 
+@functools.lru_cache(maxsize=256)
+def _with_ce(params, has_ce: bool, ignore_index: int):
+    """``params`` with ``has_ce`` and ``ignore_index`` set (cached: a training loop asks for the same
+    ones every step)."""
+    return dataclasses.replace(params, has_ce=has_ce, ignore_index=ignore_index)
+
+
 def prepare(params, like: Tensor, labels, *, kd_weight, ce_weight, ignore_index, reduction, backend,
             acc: torch.dtype, num_classes: Optional[int] = None, what: str = "",
             resolve_backend: bool = True, num_items_in_batch=None) -> Prepared:
@@ -246,7 +253,7 @@ def prepare(params, like: Tensor, labels, *, kd_weight, ce_weight, ignore_index,
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     y = None if labels is None else labels.reshape(n).to(torch.int64).contiguous()
     has_ce = labels is not None and not (not isinstance(ce_weight, Tensor) and ce_weight == 0)
-    params = dataclasses.replace(params, has_ce=has_ce, ignore_index=ignore_index)
+    params = _with_ce(params, has_ce, ignore_index)
     scale = None
     if num_items_in_batch is not None:
         scale = _item_scale(num_items_in_batch, acc, like.device)   # checked whatever the reduction
