@@ -164,8 +164,10 @@ def _topk_kernel(
             t = lp * iT
             mt = tl.max(t, 0)
             mt_safe = tl.where(mt == NEG_INF, 0.0, mt)
-            # a row of -inf entries only (no teacher mass) keeps log p = -inf: p = 0, D = 0
-            logp = tl.where(t == NEG_INF, NEG_INF, t - (mt_safe + tl.log(tl.sum(tl.exp(t - mt_safe), 0))))
+            # a row of -inf entries only (no teacher mass) keeps log p = -inf: p = 0, D = 0. The max
+            # subtracted first (exact at the max), then the log-sum: never t - (rounded lse), whose
+            # rounding eps |mt| shifts every log p alike and reaches the loss whole (rule 1)
+            logp = tl.where(t == NEG_INF, NEG_INF, (t - mt_safe) - tl.log(tl.sum(tl.exp(t - mt_safe), 0)))
         else:
             logp = lp
         p = tl.exp(logp)
