@@ -494,7 +494,10 @@ def compile_one(c: Combo, cc: int) -> dict:
     res.update(arch=arch, num_warps=nw, combo=dataclasses.asdict(c), label=c.label(),
                ptxas_report=source, fits=res["regs"] * 32 * nw <= REGISTERS_PER_BLOCK,
                cubin=cub, smem_dynamic=smem_dyn, smem_static=cub.get("SHARED", 0),
-               aligned_spec=_aligned(c), ld128=all_128(acc["ld_loop"]),
+               aligned_spec=_aligned(c),
+               # None: no row loads at all (the top-k reverse / JSD over the k renormalised
+               # entries without CE reads only the k gathered logits), no gradient stores
+               ld128=all_128(acc["ld_loop"]) if acc["ld_loop"] else None,
                st128=all_128(acc["st_loop"]) if acc["st_loop"] else None, **acc)
     return res
 
@@ -528,7 +531,7 @@ def spills(r: dict) -> bool:
 
 def narrow(r: dict) -> bool:
     """Row loads (or gradient stores) narrower than 128 bits where the call is 16-aligned."""
-    return r["aligned_spec"] and (not r["ld128"] or r["st128"] is False)
+    return r["aligned_spec"] and (r["ld128"] is False or r["st128"] is False)
 
 
 def bad(r: dict) -> bool:
@@ -547,7 +550,7 @@ def table(results: list[dict]) -> str:
         flag = ("   <-- SPILLS" if spills(r) else "   <-- TOO MANY REGISTERS" if not r["fits"]
                 else "   <-- NARROW LOADS" if narrow(r) else "   <-- ptxas/cubin REG differ"
                 if bad(r) else "")
-        wide = "yes" if r["ld128"] and r["st128"] is not False else "no"
+        wide = "yes" if r["ld128"] is not False and r["st128"] is not False else "no"
         stk = f"{r['cubin'].get('STACK', 0)}/{r['cubin'].get('LOCAL', 0)}"
         smem = f"{r['smem_dynamic']}+{r['smem_static']}"
         lines.append(f"{r['label']:38s} {r['arch']:7s} {r['num_warps']:5d} {r['regs']:4d} "
