@@ -295,7 +295,9 @@ def _topk_kd(temperature: float = 1.0, renormalize: bool = True, tail: bool = Fa
 
     No dense teacher tensor is built: the kernel sweeps the student row (its log-sum-exp) and gathers
     the k columns. The teacher gets no gradient (it is data). Equal to :func:`kd_loss` with the
-    teacher scattered into a row of ``-inf`` logits (``kdfast.reference.topk_kd_loss``).
+    teacher scattered into a row of ``-inf`` logits (``kdfast.reference.topk_kd_loss``). The reverse
+    KL and the generalised JSD over the same teacher: :func:`topk_reverse_kd_loss`,
+    :func:`topk_jsd_loss`.
     """
     t = _check_topk(temperature, renormalize, tail, validate)
     return TopkParams(t, t * t, renormalize, tail=tail)
