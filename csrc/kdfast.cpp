@@ -212,7 +212,8 @@ void multi_forward(const at::Tensor& z, const std::vector<at::Tensor>& vs, const
 
 // The top-k (sparse teacher) form: the teacher is t_lp (N, k) log-probabilities in the accumulation
 // dtype and t_idx (N, k) int64 classes; fparams / iparams in the topk_fparam / topk_iparam layouts
-// (API: kdfast.topk_kd_loss, declared in kdfast/losses.py; Triton kernel: kdfast/_triton/topk.py).
+// (API: kdfast.topk_kd_loss, topk_reverse_kd_loss, topk_jsd_loss, declared in kdfast/losses.py;
+// Triton kernel: kdfast/_triton/topk.py).
 void topk_forward(const at::Tensor& z, const at::Tensor& t_lp, const at::Tensor& t_idx,
                   const std::optional<at::Tensor>& labels, const at::Tensor& kd_w, const at::Tensor& ce_w,
                   const at::Tensor& grad_scale, const at::Tensor& d_out, const at::Tensor& ce_out,
@@ -246,7 +247,15 @@ void topk_forward(const at::Tensor& z, const at::Tensor& t_lp, const at::Tensor&
   a.renormalize = iparams[topk_iparam::RENORMALIZE] != 0, a.has_ce = iparams[topk_iparam::HAS_CE] != 0;
   a.ignore_index = iparams[topk_iparam::IGNORE_INDEX];
   a.tail = iparams[topk_iparam::TAIL] != 0;
+  a.beta = fparams[topk_fparam::BETA];
+  const int64_t div = iparams[topk_iparam::DIVERGENCE];
+  TORCH_CHECK(div >= 0 && div <= int64_t(Divergence::JSD), "kdfast: topk divergence must be 0, 1 or 2, got ", div);
+  a.divergence = Divergence(div);
   TORCH_CHECK(!(a.tail && a.renormalize), "kdfast: topk tail needs renormalize off");
+  TORCH_CHECK(a.divergence == Divergence::FORWARD || a.renormalize || a.tail,
+              "kdfast: topk reverse / JSD need renormalize or tail (a normalised support)");
+  TORCH_CHECK(a.divergence != Divergence::JSD || (a.beta > 0.0 && a.beta < 1.0),
+              "kdfast: topk JSD needs 0 < beta < 1 (the endpoints are FORWARD / REVERSE)");
   run(a);
 }
 

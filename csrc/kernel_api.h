@@ -7,13 +7,15 @@ namespace kdfast {
 
 enum class DType : int { F32 = 0, BF16 = 1, F16 = 2, F64 = 3 };
 enum class Kind : int { KL = 0, DKD = 1, LM = 2, LS = 3, JSD = 4, TOPK = 5 };  // == kdfast/_spec.py Kind
+// TOPK's divergence over the support buckets (== kdfast/_spec.py Divergence)
+enum class Divergence : int { FORWARD = 0, REVERSE = 1, JSD = 2 };
 
 // The layout of the fparams / iparams lists the Python layer passes (kdfast/_spec.py FParam, IParam,
 // TopkFParam, TopkIParam: the same names and values; tests/test_spec.py checks it). COUNT: the length.
 namespace fparam { enum : int { T_STUDENT = 0, T_TEACHER = 1, SCALE = 2, RHO = 3, ALPHA = 4, BETA = 5, COUNT = 6 }; }
 namespace iparam { enum : int { KIND = 0, WTTM = 1, REVERSE = 2, CENTER = 3, HAS_CE = 4, IGNORE_INDEX = 5, COUNT = 6 }; }
-namespace topk_fparam { enum : int { T = 0, SCALE = 1, COUNT = 2 }; }
-namespace topk_iparam { enum : int { RENORMALIZE = 0, HAS_CE = 1, IGNORE_INDEX = 2, TAIL = 3, COUNT = 4 }; }
+namespace topk_fparam { enum : int { T = 0, SCALE = 1, BETA = 2, COUNT = 3 }; }
+namespace topk_iparam { enum : int { RENORMALIZE = 0, HAS_CE = 1, IGNORE_INDEX = 2, TAIL = 3, DIVERGENCE = 4, COUNT = 5 }; }
 
 // Teachers one kernel call reads per row (multi-teacher distillation): the row kernel keeps this many
 // teachers' statistics at once; the Python layer splits more teachers into groups of this size.
@@ -40,7 +42,7 @@ struct KernelArgs {
   int64_t sv[kMaxTeachers] = {}, sgv[kMaxTeachers] = {};
   DType tz = DType::F32, tv = DType::F32;
   // parameters (fparams / iparams of _spec.py)
-  double ts = 1, tt = 1, scale = 1, rho = 0, alpha = 1, beta = 0;
+  double ts = 1, tt = 1, scale = 1, rho = 0, alpha = 1, beta = 0;  // beta: DKD's, JSD's, TOPK's JSD
   Kind kind = Kind::KL;
   bool wttm = false, reverse = false, center = true, has_ce = true;
   int64_t ignore_index = -100;
@@ -50,6 +52,7 @@ struct KernelArgs {
   int64_t K = 0, stk = 0, sti = 0;
   bool renormalize = true;
   bool tail = false;  // the leftover masses 1 - sum_k p_k, 1 - sum_k q_{i_k} as a (k+1)-th bucket
+  Divergence divergence = Divergence::FORWARD;  // REVERSE / JSD (beta: the field above) need renormalize or tail
 };
 
 // One entry point per compiled ISA: processes rows [begin, end). Defined in kernel_<isa>.cpp.

@@ -41,7 +41,8 @@ Tensors (all on one device):
 laid out by :class:`FParam` and :class:`IParam` (``fparams[FParam.RHO]``, ``iparams[IParam.KIND]``);
 see :class:`KernelParams` for their meaning per kind.
 
-Top-k (sparse) teacher (``kdfast.topk_kd_loss``, kind ``TOPK``)::
+Top-k (sparse) teacher (``kdfast.topk_kd_loss``, ``topk_reverse_kd_loss``, ``topk_jsd_loss``; kind
+``TOPK``, the divergence a parameter: :class:`Divergence`)::
 
     topk_forward(z, t_lp, t_idx, labels, kd_w, ce_w, grad_scale, d_out, ce_out, grad_z,
                  fparams, iparams) -> None
@@ -86,7 +87,17 @@ class Kind(enum.IntEnum):
     LM = 2   # logit matching, (1 / 2C) * sum_j ((z_j - zbar) - (v_j - vbar))^2 (center) or no centering
     LS = 3   # logit standardisation: kd (scale T^2, T = t_student = t_teacher) on standardised rows
     JSD = 4  # generalised JSD for 0 < beta < 1 at temperature T = t_student = t_teacher
-    TOPK = 5  # kd against a top-k (sparse) teacher: its own entry point, topk_forward (TopkParams)
+    TOPK = 5  # a top-k (sparse) teacher: its own entry point, topk_forward (TopkParams; forward KL,
+              # reverse KL or JSD over the teacher's support: TopkParams.divergence)
+
+
+class Divergence(enum.IntEnum):
+    """The top-k kernel's divergence (:attr:`TopkParams.divergence`), over the support buckets P, Q
+    (docs/spec.md, topk_kd)."""
+
+    FORWARD = 0   # KL(P || Q): topk_kd (the student over all C classes, see docs/spec.md)
+    REVERSE = 1   # KL(Q || P): topk_reverse_kd, topk_jsd at beta = 1
+    JSD = 2       # beta KL(P || M) + (1 - beta) KL(Q || M), M = beta P + (1 - beta) Q: topk_jsd, 0 < beta < 1
 
 
 class FParam(enum.IntEnum):
@@ -116,6 +127,7 @@ class TopkFParam(enum.IntEnum):
 
     T = 0
     SCALE = 1
+    BETA = 2
 
 
 class TopkIParam(enum.IntEnum):
@@ -125,6 +137,7 @@ class TopkIParam(enum.IntEnum):
     HAS_CE = 1
     IGNORE_INDEX = 2
     TAIL = 3
+    DIVERGENCE = 4
 
 
 def _to_lists(p, fields: type[enum.IntEnum], ints: type[enum.IntEnum]) -> tuple[list[float], list[int]]:
@@ -192,6 +205,8 @@ class TopkParams:
     ignore_index: int = -100
     tail: bool = False         # the teacher's leftover mass 1 - sum_k p_k is a (k+1)-th bucket
                                # matched against the student's 1 - sum_k q_{i_k} (renormalize off)
+    beta: float = 0.0          # JSD's mixture weight, 0 < beta < 1 (the endpoints are FORWARD / REVERSE)
+    divergence: Divergence = Divergence.FORWARD   # REVERSE / JSD: with renormalize or tail
 
     kind = Kind.TOPK           # (a class constant, not a field)
 

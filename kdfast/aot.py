@@ -79,6 +79,7 @@ class Combo:
     center: bool = False
     renormalize: bool = True   # the top-k kernel's RENORM
     tail: bool = False         # the top-k kernel's TAIL
+    divergence: int = 0        # the top-k kernel's DIV (kdfast._spec.Divergence)
     num_warps: int | None = None   # None: what the launcher picks for ``block`` (and ``teachers``)
     classes: int = DEFAULT_CLASSES  # C of the modelled call: decides the integer specialisation
     teachers: int = 1  # M: > 1 models kdfast._triton.multi_forward (teachers stacked (M, N, C))
@@ -103,7 +104,8 @@ def specialisation(params) -> tuple[int, dict]:
     from kdfast._spec import Kind
     kind = Kind(params.kind)
     if kind == Kind.TOPK:
-        flags = {"ce_shared": params.t == 1.0, "renormalize": params.renormalize, "tail": params.tail}
+        flags = {"ce_shared": params.t == 1.0, "renormalize": params.renormalize, "tail": params.tail,
+                 "divergence": int(params.divergence)}
     else:
         flags = {"ce_shared": kind in (Kind.KL, Kind.DKD, Kind.JSD) and params.t_student == 1.0,
                  "wttm": params.wttm and kind == Kind.KL, "reverse": params.reverse and kind == Kind.KL,
@@ -129,8 +131,8 @@ def _losses() -> dict:
 
 
 #: case name -> (kind, flags) (:func:`_losses`): kd, ttm, wttm, dkd, lm, lm_raw, ls_kd, jsd, jsd_rev,
-#: retro_kd, topk_kd, topk_kd_raw,
-#: topk_kd_tail
+#: retro_kd, topk_kd, topk_kd_raw, topk_kd_tail, topk_reverse_kd, topk_reverse_kd_tail, topk_jsd,
+#: topk_jsd_tail, topk_jsd_fwd, topk_jsd_rev
 _LOSSES = _losses()
 
 #: float64 rows launch with at most this block (mirrors kdfast._triton.MAX_BLOCK_FP64)
@@ -296,9 +298,10 @@ def _topk_signature(c: Combo):
            "gs_ptr": "*" + acc, "d_ptr": "*" + acc, "ce_ptr": "*" + acc,
            "gz_ptr": p if c.need_gz else "*" + acc, "C": "i32", "K": "i32", "stride_z": "i32",
            "stride_lp": "i32", "stride_idx": "i32", "stride_gz": "i32",
-           "t_hi": "fp32", "t_lo": "fp32", "scale_hi": "fp32", "scale_lo": "fp32", "ignore_index": "i32"}
+           "t_hi": "fp32", "t_lo": "fp32", "scale_hi": "fp32", "scale_lo": "fp32",
+           "beta_hi": "fp32", "beta_lo": "fp32", "ignore_index": "i32"}
     constexprs = dict(HAS_LABELS=c.labels, HAS_CE=c.has_ce and c.labels, CE_SHARED=c.ce_shared,
-                      RENORM=c.renormalize, TAIL=c.tail,
+                      RENORM=c.renormalize, TAIL=c.tail, DIV=c.divergence,
                       NEED_GZ=c.need_gz, ACC=tl.float64 if acc == "fp64" else tl.float32,
                       BLOCK=c.block, KBLOCK=max(16, triton.next_power_of_2(TOPK_K)))
     for k in constexprs:
@@ -491,7 +494,10 @@ def compile_one(c: Combo, cc: int) -> dict:
     res.update(arch=arch, num_warps=nw, combo=dataclasses.asdict(c), label=c.label(),
                ptxas_report=source, fits=res["regs"] * 32 * nw <= REGISTERS_PER_BLOCK,
                cubin=cub, smem_dynamic=smem_dyn, smem_static=cub.get("SHARED", 0),
-               aligned_spec=_aligned(c), ld128=all_128(acc["ld_loop"]),
+               aligned_spec=_aligned(c),
+               # None: no row loads at all (the top-k reverse / JSD over the k renormalised
+               # entries without CE reads only the k gathered logits), no gradient stores
+               ld128=all_128(acc["ld_loop"]) if acc["ld_loop"] else None,
                st128=all_128(acc["st_loop"]) if acc["st_loop"] else None, **acc)
     return res
 
@@ -525,7 +531,7 @@ def spills(r: dict) -> bool:
 
 def narrow(r: dict) -> bool:
     """Row loads (or gradient stores) narrower than 128 bits where the call is 16-aligned."""
-    return r["aligned_spec"] and (not r["ld128"] or r["st128"] is False)
+    return r["aligned_spec"] and (r["ld128"] is False or r["st128"] is False)
 
 
 def bad(r: dict) -> bool:
@@ -544,7 +550,7 @@ def table(results: list[dict]) -> str:
         flag = ("   <-- SPILLS" if spills(r) else "   <-- TOO MANY REGISTERS" if not r["fits"]
                 else "   <-- NARROW LOADS" if narrow(r) else "   <-- ptxas/cubin REG differ"
                 if bad(r) else "")
-        wide = "yes" if r["ld128"] and r["st128"] is not False else "no"
+        wide = "yes" if r["ld128"] is not False and r["st128"] is not False else "no"
         stk = f"{r['cubin'].get('STACK', 0)}/{r['cubin'].get('LOCAL', 0)}"
         smem = f"{r['smem_dynamic']}+{r['smem_static']}"
         lines.append(f"{r['label']:38s} {r['arch']:7s} {r['num_warps']:5d} {r['regs']:4d} "

@@ -28,7 +28,7 @@ from typing import Callable, Optional, Union
 from torch import Tensor
 
 from . import reference
-from ._spec import KernelParams, Kind, TopkParams
+from ._spec import Divergence, KernelParams, Kind, TopkParams
 
 __all__ = ["Loss", "REGISTRY", "declare", "check_temperature", "check_unit", "check_finite",
            "check_bool", "define"]
@@ -295,8 +295,17 @@ def _topk_kd(temperature: float = 1.0, renormalize: bool = True, tail: bool = Fa
 
     No dense teacher tensor is built: the kernel sweeps the student row (its log-sum-exp) and gathers
     the k columns. The teacher gets no gradient (it is data). Equal to :func:`kd_loss` with the
-    teacher scattered into a row of ``-inf`` logits (``kdfast.reference.topk_kd_loss``).
+    teacher scattered into a row of ``-inf`` logits (``kdfast.reference.topk_kd_loss``). The reverse
+    KL and the generalised JSD over the same teacher: :func:`topk_reverse_kd_loss`,
+    :func:`topk_jsd_loss`.
     """
+    t = _check_topk(temperature, renormalize, tail, validate)
+    return TopkParams(t, t * t, renormalize, tail=tail)
+
+
+def _check_topk(temperature, renormalize, tail, validate, divergence: str = "") -> float:
+    """The top-k losses' common hyperparameters (``divergence``: the name of a reverse / JSD loss,
+    which needs a normalised support); returns the temperature."""
     t = check_temperature(temperature)
     check_bool(renormalize, "renormalize")
     check_bool(tail, "tail")
@@ -305,7 +314,59 @@ def _topk_kd(temperature: float = 1.0, renormalize: bool = True, tail: bool = Fa
     if tail and renormalize:
         raise ValueError("tail=True needs renormalize=False: a teacher renormalized over its k classes "
                          "has no leftover mass")
-    return TopkParams(t, t * t, renormalize, tail=tail)
+    if divergence and not (renormalize or tail):
+        raise ValueError(f"{divergence} needs renormalize=True (teacher and student renormalized over the "
+                         "k classes) or tail=True (the k + 1 buckets): the k probabilities as given, "
+                         "without the tail, are not a distribution")
+    return t
+
+
+@declare("topk_reverse_kd", reference.topk_reverse_kd_loss, module="TopKReverseKDLoss", teacher="topk",
+         cases={"topk_reverse_kd": {"temperature": 2.0}, "topk_reverse_kd_t1": {},   # (CE shares the lse at T = 1)
+                "topk_reverse_kd_tail": {"renormalize": False, "tail": True, "temperature": 2.0}})
+def _topk_reverse_kd(temperature: float = 1.0, renormalize: bool = True, tail: bool = False,
+                     validate: Optional[bool] = None) -> TopkParams:
+    """Reverse KD against a sparse top-k teacher (the offline :func:`reverse_kd_loss`):
+    ``T^2 * KL(Q || P) = T^2 * sum_b Q_b (log Q_b - log P_b)`` per row over the support buckets ``b``
+    below. Equal to ``T^2 *`` :func:`topk_jsd_loss` at ``beta=1``. With ``tail=True`` a teacher
+    with no leftover mass (``P_tail = 0``) against a student with some gives ``+inf``, as
+    :func:`reverse_kd_loss` with a ``-inf`` teacher logit.
+
+    The support buckets (docs/spec.md, topk_kd): ``renormalize=True`` (default): the k finite
+    entries, the teacher ``P = softmax(logprobs / T)`` and the student ``Q = softmax(z_k / T)``, both
+    renormalised over the k classes (``z_k`` the student's logits there; its mass outside them is not
+    part of the divergence, whose gradient is 0 there). ``renormalize=False, tail=True``: the k + 1
+    buckets of :func:`topk_kd_loss` (``P``: the stored log-probabilities at ``T``, and ``P_tail``;
+    ``Q``: ``softmax(z / T)`` at the k classes, and ``Q_tail``). ``renormalize=False`` without
+    ``tail`` is a ``ValueError`` (the k probabilities as given are not a distribution). The teacher's
+    tensors and ``validate`` as in :func:`topk_kd_loss`; the teacher gets no gradient.
+    """
+    t = _check_topk(temperature, renormalize, tail, validate, "topk_reverse_kd")
+    return TopkParams(t, t * t, renormalize, tail=tail, divergence=Divergence.REVERSE)
+
+
+@declare("topk_jsd", reference.topk_jsd_loss, module="TopKJSDLoss", teacher="topk",
+         cases={"topk_jsd": {"beta": 0.3, "temperature": 1.5},
+                "topk_jsd_tail": {"beta": 0.7, "renormalize": False, "tail": True, "temperature": 2.0},
+                "topk_jsd_fwd": {"beta": 0.0, "temperature": 2.0},    # exactly topk_kd's kernel
+                "topk_jsd_rev": {"beta": 1.0, "temperature": 2.0}})   # topk_reverse_kd's
+def _topk_jsd(beta: float = 0.5, temperature: float = 1.0, renormalize: bool = True, tail: bool = False,
+              validate: Optional[bool] = None) -> TopkParams:
+    """Generalised Jensen-Shannon divergence against a sparse top-k teacher (the offline
+    :func:`jsd_loss`): ``beta KL(P || M) + (1 - beta) KL(Q || M)``, ``M = beta P + (1 - beta) Q``
+    per row over the support buckets of :func:`topk_reverse_kd_loss` (the same conditions: at every
+    beta, 0 included), no T^2. As :func:`jsd_loss`: exactly the forward KL at ``beta = 0``
+    (:func:`topk_kd_loss` divided by T^2; note that with ``renormalize=True`` its student is the
+    softmax over all C classes, not the one renormalised over the k: docs/spec.md) and the reverse KL
+    ``KL(Q || P)`` at ``beta = 1`` (:func:`topk_reverse_kd_loss` divided by T^2).
+    """
+    t = _check_topk(temperature, renormalize, tail, validate, "topk_jsd")
+    b = check_unit(beta, "beta")
+    if b == 0.0:   # exactly the forward top-k KL
+        return TopkParams(t, 1.0, renormalize, tail=tail)
+    if b == 1.0:   # exactly the reverse KL
+        return TopkParams(t, 1.0, renormalize, tail=tail, divergence=Divergence.REVERSE)
+    return TopkParams(t, 1.0, renormalize, tail=tail, beta=b, divergence=Divergence.JSD)
 
 
 # ----------------------------------------------------------------------------- generated functions

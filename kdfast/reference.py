@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 __all__ = ["kd_loss", "ttm_loss", "wttm_loss", "dkd_loss", "logit_matching_loss", "ls_kd_loss",
-           "jsd_loss", "retro_kd_loss", "topk_kd_loss"]
+           "jsd_loss", "retro_kd_loss", "topk_kd_loss", "topk_reverse_kd_loss", "topk_jsd_loss"]
 
 
 def _kl(log_p: Tensor, log_q: Tensor) -> Tensor:
@@ -160,20 +160,10 @@ def retro_kd_loss(student_logits, teacher_logits, past_student_logits, labels=No
     return _finish(d, student_logits, labels, kd_weight, ce_weight, ignore_index, reduction)
 
 
-def topk_kd_loss(student_logits, teacher_topk_logprobs, teacher_topk_indices, labels=None, *,
-                 temperature=1.0, renormalize=True, tail=False, validate=None, kd_weight=1.0,
-                 ce_weight=1.0, ignore_index=-100, reduction="mean"):
-    """KD against a top-k teacher, densely: the k log-probabilities scattered into a row of -inf,
-    then T^2 * KL(p || softmax(z/T)) with p = softmax(row / T) (renormalize) or exp(row) (as given).
-    ``tail``: plus T^2 * P_tail (log P_tail - log Q_tail), P_tail = 1 - sum_k p_k (from the
-    log-sum-exp of the k log-probabilities), Q_tail the student's mass outside the k classes (the
-    log-sum-exp of its log-probabilities there); padding entries (-inf) belong to the tail; a row
-    whose k classes are all C has no tail bucket.
-    (``validate`` is checked and acted on by ``kdfast.topk_kd_loss``, not here.)"""
-    z = student_logits
-    lp = teacher_topk_logprobs.to(z.dtype)
+def _topk_forward(z, lp, idx, temperature, renormalize, tail):
+    """topk_kd's per-row KL (without T^2): the teacher scattered into a row of -inf, KL(p || q)."""
     ninf = float("-inf")
-    dense = torch.full_like(z, ninf).scatter(-1, teacher_topk_indices.long(), lp)
+    dense = torch.full_like(z, ninf).scatter(-1, idx.long(), lp)
     log_p = F.log_softmax(dense / temperature, dim=-1) if renormalize else dense
     log_p = log_p.masked_fill(dense == ninf, ninf)  # a row of padding only: p = 0
     log_q = F.log_softmax(z / temperature, dim=-1)
@@ -186,5 +176,86 @@ def topk_kd_loss(student_logits, teacher_topk_logprobs, teacher_topk_indices, la
         log_qt = torch.where(has.squeeze(-1), log_qt, ninf)
         # (no class outside the k: no tail bucket; a leftover P_tail there is the values' rounding)
         d = d + torch.where((p_tail > 0) & has.squeeze(-1), p_tail * (torch.log(p_tail) - log_qt), 0.0)
-    d = temperature * temperature * d
+    return d
+
+
+def topk_kd_loss(student_logits, teacher_topk_logprobs, teacher_topk_indices, labels=None, *,
+                 temperature=1.0, renormalize=True, tail=False, validate=None, kd_weight=1.0,
+                 ce_weight=1.0, ignore_index=-100, reduction="mean"):
+    """KD against a top-k teacher, densely: the k log-probabilities scattered into a row of -inf,
+    then T^2 * KL(p || softmax(z/T)) with p = softmax(row / T) (renormalize) or exp(row) (as given).
+    ``tail``: plus T^2 * P_tail (log P_tail - log Q_tail), P_tail = 1 - sum_k p_k (from the
+    log-sum-exp of the k log-probabilities), Q_tail the student's mass outside the k classes (the
+    log-sum-exp of its log-probabilities there); padding entries (-inf) belong to the tail; a row
+    whose k classes are all C has no tail bucket.
+    (``validate`` is checked and acted on by ``kdfast.topk_kd_loss``, not here.)"""
+    z = student_logits
+    lp = teacher_topk_logprobs.to(z.dtype)
+    d = temperature * temperature * _topk_forward(z, lp, teacher_topk_indices, temperature, renormalize, tail)
+    return _finish(d, z, labels, kd_weight, ce_weight, ignore_index, reduction)
+
+
+def _topk_buckets(z, lp, idx, temperature, renormalize, tail):
+    """The support of the top-k reverse KL and JSD as (log P, log Q) over buckets (last dim), a bucket
+    that is -inf on both sides adding nothing:
+
+    - ``renormalize``: the k entries, padding (-inf) left out: log P = log_softmax(lp / T) and
+      log Q = log_softmax(z_k / T) over the finite entries (the student renormalised there too);
+    - ``tail``: the k entries with log P = lp as given and log Q = log_softmax(z / T) at their
+      classes, then one bucket of the rest: log P_tail = log(1 - sum_k p_k) (clamped at 0), log Q_tail
+      = the log-sum-exp of the student's log-probabilities outside the k classes (none when no class
+      is outside them)."""
+    ninf = float("-inf")
+    pad = lp == ninf
+    none = pad.all(-1, keepdim=True)   # (a row of padding only: 0 in place of -inf, then masked)
+    if renormalize:
+        log_p = F.log_softmax(torch.where(none, 0.0, lp / temperature), dim=-1).masked_fill(pad, ninf)
+        zk = z.gather(-1, idx.long()) / temperature
+        log_q = F.log_softmax(torch.where(pad & ~none, ninf, zk), dim=-1).masked_fill(pad, ninf)
+        return log_p, log_q
+    log_qz = F.log_softmax(z / temperature, dim=-1)
+    log_q = log_qz.gather(-1, idx.long()).masked_fill(pad, ninf)
+    dense = torch.full_like(z, ninf).scatter(-1, idx.long(), lp)
+    out = dense == ninf                          # the student's classes outside the teacher's k
+    has = out.any(-1, keepdim=True)
+    log_qt = torch.where(has, log_qz.masked_fill(~out, ninf), 0.0).logsumexp(-1, keepdim=True)
+    p_tail = (-torch.expm1(torch.logsumexp(lp, dim=-1, keepdim=True))).clamp_min(0)
+    log_pt = torch.where(has, torch.log(p_tail), ninf)
+    log_qt = torch.where(has, log_qt, ninf)
+    return torch.cat([lp, log_pt], -1), torch.cat([log_q, log_qt], -1)
+
+
+def topk_reverse_kd_loss(student_logits, teacher_topk_logprobs, teacher_topk_indices, labels=None, *,
+                         temperature=1.0, renormalize=True, tail=False, validate=None, kd_weight=1.0,
+                         ce_weight=1.0, ignore_index=-100, reduction="mean"):
+    """Reverse KD against a top-k teacher: T^2 * KL(Q || P) over the support buckets of
+    ``_topk_buckets`` (the k entries renormalised on both sides, or the k + 1 buckets of ``tail``)."""
+    z = student_logits
+    log_p, log_q = _topk_buckets(z, teacher_topk_logprobs.to(z.dtype), teacher_topk_indices,
+                                 temperature, renormalize, tail)
+    d = temperature * temperature * _kl(log_q, log_p)
+    return _finish(d, z, labels, kd_weight, ce_weight, ignore_index, reduction)
+
+
+def topk_jsd_loss(student_logits, teacher_topk_logprobs, teacher_topk_indices, labels=None, *,
+                  beta=0.5, temperature=1.0, renormalize=True, tail=False, validate=None,
+                  kd_weight=1.0, ce_weight=1.0, ignore_index=-100, reduction="mean"):
+    """Generalised JSD against a top-k teacher (no T^2), as ``jsd_loss``: beta KL(P || M) +
+    (1 - beta) KL(Q || M), M = beta P + (1 - beta) Q over the buckets of ``_topk_buckets``; at
+    beta = 0 exactly topk_kd's forward KL (``_topk_forward``), at beta = 1 the reverse KL(Q || P)."""
+    z = student_logits
+    lp = teacher_topk_logprobs.to(z.dtype)
+    if beta == 0:
+        d = _topk_forward(z, lp, teacher_topk_indices, temperature, renormalize, tail)
+    else:
+        log_p, log_q = _topk_buckets(z, lp, teacher_topk_indices, temperature, renormalize, tail)
+        if beta == 1:
+            d = _kl(log_q, log_p)
+        else:
+            # (a bucket empty on both sides: 0 in place of -inf before the logsumexp, whose backward
+            # is NaN at an all -inf input, then -inf again)
+            empty = (log_p == float("-inf")) & (log_q == float("-inf"))
+            log_m = torch.logsumexp(torch.stack([log_p + math.log(beta), log_q + math.log(1 - beta)])
+                                    .masked_fill(empty, 0.0), dim=0).masked_fill(empty, float("-inf"))
+            d = beta * _kl(log_p, log_m) + (1 - beta) * _kl(log_q, log_m)
     return _finish(d, z, labels, kd_weight, ce_weight, ignore_index, reduction)

@@ -73,7 +73,12 @@ The natural magnitude ``M_i`` of a row (:func:`natural_scales`, :func:`_kind_sca
 the largest ``|logit / T|`` of the row (log-softmax's absolute rounding error is ``eps * A``); logit
 matching uses ``S = max_j |d_j - mean d|`` (``d = z - v``, the loss) or ``1/C`` (the gradients) and
 ``A = max|logit|``; ls_kd adds ``max|x| / std(x)`` (the standardisation's cancellation) and has
-``S = T / std`` for the gradients; the CE term adds ``|ce_weight_i| * (1 + max|z_i| + log C)``; the
+``S = T / std`` for the gradients; the top-k JSD has jsd's ``S`` and ``A``; the top-k reverse KL with
+``tail`` adds ``Q_tail / P_tail`` to ``A`` (its tail term ``Q_tail log(Q_tail / P_tail)`` moves by
+``Q_tail`` times ``P_tail``'s relative error, and ``P_tail = -expm1(lse lp)`` is itself uncertain by a
+few eps64: a float64 store of a saturated teacher leaves ``P_tail`` at the rounding level, where the
+truth's tail term is uncertain by ~``eps64 Q_tail / P_tail``); the CE term adds
+``|ce_weight_i| * (1 + max|z_i| + log C)``; the
 fused head uses ``|h| |W|^T + |b|`` for the logits' size and ``M(grad_z) * ||W||`` for ``grad_h``.
 So ``FLOOR64 * eps64 * M_i`` is FLOOR64 (256) times the float64 reference's worst-case cancellation
 error of that row: within the "few hundred eps, not looser than ~100x" asked for.
@@ -152,6 +157,10 @@ KNOWN_OPEN: dict = {
 }
 
 TABLE = {**LOSSES, **FAMILY}   # name -> (fused, reference, hyperparameters): conftest's tables
+#: the top-k groups -> (fused, reference)
+TOPK = {"topk": (kdfast.topk_kd_loss, R.topk_kd_loss), "topk_tail": (kdfast.topk_kd_loss, R.topk_kd_loss),
+        "topk_rev": (kdfast.topk_reverse_kd_loss, R.topk_reverse_kd_loss),
+        "topk_jsd": (kdfast.topk_jsd_loss, R.topk_jsd_loss)}
 METHOD = {case: name for case, (name, _) in CASES.items()}   # case -> loss ("lm_raw" -> "logit_matching")
 MIN_C = {name: loss.min_classes for name, loss in REGISTRY.items()}
 
@@ -175,7 +184,8 @@ def _short(dt):
 @dataclasses.dataclass
 class Case:
     kind: str                  # "family" | "topk" | "multi" | "linear"
-    name: str                  # TABLE name (family, multi, linear) or "topk"
+    name: str                  # TABLE name (family, multi, linear); topk: "topk", "topk_tail" (topk_kd),
+                               # "topk_rev" (topk_reverse_kd), "topk_jsd" (topk_jsd)
     backend: str
     seed: int
     lead: tuple = (1,)
@@ -317,6 +327,15 @@ def draw_case(kind: str, name: str, backend: str, seed: int) -> Case:
 
     if kind == "topk" and name == "topk_tail":   # the leftover masses as a (k+1)-th bucket
         hy = {"renormalize": False, "tail": True, "temperature": temp()}
+    elif kind == "topk" and name in ("topk_rev", "topk_jsd"):
+        # reverse KL / JSD: over the k renormalised entries, or the k + 1 buckets of tail; JSD's beta
+        # 0 and 1 exactly (the forward / reverse kernels) besides (0, 1) drawn towards both ends
+        ren = bool(rng.random() < 0.6)
+        hy = {"renormalize": ren, "tail": not ren, "temperature": temp()}
+        if name == "topk_jsd":
+            u = rng.random()
+            hy = {"beta": 0.0 if u < 0.15 else 1.0 if u < 0.3 else
+                  _sig(_logu(rng, 1e-3, 0.5) if rng.random() < 0.5 else 1 - _logu(rng, 1e-3, 0.5)), **hy}
     elif kind == "topk":
         ren = bool(rng.random() < 0.7)
         hy = {"renormalize": ren, "temperature": temp() if ren else 1.0}
@@ -588,7 +607,8 @@ def run(case: Case, inp: dict, mode: str) -> tuple[dict, dict]:
     elif case.kind == "topk":
         z = _leaf(inp["z"] if kernel else inp["z"].to(zd), True)
         lp = inp["lp"] if kernel else inp["lp"].to(vd)
-        loss = (kdfast.topk_kd_loss if kernel else R.topk_kd_loss)(z, lp, inp["idx"], y, **case.hyper, **common)
+        fused, ref = TOPK[case.name]
+        loss = (fused if kernel else ref)(z, lp, inp["idx"], y, **case.hyper, **common)
         leaves = {"gz": z, **leaves}
         dts.update(gz=zd)
     elif case.kind == "multi":
@@ -746,7 +766,25 @@ def natural_scales(case: Case, inp: dict, entry: bool = False) -> dict:
         T = case.hyper["temperature"]
         lp = inp["lp"].double().reshape(n, case.extra["k"])
         A = torch.maximum(_amax(z), _amax(lp)) / T
-        per = [(torch.ones(n, dtype=torch.float64), A, T * T, T, 0.0)]
+        if case.name == "topk_jsd":   # no T^2 (jsd's scales, its log beta terms)
+            b = case.hyper["beta"]
+            if 0 < b < 1:
+                A = A + abs(math.log(b)) + abs(math.log1p(-b))
+            per = [(torch.ones(n, dtype=torch.float64), A, 1.0, 1 / T, 0.0)]
+        else:
+            per = [(torch.ones(n, dtype=torch.float64), A, T * T, T, 0.0)]
+        if case.hyper.get("tail") and (case.name == "topk_rev" or case.hyper.get("beta") == 1.0):
+            # the reverse KL's tail term Q_tail log(Q_tail / P_tail) moves by Q_tail times the relative
+            # error of P_tail = -expm1(lse lp), whose absolute error is a few eps: where the teacher's
+            # mass outside its k classes is itself at the rounding level (a float64 store of a
+            # saturated teacher), the float64 truth is uncertain by ~eps64 Q_tail / P_tail
+            idx = inp["idx"].reshape(n, case.extra["k"])
+            with torch.no_grad():
+                pt = (-torch.expm1(torch.logsumexp(lp, -1))).clamp_min(0) if lp.numel() else lp.new_ones(n)
+                inK = torch.zeros(z.shape, dtype=torch.bool).scatter(-1, idx, lp > float("-inf"))
+                qt = torch.softmax(z / T, -1).masked_fill(inK, 0.0).sum(-1)   # (padding: in the tail)
+            cond = torch.where(pt > 0, qt / pt.clamp_min(torch.finfo(torch.float64).tiny), 0.0)
+            per = [(w, a + cond, sd, sz, sv) for w, a, sd, sz, sv in per]
     elif case.kind == "multi":
         m = case.extra["M"]
         tw = inp["tw"]

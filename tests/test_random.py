@@ -32,8 +32,8 @@ Layout:
 - ``test_broadcast_tensor_weights``: 0-d / (1,) / (B, 1) tensor weights that require grad.
 - ``test_regression_*``: the findings of the precision issue, with the parameters it gives.
 
-Backends: "cpu" (the C++ kernel) for ~3,800 cases, "triton" under ``TRITON_INTERPRET=1`` (set by
-conftest.py; shapes C <= 300, N <= 6) for ~400.
+Backends: "cpu" (the C++ kernel) for ~4,400 cases, "triton" under ``TRITON_INTERPRET=1`` (set by
+conftest.py; shapes C <= 300, N <= 6) for ~480.
 """
 import os
 
@@ -54,6 +54,8 @@ N_CASES = {
     ("family", "cpu"): 250, ("family", "triton"): 25,
     ("topk", "cpu"): 300, ("topk", "triton"): 40,
     ("topk_tail", "cpu"): 300, ("topk_tail", "triton"): 40,
+    ("topk_rev", "cpu"): 300, ("topk_rev", "triton"): 40,
+    ("topk_jsd", "cpu"): 300, ("topk_jsd", "triton"): 40,
     ("multi", "cpu"): 40, ("multi", "triton"): 4,
     ("linear", "cpu"): 25, ("linear", "triton"): 4,
 }
@@ -82,7 +84,7 @@ def _run_group(kind, name, backend):
             pytest.skip(f"KDFAST_RANDCASE={ONLY}")
         seeds = [seed]
     else:
-        seeds = range(N_CASES[(name if name == "topk_tail" else kind, backend)])
+        seeds = range(N_CASES[(name, backend) if (name, backend) in N_CASES else (kind, backend)])
     findings, known, fixed = [], [], []
     for seed in seeds:
         case = RC.draw_case(kind, name, backend, seed)
@@ -128,6 +130,21 @@ def test_random_topk_tail(backend):
     temperature (valid after rounding), k drawn up to C (k = C: no tail bucket), padded rows, the
     "near" regime's students saturated on the teacher's classes (the masked recomputation of Q_tail)."""
     _run_group("topk", "topk_tail", backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_random_topk_reverse(backend):
+    """topk_reverse_kd_loss: over the k renormalised entries (temperature drawn; a teacher of raw logits
+    or log-probabilities) or the k + 1 buckets of tail (the stored log-probabilities at the drawn
+    temperature), k drawn up to C, padded rows; the "near" regime's small losses."""
+    _run_group("topk", "topk_rev", backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_random_topk_jsd(backend):
+    """topk_jsd_loss: as test_random_topk_reverse, beta drawn in (0, 1) towards both ends, and exactly
+    0 (the forward top-k KL) and 1 (the reverse)."""
+    _run_group("topk", "topk_jsd", backend)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

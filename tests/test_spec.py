@@ -8,7 +8,7 @@ import re
 
 import pytest
 
-from kdfast._spec import FParam, IParam, KernelParams, Kind, TopkFParam, TopkIParam, TopkParams
+from kdfast._spec import Divergence, FParam, IParam, KernelParams, Kind, TopkFParam, TopkIParam, TopkParams
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 KERNEL_API = os.path.join(ROOT, "csrc", "kernel_api.h")
@@ -59,6 +59,16 @@ def test_triton_kinds_are_spec_kinds():
     assert set(spec) - set(found) <= {"TOPK"}, set(spec) - set(found)
 
 
+def test_divergences_are_spec_divergences():
+    """The top-k kernel's divergence: ``enum class Divergence`` of csrc/kernel_api.h and the Triton
+    kernel's ``DIV_<NAME>`` constants are ``kdfast._spec.Divergence``."""
+    assert _cpp_enum(r"enum\s+class\s+Divergence\s*:\s*int\s*\{") == _as_dict(Divergence)
+    path = os.path.join(ROOT, "kdfast", "_triton", "topk.py")
+    found = {name: int(v) for name, v in re.findall(
+        r"^DIV_(\w+)\s*(?::[^=\n]*)?=\s*(?:tl\.constexpr\()?\s*(\d+)", _read(path), re.M)}
+    assert found == _as_dict(Divergence), found
+
+
 def test_params_round_trip_through_the_layout():
     """The lists a backend gets are the fields at their layout's indices."""
     p = KernelParams(Kind.DKD, 2.0, 3.0, 4.0, wttm=True, reverse=False, rho=0.25, alpha=0.5, beta=6.0,
@@ -73,3 +83,9 @@ def test_params_round_trip_through_the_layout():
     assert f[TopkFParam.SCALE] == 4.0 and i[TopkIParam.RENORMALIZE] == 0 and i[TopkIParam.IGNORE_INDEX] == 3
     assert i[TopkIParam.TAIL] == 1
     assert TopkParams.from_lists(f, i) == t and t.kind == Kind.TOPK
+    t = TopkParams(1.5, 1.0, renormalize=True, beta=0.25, divergence=Divergence.JSD)
+    f, i = t.fparams(), t.iparams()
+    assert (len(f), len(i)) == (len(TopkFParam), len(TopkIParam))
+    assert f[TopkFParam.BETA] == 0.25 and i[TopkIParam.DIVERGENCE] == Divergence.JSD
+    back = TopkParams.from_lists(f, i)
+    assert back == t and type(back.divergence) is Divergence

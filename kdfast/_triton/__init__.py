@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .._spec import KernelParams, Kind, TopkParams
+from .._spec import Divergence, KernelParams, Kind, TopkParams
 from .kernel import _distill_kernel
 from .topk import _topk_kernel
 
@@ -264,20 +264,22 @@ def topk_forward(z, t_lp, t_idx, labels, kd_w, ce_w, grad_scale, d_out, ce_out, 
     if N == 0:
         return
     p = TopkParams.from_lists(fparams, iparams)
+    if p.divergence != Divergence.FORWARD and not (p.renormalize or p.tail):
+        raise ValueError("kdfast: topk reverse / JSD need renormalize or tail (a normalised support)")
     has_labels = labels is not None
     has_ce = p.has_ce and has_labels
     block, num_warps = launch_config(C, fp64=z.dtype == torch.float64)
     K = t_lp.shape[1]
     dummy = d_out
-    (t_hi, t_lo), (s_hi, s_lo) = _split(p.t), _split(p.scale)
+    (t_hi, t_lo), (s_hi, s_lo), (b_hi, b_lo) = _split(p.t), _split(p.scale), _split(p.beta)
     _topk_kernel[(N,)](
         z, t_lp, t_idx, labels if has_labels else dummy, kd_w, ce_w, grad_scale, d_out, ce_out,
         grad_z if grad_z is not None else dummy,
         C, K, z.stride(0), t_lp.stride(0), t_idx.stride(0),
         grad_z.stride(0) if grad_z is not None else 0,
-        t_hi, t_lo, s_hi, s_lo, p.ignore_index,
+        t_hi, t_lo, s_hi, s_lo, b_hi, b_lo, p.ignore_index,
         HAS_LABELS=has_labels, HAS_CE=has_ce, CE_SHARED=has_ce and p.t == 1.0, RENORM=p.renormalize,
-        TAIL=p.tail,
+        TAIL=p.tail, DIV=int(p.divergence),
         NEED_GZ=grad_z is not None, ACC=tl.float64 if z.dtype == torch.float64 else tl.float32,
         BLOCK=block, KBLOCK=max(16, triton.next_power_of_2(max(K, 1))), num_warps=num_warps,
         maxnreg=max_registers(num_warps), enable_fp_fusion=FP_FUSION,
