@@ -2,24 +2,26 @@
 // buffers): kdfast/_ops.py `buffer`.
 //
 // Why: PyTorch's CPU allocator caches nothing. A fresh 500 MB gradient costs a page fault per page on
-// its first touch (50 ms with transparent huge pages, 200 ms without, on the 2-core dev machine,
-// single thread; touching a reused buffer: 25 ms), and a training loop pays that every step. Here a
-// buffer handed to autograd comes back to the pool when its storage is freed (the deleter of
-// at::from_blob), and the next call of the same size reuses its pages.
+// its first touch (~100 ms on the 2-core dev machine, 2 threads; touching a reused buffer: ~25 ms),
+// and a training loop pays that every step: kd + CE fwd+bwd at 4096 x 32000 fp32 took 280 ms a step
+// without the pool, 170 ms with it (benchmarks/bench_steady.py). Here a buffer handed to autograd
+// comes back to the pool when its storage is freed (the deleter of at::from_blob), and the next call
+// of the same size reuses its pages.
+//
+// No transparent-huge-page advice (madvise(MADV_HUGEPAGE)): on the dev machine (THP "madvise",
+// defrag "madvise") the first touch of an advised 500 MB block took 37 to 680 ms from one call to the
+// next (direct compaction), against a steady ~100 ms with 4 KiB pages; the pool makes the first touch
+// a one-time cost, and a predictable one is worth more than a sometimes-faster one.
 //
 // Bounds: free blocks are kept up to `cap` bytes (KDFAST_GRAD_POOL_MB, read by kdfast/_cpu.py;
 // 0 turns the pool off), the least recently returned evicted first. Blocks are sized in 2 MiB units
-// (the huge-page size) and reused for requests of up to 1.25x less: a loop of one shape always hits.
+// and reused for requests of up to 1.25x less: a loop of one shape always hits.
 // Thread-safe: autograd may free a buffer on any thread.
 #include <ATen/ATen.h>
 
 #include <cstdlib>
 #include <list>
 #include <mutex>
-
-#if defined(__linux__)
-#include <sys/mman.h>
-#endif
 
 #include "grad_pool.h"
 
@@ -97,9 +99,6 @@ at::Tensor empty(at::IntArrayRef sizes, const at::Tensor& like) {
   if (!ptr) {
     ptr = std::aligned_alloc(kUnit, want);
     TORCH_CHECK(ptr, "kdfast: out of memory allocating ", want, " bytes");
-#if defined(__linux__) && defined(MADV_HUGEPAGE)
-    madvise(ptr, want, MADV_HUGEPAGE);   // a hint before the first touch: one fault per 2 MiB
-#endif
   }
   return at::from_blob(ptr, sizes, [n](void* p) { give_back(p, n); }, opts);
 }

@@ -5,11 +5,6 @@
 
 #include <ATen/Parallel.h>
 
-#if defined(__linux__)
-#include <sys/mman.h>
-#include <unistd.h>
-#endif
-
 #include <optional>
 #include <string>
 #include <vector>
@@ -259,22 +254,6 @@ void topk_forward(const at::Tensor& z, const at::Tensor& t_lp, const at::Tensor&
   run(a);
 }
 
-// Advise the kernel to back `t`'s memory with transparent huge pages (Linux, before its first touch):
-// one fault per 2 MiB instead of per 4 KiB. A hint only: a no-op where THP is off or unsupported.
-bool advise_huge_pages(const at::Tensor& t) {
-#if defined(__linux__) && defined(MADV_HUGEPAGE)
-  TORCH_CHECK(t.device().is_cpu(), "kdfast: advise_huge_pages needs a CPU tensor");
-  const auto page = static_cast<uintptr_t>(sysconf(_SC_PAGESIZE));
-  const auto begin = reinterpret_cast<uintptr_t>(t.storage().data());
-  const auto end = begin + t.storage().nbytes();
-  const uintptr_t b = (begin + page - 1) / page * page, e = end / page * page;
-  return e > b && madvise(reinterpret_cast<void*>(b), e - b, MADV_HUGEPAGE) == 0;
-#else
-  (void)t;
-  return false;
-#endif
-}
-
 // The selected ISA's vector log of a float32 tensor (for tests/test_cpu_isa.py's accuracy check).
 at::Tensor vec_log(const at::Tensor& x) {
   TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat, "kdfast: vec_log needs a float32 CPU tensor");
@@ -308,8 +287,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("vec_log", &kdfast::vec_log, "The kernel's vector log (float32; for its accuracy test)",
         pybind11::arg("x"));
   m.def("isa", [] { return kdfast::g_isa; }, "The ISA whose kernel runs now");
-  m.def("advise_huge_pages", &kdfast::advise_huge_pages, "madvise(MADV_HUGEPAGE) a fresh CPU buffer",
-        pybind11::arg("tensor"));
   m.def("pool_empty", [](std::vector<int64_t> sizes, const at::Tensor& like) { return kdfast::pool::empty(sizes, like); },
         "A CPU buffer (like's dtype) from the gradient pool (csrc/grad_pool.cpp)", pybind11::arg("sizes"),
         pybind11::arg("like"));

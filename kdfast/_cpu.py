@@ -30,7 +30,7 @@ def pool_cap_bytes() -> int:
     kdfast's CPU gradient buffers (and the fused linear chunk buffers) of 8 MiB and more come from a
     pool of its own (csrc/grad_pool.cpp): when autograd frees one, its memory returns to the pool and
     the next call of that size reuses its pages instead of faulting in fresh ones (on the 2-core dev
-    machine a fresh 500 MB buffer costs 50 ms to first touch, a reused one 25 ms). The pool keeps at
+    machine a fresh 500 MB buffer costs ~100 ms to first touch, a reused one ~25 ms). The pool keeps at
     most this many bytes of free blocks; :func:`empty_pool` releases them."""
     return int(os.environ.get("KDFAST_GRAD_POOL_MB", "4096")) << 20
 

@@ -52,8 +52,7 @@ def buffer(shape, dtype: torch.dtype, device) -> Tensor:
     """A buffer the kernels (or the fused linear chunk loop) write. On the CPU a large one (8 MiB and
     more) comes from kdfast's gradient pool (:func:`kdfast._cpu.pool_cap_bytes`): a training loop
     then reuses the pages its previous step freed instead of faulting in fresh memory every step
-    (PyTorch's CPU allocator caches nothing), and fresh blocks are advised to use transparent huge
-    pages before their first touch (one fault per 2 MiB instead of per 4 KiB)."""
+    (PyTorch's CPU allocator caches nothing)."""
     if (torch.device(device).type == "cpu" and math.prod(shape) * dtype.itemsize >= (8 << 20)):
         from . import _cpu
         if _cpu.available():
