@@ -17,9 +17,7 @@ file is the worker.
 """
 import datetime
 import os
-import subprocess
 import sys
-import time
 
 import pytest
 import torch
@@ -255,37 +253,8 @@ def _colwise_head_check(mesh):
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     """Start the 2- and 4-process worlds together; returns {world: [per-rank results]}."""
-    tmp = str(tmp_path_factory.mktemp("dtensor"))
-    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
-               OMP_NUM_THREADS="1", GLOO_SOCKET_IFNAME=os.environ.get("GLOO_SOCKET_IFNAME", "lo"))
-    procs = []
-    t0 = time.perf_counter()
-    for world in (2, 4):
-        out = os.path.join(tmp, f"w{world}")
-        os.makedirs(out)
-        store = os.path.join(tmp, f"store{world}")
-        for r in range(world):
-            procs.append((world, r, subprocess.Popen(
-                [sys.executable, os.path.abspath(__file__), str(r), str(world), store, out],
-                env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)))
-    failed = []
-    deadline = time.time() + 150
-    for world, r, p in procs:
-        try:
-            text = p.communicate(timeout=max(1, deadline - time.time()))[0].decode(errors="replace")
-        except subprocess.TimeoutExpired:
-            for _, _, q in procs:
-                if q.poll() is None:
-                    q.kill()
-            text = p.communicate()[0].decode(errors="replace")
-            failed.append(f"world {world} rank {r}: timed out\n{text[-3000:]}")
-            continue
-        if p.returncode:
-            failed.append(f"world {world} rank {r}: exit {p.returncode}\n{text[-3000:]}")
-    assert not failed, "\n".join(failed)
-    print(f"workers: {time.perf_counter() - t0:.1f} s")
-    return {w: [torch.load(os.path.join(tmp, f"w{w}", f"rank{r}.pt"), weights_only=False) for r in range(w)]
-            for w in (2, 4)}
+    from _worlds import run_worlds
+    return run_worlds(__file__, str(tmp_path_factory.mktemp("dtensor")))
 
 
 def reference(name):
