@@ -407,8 +407,8 @@ inline LseTotal total(const Lse<A>& o) {
   return {M, S};
 }
 // ---------------------------------------------------------------------------------------------------
-// The statistics pass's exponentials, kept for the gradient pass (PERF-NOTES: the kernel is bound by
-// its exponentials, not by memory, and the gradient pass recomputed every one of them).
+// The statistics pass's exponentials, kept for the gradient pass (the kernel is bound by its
+// exponentials, not by memory, and the gradient pass recomputed every one of them).
 // A stream's pass-1 values are e_j = exp(x_j - m_b), m_b the lane maxima of the online max just after
 // x_j's block b (Lse::update). The gradient pass needs exp((x_j - M) - l) = e_j * f_b with the
 // per-lane factor f_b = exp((m_b - M) - l): one vector exp per block where a lane max moved (rare

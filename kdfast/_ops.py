@@ -557,9 +557,8 @@ def run_multi(z: Tensor, vs: list[Tensor], zp: Optional[Tensor], labels: Optiona
               ce_w: Tensor, params: KernelParams, reduction: str, backend: str,
               inplace_backward: bool = False) -> Tensor:
     """``kdfast::multi_distill``."""
-    return torch.ops.kdfast.multi_distill(z, vs, zp, labels, kd_w, ce_w, params.fparams(),
-                                          params.iparams(), reduction, backend, _needs(z), _needs(*vs),
-                                          inplace_backward)[0]
+    return torch.ops.kdfast.multi_distill(z, vs, zp, labels, kd_w, ce_w, *params.lists(), reduction, backend,
+                                          _needs(z), _needs(*vs), inplace_backward)[0]
 
 
 def run_linear(h: Tensor, w: Tensor, b: Optional[Tensor], teacher: tuple, past: Optional[tuple],
@@ -570,16 +569,15 @@ def run_linear(h: Tensor, w: Tensor, b: Optional[Tensor], teacher: tuple, past: 
     gradient (backward does)."""
     early = reduction != "none"
     p = past if past is not None else (None, None, None)
-    return torch.ops.kdfast.linear_distill(h, w, b, *teacher, *p, labels, kd_w, ce_w, params.fparams(),
-                                           params.iparams(), reduction, backend, chunk,
-                                           early and _needs(h), early and _needs(w),
-                                           early and _needs(b))[0]
+    return torch.ops.kdfast.linear_distill(h, w, b, *teacher, *p, labels, kd_w, ce_w, *params.lists(),
+                                           reduction, backend, chunk, early and _needs(h),
+                                           early and _needs(w), early and _needs(b))[0]
 
 
 def run_vocab_parallel(z: Tensor, v: Tensor, zp: Optional[Tensor], labels: Optional[Tensor],
                        kd_w: Tensor, ce_w: Tensor, params: KernelParams, reduction: str, group: str,
                        layout: list[int], inplace_backward: bool = False) -> Tensor:
     """``kdfast::vocab_parallel_distill``."""
-    return torch.ops.kdfast.vocab_parallel_distill(z, v, zp, labels, kd_w, ce_w, params.fparams(),
-                                                   params.iparams(), reduction, group, _needs(z),
-                                                   _needs(v), inplace_backward, list(layout))[0]
+    return torch.ops.kdfast.vocab_parallel_distill(z, v, zp, labels, kd_w, ce_w, *params.lists(), reduction,
+                                                   group, _needs(z), _needs(v), inplace_backward,
+                                                   list(layout))[0]
