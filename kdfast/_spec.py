@@ -70,6 +70,47 @@ Multi-teacher (``kdfast.multi_teacher_loss``), the same contract with M teachers
   ``grad_v``: ``None`` or one ``(M, N, C)`` buffer, ``grad_v[m] = grad_scale * kd_w_{m,i} dD_{m,i}/dv_m``.
 - The student row is read once per pass of the row kernel whatever M is. With M = 1 the result is
   ``distill_forward``'s.
+
+Two phases (tensor parallelism: the columns of every row split over the ranks of a group; the
+``KL`` kind, single- and multi-teacher, CE included)::
+
+    stats_forward(z, vs, zp, labels, stats, fparams, iparams, col0, vocab) -> None
+    finish_forward(z, vs, zp, labels, kd_w, ce_w, grad_scale, gstats, d_out, ce_out, coef, part,
+                   grad_z, grad_v, fparams, iparams, col0, vocab) -> None
+
+The tensors are this rank's columns ``[col0, col0 + C)`` of rows of ``vocab`` columns; ``vs`` is a
+list of M teachers as in ``multi_forward`` (M = 1: ``distill_forward``'s); ``labels`` are global
+class ids (``[0, vocab)`` or ``ignore_index``): one rank holds each label's column. The fused
+single-device kernel is the same row function run with both phases in one call, the combine below
+taken over its vector lanes instead of ranks (and the statistics sweep's exponentials kept for the
+gradient sweep, which the split phases cannot do).
+
+- **Phase 1** ``stats_forward`` writes ``stats``, float64 ``(N, K)`` contiguous,
+  ``K = stats_width(params, M)``: each row's statistics over the local columns (:class:`KLStat`,
+  then :class:`KLTeacherStat` for each teacher). An (M, S) pair is a max and the sum of ``exp(x -
+  M)`` relative to it (``M`` = the float type's lowest and ``S`` = 0 for a stream with no mass
+  here); ``W`` is ``sum_j w_j d_j`` of the KL statistic (docs/kernel-math.md, "KL") with ``w_j``
+  the weighting stream's ``exp(x_j - M)`` (the teacher's; the student's when ``reverse``) and
+  ``d_j`` relative to that M and to ``R``, the other stream's value at the weighting stream's
+  argmax; the label logits are the values where this rank holds the label, else 0. Ignored rows:
+  anything (never read).
+- **Combine** (inside phase 2): ``gstats`` is every rank's ``stats``, float64 ``(world, N, K)``
+  contiguous (an all-gather). Per row and stream: ``M = max_r M_r``, ``S = sum_r S_r e^(M_r - M)``;
+  ``R`` is the reference of the first rank with ``M_r = M`` and ``S_r > 0``;
+  ``W = sum_r e^(M_r - M) (W_r - S_r ((M - M_r) - (R - R_r)))`` over ranks with ``S_r > 0``; label
+  logits add. These are the formulas of the kernel's horizontal (lane) finish: a rank is a lane.
+- **Phase 2** ``finish_forward`` (the global statistics, the shard offset ``col0``) writes the local
+  gradients (exactly as ``multi_forward`` would write those columns of the whole rows) and each
+  row's loss terms in a form that sums over ranks: term ``k`` (the M teachers' ``D_{m,i}``, then
+  ``CE_i``) is ``b + a * log1p(X)`` with ``b`` in ``d_out`` (M, N) / ``ce_out`` (N,), ``a`` in
+  ``coef[k]`` and this rank's part of ``X`` in ``part[k]`` (``coef``, ``part``: float64
+  ``(M + 1, N)`` contiguous; ``b``, ``a`` equal on every rank). The caller sums ``part`` over the
+  ranks (one ``all_reduce``) and applies :func:`finish_terms`. ``a = 0`` and ``X = 0`` where the
+  one-pass value is accurate; otherwise (docs/kernel-math.md, "accurate loss") ``b = 0`` and ``X``
+  is the sum of nonnegative terms whose ``log1p`` is the term.
+
+The single-device call is ``world = 1``: ``gstats = stats[None]``; tests/test_phases.py checks that
+the phases over column shards give the fused kernel's result on the whole rows.
 """
 from __future__ import annotations
 
@@ -229,3 +270,57 @@ class TopkParams:
 
 # the list layouts of each parameter class (_cached_lists)
 _LAYOUTS = {KernelParams: (FParam, IParam), TopkParams: (TopkFParam, TopkIParam)}
+
+
+class Phase(enum.IntEnum):
+    """Which part of the row function a kernel call runs (``KernelArgs::phase`` in csrc/kernel_api.h)."""
+
+    FUSED = 0    # both phases in one call (single device: distill_forward / multi_forward)
+    STATS = 1    # phase 1: stats_forward
+    FINISH = 2   # phase 2: finish_forward
+
+
+class KLStat(enum.IntEnum):
+    """Column of a row's ``stats`` (KL kind): the student's part, then :class:`KLTeacherStat` per
+    teacher. ``Z`` streams are the student at ``t_student`` (a = z / Ts), ``ONE`` the raw student
+    (CE's lse when Ts != 1; unused otherwise)."""
+
+    M_Z = 0
+    S_Z = 1
+    M_ONE = 2
+    S_ONE = 3
+    Z_Y = 4        # z at the label (this rank holds it), else 0
+    COUNT = 5
+
+
+class KLTeacherStat(enum.IntEnum):
+    """Column offset within teacher m's block of a row's ``stats``
+    (``KLStat.COUNT + m * KLTeacherStat.COUNT + field``): the teacher at ``t_teacher`` (c = v / Tt),
+    the KL statistic W with its reference R, the raw teacher's lse (wttm's U) and its label logit."""
+
+    M_V = 0
+    S_V = 1
+    R = 2
+    W = 3
+    M_U = 4
+    S_U = 5
+    V_Y = 6
+    COUNT = 7
+
+
+#: the kinds with the two-phase form (stats_forward / finish_forward)
+PHASED_KINDS = frozenset({Kind.KL})
+
+
+def stats_width(params: "KernelParams", teachers: int = 1) -> int:
+    """``K``: the float64 statistics a row of ``stats_forward`` has for ``params`` and ``teachers``."""
+    if params.kind not in PHASED_KINDS:
+        raise ValueError(f"kind {params.kind.name} has no two-phase form yet")
+    return KLStat.COUNT + teachers * KLTeacherStat.COUNT
+
+
+def finish_terms(b, coef, part):
+    """The row terms from ``finish_forward``'s outputs after ``part`` was summed over the ranks:
+    ``b + coef * log1p(part)`` (``coef`` = ``part`` = 0 where ``b`` is already the term)."""
+    import torch
+    return b + coef * torch.log1p(part)
