@@ -78,7 +78,8 @@ Two phases (tensor parallelism: the columns of every row split over the ranks of
     finish_forward(z, vs, zp, labels, kd_w, ce_w, grad_scale, gstats, d_out, ce_out, coef, part,
                    grad_z, grad_v, fparams, iparams, col0, vocab) -> None
 
-The tensors are this rank's columns ``[col0, col0 + C)`` of rows of ``vocab`` columns; ``vs`` is a
+``vs``, ``kd_w`` ``(M, N)``, ``d_out`` ``(M, N)`` and ``grad_v`` (``None`` or ``(M, N, C)``) as in
+``multi_forward``, for any M >= 1. The tensors are this rank's columns ``[col0, col0 + C)`` of rows of ``vocab`` columns; ``vs`` is a
 list of M teachers as in ``multi_forward`` (M = 1: ``distill_forward``'s); ``labels`` are global
 class ids (``[0, vocab)`` or ``ignore_index``): one rank holds each label's column. The fused
 single-device kernel is the same row function run with both phases in one call, the combine below
@@ -88,8 +89,9 @@ gradient sweep, which the split phases cannot do).
 - **Phase 1** ``stats_forward`` writes ``stats``, float64 ``(N, K)`` contiguous,
   ``K = stats_width(params, M)``: each row's statistics over the local columns (:class:`KLStat`,
   then :class:`KLTeacherStat` for each teacher). An (M, S) pair is a max and the sum of ``exp(x -
-  M)`` relative to it (``M`` = the float type's lowest and ``S`` = 0 for a stream with no mass
-  here); ``W`` is ``sum_j w_j d_j`` of the KL statistic (docs/kernel-math.md, "KL") with ``w_j``
+  M)`` relative to it (``S`` = 0 for a stream with no mass here, ``M`` then -inf or the float's
+  lowest; the float's lowest and -inf are both allowed, the combine skips ranks with ``S_r = 0``);
+  ``W`` is ``sum_j w_j d_j`` of the KL statistic (docs/kernel-math.md, "KL") with ``w_j``
   the weighting stream's ``exp(x_j - M)`` (the teacher's; the student's when ``reverse``) and
   ``d_j`` relative to that M and to ``R``, the other stream's value at the weighting stream's
   argmax; the label logits are the values where this rank holds the label, else 0. Ignored rows:
@@ -282,8 +284,8 @@ class Phase(enum.IntEnum):
 
 class KLStat(enum.IntEnum):
     """Column of a row's ``stats`` (KL kind): the student's part, then :class:`KLTeacherStat` per
-    teacher. ``Z`` streams are the student at ``t_student`` (a = z / Ts), ``ONE`` the raw student
-    (CE's lse when Ts != 1; unused otherwise)."""
+    teacher. ``Z`` is the student at ``t_student`` (a = z / Ts); ``ONE`` the raw student, CE's lse
+    (a copy of ``Z``'s pair when Ts = 1; 0, 0 when the row has no CE)."""
 
     M_Z = 0
     S_Z = 1
@@ -296,7 +298,8 @@ class KLStat(enum.IntEnum):
 class KLTeacherStat(enum.IntEnum):
     """Column offset within teacher m's block of a row's ``stats``
     (``KLStat.COUNT + m * KLTeacherStat.COUNT + field``): the teacher at ``t_teacher`` (c = v / Tt),
-    the KL statistic W with its reference R, the raw teacher's lse (wttm's U) and its label logit."""
+    the KL statistic W with its reference R, the raw teacher's lse (wttm's U; 0, 0 otherwise) and
+    its label logit."""
 
     M_V = 0
     S_V = 1
