@@ -205,6 +205,91 @@ void multi_forward(const at::Tensor& z, const std::vector<at::Tensor>& vs, const
   run(a);
 }
 
+// The two phases of kdfast/_spec.py ("Two phases"; the KL kind): the tensors are the columns
+// [col0, col0 + C) of rows of `vocab` columns, the labels global class ids.
+void set_shard(KernelArgs& a, Phase phase, int64_t M, int64_t C, int64_t col0, int64_t vocab) {
+  TORCH_CHECK(a.kind == Kind::KL, "kdfast: only the KL kind has the two-phase form, got kind ", int(a.kind));
+  TORCH_CHECK(col0 >= 0 && C >= 1 && col0 + C <= vocab, "kdfast: the shard [", col0, ", ", col0 + C,
+              ") is not inside [0, vocab=", vocab, ")");
+  a.phase = phase;
+  a.col0 = col0;
+  a.vocab = vocab;
+  a.KS = klstat::COUNT + M * klteacherstat::COUNT;
+}
+
+void check_f64(const at::Tensor& t, const char* name, std::vector<int64_t> shape) {
+  TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kDouble && t.is_contiguous() && t.sizes() == shape,
+              "kdfast: ", name, " must be a contiguous float64 CPU tensor of shape ", at::IntArrayRef(shape),
+              ", got ", t.scalar_type(), " ", t.sizes());
+}
+
+void check_labels(const std::optional<at::Tensor>& labels, int64_t N) {
+  if (labels) {
+    TORCH_CHECK(labels->scalar_type() == at::kLong && labels->dim() == 1 && labels->size(0) == N &&
+                    labels->is_contiguous() && labels->device().is_cpu(),
+                "kdfast: labels must be a contiguous (N,) int64 CPU tensor");
+  }
+}
+
+// Phase 1: each row's statistics over the local columns into stats (N, KS) float64.
+void stats_forward(const at::Tensor& z, const std::vector<at::Tensor>& vs, const std::optional<at::Tensor>& zp,
+                   const std::optional<at::Tensor>& labels, const at::Tensor& stats,
+                   const std::vector<double>& fparams, const std::vector<int64_t>& iparams, int64_t col0,
+                   int64_t vocab) {
+  TORCH_CHECK(z.dim() == 2, "kdfast: student logits must be 2-D (N, C)");
+  const int64_t N = z.size(0), C = z.size(1), M = int64_t(vs.size());
+  check_rows(z, "student logits", N, C);
+  KernelArgs a;
+  a.tz = dtype_of(z, "student logits");
+  set_teachers(a, z, vs, {}, zp, fparams, iparams, N, C);
+  set_shard(a, Phase::STATS, M, C, col0, vocab);
+  check_f64(stats, "stats", {N, a.KS});
+  check_labels(labels, N);
+  if (N == 0) return;
+  a.z = z.data_ptr();
+  a.labels = labels ? labels->data_ptr<int64_t>() : nullptr;
+  a.N = N;
+  a.C = C;
+  a.sz = z.stride(0);
+  a.stats = stats.data_ptr<double>();
+  run(a);
+}
+
+// Phase 2: combine every rank's statistics (gstats (world, N, KS)), write the local gradients and
+// each row's loss terms as b (d_out, ce_out) + coef * log1p(sum over the ranks of part).
+void finish_forward(const at::Tensor& z, const std::vector<at::Tensor>& vs, const std::optional<at::Tensor>& zp,
+                    const std::optional<at::Tensor>& labels, const at::Tensor& kd_w, const at::Tensor& ce_w,
+                    const at::Tensor& grad_scale, const at::Tensor& gstats, const at::Tensor& d_out,
+                    const at::Tensor& ce_out, const at::Tensor& coef, const at::Tensor& part,
+                    const std::optional<at::Tensor>& grad_z, const std::optional<at::Tensor>& grad_v,
+                    const std::vector<double>& fparams, const std::vector<int64_t>& iparams, int64_t col0,
+                    int64_t vocab) {
+  TORCH_CHECK(z.dim() == 2, "kdfast: student logits must be 2-D (N, C)");
+  const int64_t N = z.size(0), C = z.size(1), M = int64_t(vs.size());
+  check_rows(z, "student logits", N, C);
+  KernelArgs a;
+  a.tz = dtype_of(z, "student logits");
+  std::vector<at::Tensor> gv;
+  if (grad_v) {
+    TORCH_CHECK(grad_v->dim() == 3 && grad_v->size(0) == M, "kdfast: grad_v must be (M, N, C)");
+    gv = grad_v->unbind(0);
+  }
+  set_teachers(a, z, vs, gv, zp, fparams, iparams, N, C);
+  set_shard(a, Phase::FINISH, M, C, col0, vocab);
+  TORCH_CHECK(gstats.dim() == 3 && gstats.size(0) >= 1, "kdfast: gstats must be (world, N, K)");
+  check_f64(gstats, "gstats", {gstats.size(0), N, a.KS});
+  check_f64(coef, "coef", {M + 1, N});
+  check_f64(part, "part", {M + 1, N});
+  const at::ScalarType acc = a.tz == DType::F64 ? at::kDouble : at::kFloat;
+  check_common(a, z, labels, kd_w, ce_w, grad_scale, d_out, ce_out, grad_z, acc, N, C, M);
+  if (N == 0) return;
+  a.gstats = gstats.data_ptr<double>();
+  a.world = int(gstats.size(0));
+  a.coef = coef.data_ptr<double>();
+  a.part = part.data_ptr<double>();
+  run(a);
+}
+
 // The top-k (sparse teacher) form: the teacher is t_lp (N, k) log-probabilities in the accumulation
 // dtype and t_idx (N, k) int64 classes; fparams / iparams in the topk_fparam / topk_iparam layouts
 // (API: kdfast.topk_kd_loss, topk_reverse_kd_loss, topk_jsd_loss, declared in kdfast/losses.py;
@@ -282,6 +367,15 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         pybind11::arg("z"), pybind11::arg("t_lp"), pybind11::arg("t_idx"), pybind11::arg("labels"),
         pybind11::arg("kd_w"), pybind11::arg("ce_w"), pybind11::arg("grad_scale"), pybind11::arg("d_out"),
         pybind11::arg("ce_out"), pybind11::arg("grad_z"), pybind11::arg("fparams"), pybind11::arg("iparams"));
+  m.def("stats_forward", &kdfast::stats_forward, "Phase 1 of the two-phase kernel (see kdfast/_spec.py)",
+        pybind11::arg("z"), pybind11::arg("vs"), pybind11::arg("zp"), pybind11::arg("labels"), pybind11::arg("stats"),
+        pybind11::arg("fparams"), pybind11::arg("iparams"), pybind11::arg("col0"), pybind11::arg("vocab"));
+  m.def("finish_forward", &kdfast::finish_forward, "Phase 2 of the two-phase kernel (see kdfast/_spec.py)",
+        pybind11::arg("z"), pybind11::arg("vs"), pybind11::arg("zp"), pybind11::arg("labels"),
+        pybind11::arg("kd_w"), pybind11::arg("ce_w"), pybind11::arg("grad_scale"), pybind11::arg("gstats"),
+        pybind11::arg("d_out"), pybind11::arg("ce_out"), pybind11::arg("coef"), pybind11::arg("part"),
+        pybind11::arg("grad_z"), pybind11::arg("grad_v"), pybind11::arg("fparams"), pybind11::arg("iparams"),
+        pybind11::arg("col0"), pybind11::arg("vocab"));
   m.def("select_isa", &kdfast::select_isa, "Pick the kernel ISA for a torch CPU capability name",
         pybind11::arg("capability"));
   m.def("vec_log", &kdfast::vec_log, "The kernel's vector log (float32; for its accuracy test)",

@@ -7,6 +7,12 @@ namespace kdfast {
 
 enum class DType : int { F32 = 0, BF16 = 1, F16 = 2, F64 = 3 };
 enum class Kind : int { KL = 0, DKD = 1, LM = 2, LS = 3, JSD = 4, TOPK = 5 };  // == kdfast/_spec.py Kind
+// Which part of the row function a call runs (== kdfast/_spec.py Phase): both (the single-device entry
+// points), the statistics of the local columns (stats_forward), or the finish from every rank's (finish_forward)
+enum class Phase : int { FUSED = 0, STATS = 1, FINISH = 2 };
+// The KL kind's per-row statistics (== kdfast/_spec.py KLStat, KLTeacherStat): the student's, then per teacher
+namespace klstat { enum : int { M_Z = 0, S_Z = 1, M_ONE = 2, S_ONE = 3, Z_Y = 4, COUNT = 5 }; }
+namespace klteacherstat { enum : int { M_V = 0, S_V = 1, R = 2, W = 3, M_U = 4, S_U = 5, V_Y = 6, COUNT = 7 }; }
 // TOPK's divergence over the support buckets (== kdfast/_spec.py Divergence)
 enum class Divergence : int { FORWARD = 0, REVERSE = 1, JSD = 2 };
 
@@ -53,6 +59,16 @@ struct KernelArgs {
   bool renormalize = true;
   bool tail = false;  // the leftover masses 1 - sum_k p_k, 1 - sum_k q_{i_k} as a (k+1)-th bucket
   Divergence divergence = Divergence::FORWARD;  // REVERSE / JSD (beta: the field above) need renormalize or tail
+  // Two phases (kdfast/_spec.py "Two phases"): the columns are [col0, col0 + C) of rows of `vocab`
+  // columns (col0 = 0, vocab = C when FUSED); labels are global class ids.
+  Phase phase = Phase::FUSED;
+  int64_t col0 = 0, vocab = 0;
+  int64_t KS = 0;                    // statistics per row (stats_width)
+  double* stats = nullptr;           // STATS: (N, KS) out
+  const double* gstats = nullptr;    // FINISH: (world, N, KS), every rank's stats
+  int world = 1;
+  double* coef = nullptr;            // FINISH: (M + 1, N) out: the loss terms' a (b in d_out / ce_out)
+  double* part = nullptr;            // FINISH: (M + 1, N) out: this rank's part of the terms' X
 };
 
 // One entry point per compiled ISA: processes rows [begin, end). Defined in kernel_<isa>.cpp.

@@ -637,16 +637,64 @@ inline double logaddexp(double x, double y) {
 
 // Per-row values every kind needs.
 struct RowInfo {
-  int64_t y;       // label, or -1 when there are no labels
+  int64_t y;       // label's (local) column, or -1 when there are no labels or another rank holds it
   bool ce;         // compute the CE term
   double g_ce;     // grad_scale * ce_w_i (0 without CE)
   double zy;       // student logit at the label (0 without labels), read before any write
   double g_kd[kMaxTeachers];  // grad_scale * kd_w_{t,i} per teacher t
   double vy[kMaxTeachers];    // teacher t's (mixed) logit at the label (0 without labels)
+  int64_t i = 0;              // the row
 };
 struct RowOut {
   double D[kMaxTeachers] = {};  // per teacher
   double CE = 0;
+  // Phase::FINISH: term k (D[k] for the teachers, then CE at k = M) is D[k] + a[k] log1p(sum over the
+  // ranks of x[k]) (kdfast/_spec.py finish_forward); a = x = 0 where D / CE is already the term
+  double a[kMaxTeachers + 1] = {}, x[kMaxTeachers + 1] = {};
+};
+
+// ---------------------------------------------------------------------------------------------------
+// The combine of per-row statistics over ranks (Phase::FINISH): the lane finishes above (total,
+// shifted_sum, at_row_max) with a rank for a lane, in double, on the all-gathered (world, N, KS) stats.
+struct RankStats {
+  const double* g;  // gstats
+  int64_t N, KS, i;  // rows, stats per row, this row
+  int world;
+  double at(int r, int c) const { return g[(int64_t(r) * N + i) * KS + c]; }
+  // (M, S) of a stream: M = max_r M_r over ranks with mass (NaN propagates), S = sum_r S_r exp(M_r - M)
+  LseTotal lse(int cm, int cs) const {
+    double M = -INFINITY;
+    for (int r = 0; r < world; ++r) {
+      const double s = at(r, cs), m = at(r, cm);
+      if (s == 0) continue;
+      M = (std::isnan(M) || std::isnan(m) || std::isnan(s)) ? NAN : std::max(M, m);
+    }
+    double S = 0;
+    for (int r = 0; r < world; ++r) {
+      const double s = at(r, cs);
+      if (s != 0) S += s * std::exp(at(r, cm) - M);
+    }
+    return {M == -INFINITY ? double(lowest<float>()) : M, S};
+  }
+  // The reference R (the first rank holding the stream's max with mass) and the KL statistic W of
+  // that stream: sum_r exp(M_r - M) (W_r - S_r ((M - M_r) - (R - R_r))) (shifted_sum's formula).
+  void kl(int cm, int cs, int cr, int cw, const LseTotal& t, double& R, double& W) const {
+    R = 0;
+    for (int r = 0; r < world; ++r)
+      if (at(r, cs) != 0 && at(r, cm) == t.M) { R = at(r, cr); break; }
+    W = 0;
+    for (int r = 0; r < world; ++r) {
+      const double s = at(r, cs);
+      if (s == 0) continue;
+      const double m = at(r, cm);
+      W += std::exp(m - t.M) * (at(r, cw) - s * ((t.M - m) - (R - at(r, cr))));
+    }
+  }
+  double sum(int c) const {
+    double x = 0;
+    for (int r = 0; r < world; ++r) x += at(r, c);
+    return x;
+  }
 };
 
 template <class T>
@@ -707,10 +755,19 @@ inline Vec<A> live_only(S, const Block<A>& b, int k, const Vec<A>& x) {
 // (found by the randomised suite with 8-lane vectors: kd + CE, C = 31, CE error 4.8x plain float32's).
 // Then CE = log1p(S'), S' = sum_{j != y} exp(z_j - M) (nonnegative small terms: accurate relative to
 // CE) from a sweep of its own that skips the label's column; only such rows pay it.
+// (Split for Phase::FINISH: ce_cancels decides from the global statistics, ce_tail sums S' over the
+// local columns, skipping the label's where this rank holds it, and the ranks' parts are summed.)
+inline bool ce_cancels(const RowInfo& ri, const LseTotal& t1) { return ri.zy == t1.M && t1.S - 1.0 < 0.125; }
+template <class A, class TZ, class TV>
+inline double ce_tail(const Row<TZ, TV>& r, const RowInfo& ri, const LseTotal& t1);
 template <class A, class TZ, class TV>
 inline double ce_value(const Row<TZ, TV>& r, const RowInfo& ri, const LseTotal& t1) {
   const double ce = (t1.M - ri.zy) + t1.l();
-  if (!(ri.zy == t1.M && t1.S - 1.0 < 0.125) || r.z == nullptr) return ce;
+  if (!ce_cancels(ri, t1) || r.z == nullptr) return ce;
+  return std::log1p(ce_tail<A>(r, ri, t1));
+}
+template <class A, class TZ, class TV>
+inline double ce_tail(const Row<TZ, TV>& r, const RowInfo& ri, const LseTotal& t1) {
   const A nM = A(-t1.M);
   LongSum<A> S;
   Row<TZ, TV> rz = r;  // the student's row only
@@ -719,7 +776,7 @@ inline double ce_value(const Row<TZ, TV>& r, const RowInfo& ri, const LseTotal& 
     for (int k = 0; k < kBlock; ++k) S.add(vexp(b.z[k] + Vec<A>(nM)));  // dead lanes: -inf -> 0
     S.end_block();
   });
-  return std::log1p(S.total());
+  return S.total();
 }
 
 inline double finite_or(double x, double fallback) { return std::isfinite(x) ? x : fallback; }

@@ -31,33 +31,48 @@ void rows(const KernelArgs& P, int64_t begin, int64_t end) {
   A* d_out = static_cast<A*>(P.d_out);            // (M, N)
   A* ce_out = static_cast<A*>(P.ce_out);
   const int64_t C = P.C, N = P.N;
+  // two phases: labels are global ids, the local columns [col0, col0 + C) of `vocab`
+  const Phase phase = P.phase;
+  const int64_t col0 = phase == Phase::FUSED ? 0 : P.col0, vocab = phase == Phase::FUSED ? C : P.vocab;
+  auto finish_row = [&](int64_t i) {  // FINISH's extra outputs of an ignored / invalid row (b says it)
+    if (phase != Phase::FINISH) return;
+    for (int t = 0; t <= M; ++t) P.coef[t * N + i] = 0.0, P.part[t * N + i] = 0.0;
+  };
   for (int64_t i = begin; i < end; ++i) {
     Row<TZ, TV> r{z + i * P.sz, zp ? zp + i * P.szp : nullptr, gz ? gz + i * P.sgz : nullptr, C,
                   zp ? 1.0 - P.rho : 1.0, zp ? P.rho : 0.0, M, {}, {}};
-    RowInfo ri{-1, false, 0.0, 0.0, {}, {}};
+    RowInfo ri{-1, false, 0.0, 0.0, {}, {}, i};
     for (int t = 0; t < M; ++t) {
       r.v[t] = P.v[t] ? static_cast<const TV*>(P.v[t]) + i * P.sv[t] : nullptr;
       r.gv[t] = P.grad_v[t] ? static_cast<TV*>(P.grad_v[t]) + i * P.sgv[t] : nullptr;
-      ri.g_kd[t] = P.grad_scale * double(kd_w[t * N + i]);
+      ri.g_kd[t] = kd_w ? P.grad_scale * double(kd_w[t * N + i]) : 0.0;
     }
     if (P.labels) {
       const int64_t y = P.labels[i];
-      if (y == P.ignore_index || y < 0 || y >= C) {  // ignored: zeros; out of range: NaN (never indexed)
+      if (y == P.ignore_index || y < 0 || y >= vocab) {  // ignored: zeros; out of range: NaN (never indexed)
         const double x = y == P.ignore_index ? 0.0 : NAN;
+        if (phase == Phase::STATS) {  // (never read)
+          for (int64_t k = 0; k < P.KS; ++k) P.stats[i * P.KS + k] = 0.0;
+          continue;
+        }
         ce_out[i] = A(x);
         fill_row(r.gz, C, x);
         for (int t = 0; t < M; ++t) {
           d_out[t * N + i] = A(x);
           fill_row(r.gv[t], C, x);
         }
+        finish_row(i);
         continue;
       }
-      ri.y = y;
       ri.ce = P.has_ce;
-      ri.g_ce = ri.ce ? P.grad_scale * double(ce_w[i]) : 0.0;
-      ri.zy = double(r.z[y]);
-      for (int t = 0; t < M; ++t)
-        ri.vy[t] = r.v[t] ? mixed<A>(r, t, y) : 0.0;
+      ri.g_ce = ri.ce && ce_w ? P.grad_scale * double(ce_w[i]) : 0.0;
+      const int64_t yl = y - col0;
+      if (yl >= 0 && yl < C) {  // this shard holds the label's column (always, unless two phases)
+        ri.y = yl;
+        ri.zy = double(r.z[yl]);
+        for (int t = 0; t < M; ++t)
+          ri.vy[t] = r.v[t] ? mixed<A>(r, t, yl) : 0.0;
+      }
     }
     RowOut o;
     switch (P.kind) {
@@ -70,8 +85,11 @@ void rows(const KernelArgs& P, int64_t begin, int64_t end) {
         if constexpr (MT == 1) o = row_topk<A>(P, r, ri, i);  // single teacher only (checked by the binding)
         break;
     }
+    if (phase == Phase::STATS) continue;  // (the row function wrote its statistics)
     for (int t = 0; t < M; ++t) d_out[t * N + i] = A(o.D[t]);
     ce_out[i] = A(o.CE);
+    if (phase == Phase::FINISH)
+      for (int t = 0; t <= M; ++t) P.coef[t * N + i] = o.a[t], P.part[t * N + i] = o.x[t];
   }
 }
 

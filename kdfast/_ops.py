@@ -469,17 +469,17 @@ def _linear_sweep(h: Tensor, w: Tensor, b: Optional[Tensor], teacher: tuple, pas
 def vocab_parallel_distill(z: Tensor, v: Tensor, zp: Optional[Tensor], labels: Optional[Tensor],
                            kd_w: Tensor, ce_w: Tensor, fparams: list[float], iparams: list[int],
                            reduction: str, group: str, need_grad_z: bool, need_grad_v: bool,
-                           inplace_backward: bool, layout: list[int]
+                           inplace_backward: bool, layout: list[int], backend: str
                            ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Returns ``(loss, d, ce, grad_z, grad_v, grad_scale)`` as ``distill``."""
     from . import vocab_parallel
     return vocab_parallel._forward(z, v, zp, labels, kd_w, ce_w, KernelParams.from_lists(fparams, iparams),
-                                   reduction, group, layout, need_grad_z, need_grad_v)
+                                   reduction, group, layout, need_grad_z, need_grad_v, backend)
 
 
 @vocab_parallel_distill.register_fake
 def _(z, v, zp, labels, kd_w, ce_w, fparams, iparams, reduction, group, need_grad_z, need_grad_v,
-      inplace_backward, layout):
+      inplace_backward, layout, backend):
     grad_v = torch.empty_like(v, memory_format=torch.contiguous_format) if need_grad_v else v.new_empty(0)
     return _fake_outputs(z, kd_w, reduction, need_grad_z, grad_v)
 
@@ -576,8 +576,8 @@ def run_linear(h: Tensor, w: Tensor, b: Optional[Tensor], teacher: tuple, past: 
 
 def run_vocab_parallel(z: Tensor, v: Tensor, zp: Optional[Tensor], labels: Optional[Tensor],
                        kd_w: Tensor, ce_w: Tensor, params: KernelParams, reduction: str, group: str,
-                       layout: list[int], inplace_backward: bool = False) -> Tensor:
+                       layout: list[int], backend: str, inplace_backward: bool = False) -> Tensor:
     """``kdfast::vocab_parallel_distill``."""
     return torch.ops.kdfast.vocab_parallel_distill(z, v, zp, labels, kd_w, ce_w, *params.lists(), reduction,
                                                    group, _needs(z), _needs(v), inplace_backward,
-                                                   list(layout))[0]
+                                                   list(layout), backend)[0]

@@ -67,8 +67,9 @@ import torch.distributed as dist
 from torch import Tensor
 
 from . import functional as _F
+from . import _ops
 from ._ops import _reduce, acc_dtype, grad_scale, run_vocab_parallel
-from ._spec import KernelParams, Kind
+from ._spec import PHASED_KINDS, KernelParams, Kind, finish_terms, stats_width
 from .losses import REGISTRY
 
 __all__ = ["vocab_parallel_loss", "shard_bounds", "METHODS"]   # + every <name>_loss of METHODS
@@ -573,13 +574,63 @@ _KINDS = {Kind.KL: _kl_kind, Kind.DKD: _dkd_kind, Kind.JSD: _jsd_kind, Kind.LM: 
           Kind.LS: _ls_kind}
 
 
+# ----------------------------------------------------------------------------- the collectives
+def _all_gather(x: Tensor, group) -> Tensor:
+    """Every rank's ``x`` (N, K), stacked: (world, N, K) (one all-gather into one tensor)."""
+    world = dist.get_world_size(group)
+    out = torch.empty((world * x.shape[0],) + tuple(x.shape[1:]), dtype=x.dtype, device=x.device)
+    # (looked up on the module at call time: the tests count the collectives by wrapping them)
+    gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+    gather(out, x.contiguous(), group=group)
+    return out.view((world,) + tuple(x.shape))
+
+
+def _sum(x: Tensor, group) -> Tensor:
+    dist.all_reduce(x, op=_SUM, group=group)
+    return x
+
+
 # ----------------------------------------------------------------------------- the op's forward
-def _forward(z, v, zp, y, kd_w, ce_w, p: KernelParams, reduction, group: str, layout, need_gz, need_gv):
+def _phased(z, vs, zp, y, kd_w, ce_w, p: KernelParams, reduction, pg, layout, need_gz, need_gv, backend):
+    """The two-phase kernels (kdfast/_spec.py "Two phases"): the local statistics, one all-gather of
+    them, the finish over the local columns, one all-reduce of the loss terms' parts."""
+    _rank, world, start, vocab = layout
+    stats_fn = _ops._backend_fn(backend, "stats_forward")
+    finish_fn = _ops._backend_fn(backend, "finish_forward")
+    n, cl = z.shape
+    m = len(vs)
+    dev = z.device
+    acc = acc_dtype(z.dtype, vs[0].dtype)
+    fp, ip = p.lists()
+    stats = torch.empty((n, stats_width(p, m)), dtype=torch.float64, device=dev)
+    stats_fn(z, vs, zp, y, stats, fp, ip, start, vocab)
+    gstats = _all_gather(stats, pg)
+    gs = grad_scale(y, p.ignore_index, n, reduction, acc, dev)
+    kd_w2 = kd_w.reshape(m, n)
+    d = torch.empty((m, n), dtype=acc, device=dev)
+    ce = torch.empty(n, dtype=acc, device=dev)
+    coef = torch.empty((m + 1, n), dtype=torch.float64, device=dev)
+    part = torch.empty((m + 1, n), dtype=torch.float64, device=dev)
+    gz = _ops.buffer(z.shape, z.dtype, dev) if need_gz else None
+    gv = _ops.buffer((m, n, cl), vs[0].dtype, dev) if need_gv else None
+    finish_fn(z, vs, zp, y, kd_w2, ce_w, gs, gstats, d, ce, coef, part, gz, gv, fp, ip, start, vocab)
+    _sum(part, pg)
+    d = finish_terms(d, coef[:m], part[:m]).to(acc).reshape(kd_w.shape)   # (separate tensors: outputs
+    ce = finish_terms(ce, coef[m], part[m]).to(acc)                        # of the op must not alias)
+    return (_reduce(kd_w, d, ce_w, ce, reduction, gs), d, ce,
+            gz if gz is not None else z.new_empty(0),
+            (gv[0] if m == 1 else gv) if gv is not None else vs[0].new_empty(0), gs)
+
+
+def _forward(z, v, zp, y, kd_w, ce_w, p: KernelParams, reduction, group: str, layout, need_gz, need_gv,
+             backend: str = "torch"):
     """``kdfast::vocab_parallel_distill`` (kdfast/_ops.py): the row terms, the reduction and the local
     gradients (already multiplied by the row weights and the reduction's 1 / n_valid). Returns
     ``(loss, d, ce, grad_z, grad_v, grad_scale)`` (gradients empty when not asked for)."""
     rank, world, start, vocab = layout
     pg = dist.distributed_c10d._resolve_process_group(group)
+    if backend != "torch" and p.kind in PHASED_KINDS:
+        return _phased(z, [v], zp, y, kd_w, ce_w, p, reduction, pg, layout, need_gz, need_gv, backend)
     s = _Shard(z, v, zp, y, kd_w, ce_w, p, reduction, pg, rank, world, start, vocab, need_gz, need_gv)
     if s.n:
         d, ce = _KINDS[p.kind](s)
@@ -618,12 +669,14 @@ def _run(params: KernelParams, z, v, labels, *, process_group, vocab_start, voca
     a = _F.prepare(params, z, labels, kd_weight=kd_weight, ce_weight=ce_weight,
                    ignore_index=ignore_index, reduction=reduction, backend=backend,
                    acc=acc_dtype(z.dtype, v.dtype), num_classes=layout[3], what="global class ids",
-                   resolve_backend=False,   # (the backend is ignored: eager torch ops)
                    num_items_in_batch=num_items_in_batch)
     z2, v2 = z.reshape(a.n, cl), v.reshape(a.n, cl)
     zp2 = None if zp is None or a.params.rho == 0 else zp.detach().reshape(a.n, cl)
+    if acc_dtype(z.dtype, v.dtype) == torch.float64:   # the kernels never mix float64 with another dtype
+        z2, v2 = z2.to(torch.float64), v2.to(torch.float64)
+        zp2 = None if zp2 is None else zp2.to(torch.float64)
     loss = run_vocab_parallel(z2, v2, zp2, a.y, a.kd_w, a.ce_w, a.params, a.reduction,
-                              process_group.group_name, list(layout), bool(inplace_backward))
+                              process_group.group_name, list(layout), a.backend, bool(inplace_backward))
     return loss.view(lead) if a.reduction == "none" else loss
 
 

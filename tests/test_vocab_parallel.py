@@ -21,31 +21,33 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # ignored); w: tensor weights with gradients; tg: teacher gradient; red: reduction; n: expected
 # all_reduce calls per forward. Every case runs with row chunks of 2 rows at most (CHUNK) unless
 # it says otherwise.
+# the two-phase kernels (the KL kind): one all-gather of the statistics, one all_reduce of the loss parts
+PHASED = dict(all_gather=1, all_reduce=1)
 CASES = {
-    "kd": dict(method="kd", hyper=dict(temperature=3.0), lab=0.25, w=True, tg=True, red="mean", n=2),
-    "kd_none_3d": dict(method="kd", hyper=dict(temperature=2.0), lead=(2, 3), lab=None, red="none", n=2),
+    "kd": dict(method="kd", hyper=dict(temperature=3.0), lab=0.25, w=True, tg=True, red="mean", n=PHASED),
+    "kd_none_3d": dict(method="kd", hyper=dict(temperature=2.0), lead=(2, 3), lab=None, red="none", n=PHASED),
     "kd_T1_neg_inf": dict(method="kd", hyper=dict(temperature=1.0), lab=0.0, tg=True, red="sum",
-                          neg_inf=True, n=2),
+                          neg_inf=True, n=PHASED),
     "kd_fp32": dict(method="kd", hyper=dict(temperature=2.0), lab=0.25, tg=True, red="mean",
-                    dtype=(torch.float32, torch.float32), n=2),
+                    dtype=(torch.float32, torch.float32), n=PHASED),
     "kd_fp32_student_fp64_teacher": dict(method="kd", hyper=dict(temperature=2.0), lab=0.25, red="sum",
-                                         dtype=(torch.float32, torch.float64), n=2),
-    "kd_all_ignored": dict(method="kd", hyper=dict(temperature=2.0), lab=1.0, w=True, red="mean", n=2),
+                                         dtype=(torch.float32, torch.float64), n=PHASED),
+    "kd_all_ignored": dict(method="kd", hyper=dict(temperature=2.0), lab=1.0, w=True, red="mean", n=PHASED),
     "kd_even_default_layout": dict(method="kd", hyper=dict(temperature=2.0), lab=0.25, red="mean",
-                                   even=True, n=2),
+                                   even=True, n=PHASED),
     "kd_inplace_default_chunks": dict(method="kd", hyper=dict(temperature=4.0, inplace_backward=True),
-                                      lab=0.0, tg=True, red="mean", chunk=None, up=1.0, n=2),
-    "ttm": dict(method="ttm", hyper=dict(temperature=2.5), lab=0.25, tg=True, red="sum", n=2),
-    "wttm": dict(method="wttm", hyper=dict(temperature=2.5), lab=0.25, w=True, tg=True, red="mean", n=2),
-    "wttm_T1": dict(method="wttm", hyper=dict(temperature=1.0), lab=None, red="none", n=2),
+                                      lab=0.0, tg=True, red="mean", chunk=None, up=1.0, n=PHASED),
+    "ttm": dict(method="ttm", hyper=dict(temperature=2.5), lab=0.25, tg=True, red="sum", n=PHASED),
+    "wttm": dict(method="wttm", hyper=dict(temperature=2.5), lab=0.25, w=True, tg=True, red="mean", n=PHASED),
+    "wttm_T1": dict(method="wttm", hyper=dict(temperature=1.0), lab=None, red="none", n=PHASED),
     "retro_kd": dict(method="retro_kd", hyper=dict(temperature=4.0, past_weight=0.3), lab=0.25, w=True,
-                     tg=True, red="mean", n=2),
+                     tg=True, red="mean", n=PHASED),
     "jsd_half": dict(method="jsd", hyper=dict(beta=0.5, temperature=1.5), lab=0.25, w=True, tg=True,
                      red="mean", n=3),
     "jsd_0.2_none": dict(method="jsd", hyper=dict(beta=0.2), lab=None, tg=True, red="none", n=3),
-    "jsd_beta0": dict(method="jsd", hyper=dict(beta=0.0, temperature=2.0), lab=0.25, tg=True, red="sum", n=2),
-    "jsd_beta1": dict(method="jsd", hyper=dict(beta=1.0, temperature=2.0), lab=0.25, tg=True, red="sum", n=2),
-    "jsd_beta1_T1": dict(method="jsd", hyper=dict(beta=1.0), lab=0.25, w=True, tg=True, red="mean", n=2),
+    "jsd_beta0": dict(method="jsd", hyper=dict(beta=0.0, temperature=2.0), lab=0.25, tg=True, red="sum", n=PHASED),
+    "jsd_beta1": dict(method="jsd", hyper=dict(beta=1.0, temperature=2.0), lab=0.25, tg=True, red="sum", n=PHASED),
+    "jsd_beta1_T1": dict(method="jsd", hyper=dict(beta=1.0), lab=0.25, w=True, tg=True, red="mean", n=PHASED),
     "jsd_T1_labels": dict(method="jsd", hyper=dict(beta=0.7), lab=0.25, red="sum", n=3),
     "dkd": dict(method="dkd", hyper=dict(temperature=4.0, alpha=1.0, beta=8.0), lab=0.25, w=True, tg=True,
                 red="mean", n=2),
@@ -62,7 +64,7 @@ CASES = {
     # 4 processes only: 2 data-parallel replicas x tensor-parallel groups of 2 (process_group = the
     # TP subgroup); each replica has its own rows
     "tp2_dp2_kd": dict(method="kd", hyper=dict(temperature=2.0), lead=(8,), lab=0.25, w=True, tg=True,
-                       red="mean", n=2, tp=2),
+                       red="mean", n=PHASED, tp=2),
     "tp2_dp2_dkd": dict(method="dkd", hyper=dict(temperature=2.0), lead=(8,), lab=0.25, tg=True,
                         red="mean", n=2, tp=2),
 }
@@ -118,7 +120,7 @@ def _worker(rank, world, store, out):
     from kdfast import vocab_parallel as VP
 
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
-    calls = {"all_reduce": 0, "other": 0}
+    calls = {"all_reduce": 0, "all_gather": 0, "other": 0}
 
     def counting(fn, key):
         def wrapped(*a, **k):
@@ -127,7 +129,10 @@ def _worker(rank, world, store, out):
         return wrapped
 
     dist.all_reduce = counting(dist.all_reduce, "all_reduce")
-    for other in ("broadcast", "all_gather", "all_gather_into_tensor", "reduce_scatter", "reduce",
+    for gather in ("all_gather_single", "all_gather_into_tensor"):   # (the two-phase kernels' gather)
+        if hasattr(dist, gather):
+            setattr(dist, gather, counting(getattr(dist, gather), "all_gather"))
+    for other in ("broadcast", "all_gather", "reduce_scatter", "reduce",
                   "gather", "scatter", "all_to_all", "barrier"):
         setattr(dist, other, counting(getattr(dist, other), "other"))
     subgroups = [dist.new_group([0, 1]), dist.new_group([2, 3])] if world == 4 else None
@@ -153,7 +158,7 @@ def _worker(rank, world, store, out):
         layout = {} if case.get("even") else dict(vocab_start=start, vocab_size=c)
         extra = dict(past_student_logits=shard(inp["zp"])) if case["method"] == "retro_kd" else {}
         VP._CHUNK_ELEMS = case.get("chunk", CHUNK) or (1 << 18)
-        calls.update(all_reduce=0, other=0)
+        calls.update(all_reduce=0, all_gather=0, other=0)
         t0 = time.perf_counter()
         common = dict(process_group=group, kd_weight=w["kd_w"], ce_weight=w["ce_w"],
                       reduction=case["red"], **layout, **case["hyper"])
@@ -194,9 +199,9 @@ def _worker(rank, world, store, out):
     checks["shard_outside_vocab"] = raises(vocab_start=C - 1)
     checks["no_group"] = raises(process_group=None)
     checks["bad_temperature"] = raises(temperature=0.0)
-    calls.update(all_reduce=0, other=0)
+    calls.update(all_reduce=0, all_gather=0, other=0)
     VP.kd_loss(z, z, torch.tensor([C - 1, 0, -100]), **layout, process_group=dist.group.WORLD)
-    checks["global_labels_ok"] = calls["all_reduce"] == 2
+    checks["global_labels_ok"] = calls == dict(all_reduce=1, all_gather=1, other=0)
     if world == 2:
         checks["ddp_equals_full_batch"] = _ddp_check(rank, world)
         checks["tp_head_grads"] = _tp_head_check(rank, world, sizes)
@@ -310,8 +315,9 @@ def test_matches_reference_on_gathered_logits(runs, world, name):
     for group in replicas:
         want = reference(name, group[0]["rows"])
         for res in group:
-            assert res["n_fwd"] == {"all_reduce": case["n"], "other": 0}, res["n_fwd"]
-            assert res["n_bwd"] == {"all_reduce": 0, "other": 0}, res["n_bwd"]
+            n = case["n"] if isinstance(case["n"], dict) else dict(all_reduce=case["n"])
+            assert res["n_fwd"] == dict(dict(all_reduce=0, all_gather=0, other=0), **n), res["n_fwd"]
+            assert res["n_bwd"] == {"all_reduce": 0, "all_gather": 0, "other": 0}, res["n_bwd"]
             assert torch.equal(res["loss"], group[0]["loss"]), "the loss differs between ranks"
         close(group[0]["loss"], want["loss"], tol, "loss")
         gz = torch.cat([res["gz"] for res in group], dim=-1)

@@ -30,7 +30,7 @@ RowOut row_kl(const KernelArgs& P, const Row<TZ, TV>& r, const RowInfo& ri) {
   Vec<A> s1p(A(0));
   // pass 1's exponentials kept for pass 2 (ExpCache): one teacher, gradients asked for, C <= kCacheCols.
   // Streams: 0 the student's (a), 1 the teacher's (c), 2 CE's (z) unless ce_pow derives it from 0.
-  const bool cached = MT == 1 && grads && r.C <= kCacheCols;
+  const bool cached = MT == 1 && grads && r.C <= kCacheCols && P.phase == Phase::FUSED;
   const ExpCache<A> cache = cached ? ExpCache<A>(r.C, ce_sep && !ce_pow ? 3 : 2) : ExpCache<A>();
   // Pass 1 (statistics): both online lse, and per teacher W = sum_j e_j d_j (docs/kernel-math.md, "KL"):
   // forward e_j = exp(c_j - m_v), d_j = (c_j - m_v) - (a_j - R), R the student's value where the
@@ -38,6 +38,27 @@ RowOut row_kl(const KernelArgs& P, const Row<TZ, TV>& r, const RowInfo& ri) {
   // value at the student's lane max. W is shifted when the maxima and references move (shift_w). d is
   // free of the logits' offsets and 0 at the weighting stream's largest entry. Both operands are
   // floored: a lane where both are -inf (padding, or a column -inf in both rows) adds 0 * finite.
+  // The row's statistics in double (kdfast/_spec.py KLStat / KLTeacherStat): from pass 1's lanes
+  // (FUSED, STATS) or combined over the ranks (FINISH).
+  LseTotal tz{0, 0}, t1{0, 0}, tv[kCap<MT>], tu[kCap<MT>];
+  double Rr[kCap<MT>] = {}, Wt[kCap<MT>] = {}, zy = ri.zy, vy[kCap<MT>] = {};
+  for (int t = 0; t < teachers<MT>(r); ++t) vy[t] = ri.vy[t], tu[t] = {0, 0};
+  if (P.phase == Phase::FINISH) {
+    const RankStats g{P.gstats, P.N, P.KS, ri.i, P.world};
+    namespace ks = klstat;
+    namespace kt = klteacherstat;
+    tz = g.lse(ks::M_Z, ks::S_Z);
+    if (ri.ce) t1 = ce_sep ? g.lse(ks::M_ONE, ks::S_ONE) : tz;
+    zy = g.sum(ks::Z_Y);
+    for (int t = 0; t < teachers<MT>(r); ++t) {
+      const int o = ks::COUNT + t * kt::COUNT;
+      tv[t] = g.lse(o + kt::M_V, o + kt::S_V);
+      if (Rev) g.kl(ks::M_Z, ks::S_Z, o + kt::R, o + kt::W, tz, Rr[t], Wt[t]);
+      else g.kl(o + kt::M_V, o + kt::S_V, o + kt::R, o + kt::W, tv[t], Rr[t], Wt[t]);
+      if (wttm) tu[t] = g.lse(o + kt::M_U, o + kt::S_U);
+      vy[t] = g.sum(o + kt::V_Y);
+    }
+  } else {
   sweep<A>(r, -1, false, [&](auto, Block<A>& b, int64_t j, const auto& io) {
     Vec<A> v[kBlock];  // the current teacher's block (locals: kept in registers)
     Vec<A> a[kBlock], c[kBlock], ez[kBlock], e[kBlock], xa[kBlock];
@@ -80,38 +101,69 @@ RowOut row_kl(const KernelArgs& P, const Row<TZ, TV>& r, const RowInfo& ri) {
     S1.m = vec::maximum(Sz.m * Vec<A>(A(ce_pow)), Vec<A>(lowest<A>()));
     S1.s = s1p;
   }
-  const LseTotal tz = total(Sz);
-  const double lz = tz.l();
-  LseTotal t1 = tz;
+  tz = total(Sz);
+  t1 = tz;
   if (ri.ce && ce_sep) t1 = total(S1);
+  for (int t = 0; t < teachers<MT>(r); ++t) {
+    tv[t] = total(Sv[t]);
+    if constexpr (Rev) {
+      Rr[t] = at_row_max(Sz, tz, R[t]);
+      Wt[t] = shifted_sum(W[t], Sz.s, Sz, tz, R[t], Rr[t]);
+    } else {
+      Rr[t] = at_row_max(Sv[t], tv[t], R[t]);
+      Wt[t] = shifted_sum(W[t], Sv[t].s, Sv[t], tv[t], R[t], Rr[t]);
+    }
+    if (wttm) tu[t] = total(Sv1[t]);
+  }
+  if (P.phase == Phase::STATS) {  // phase 1 ends here: the local statistics
+    namespace ks = klstat;
+    namespace kt = klteacherstat;
+    double* st = P.stats + ri.i * P.KS;
+    st[ks::M_Z] = tz.M, st[ks::S_Z] = tz.S;
+    st[ks::M_ONE] = ri.ce ? t1.M : 0.0, st[ks::S_ONE] = ri.ce ? t1.S : 0.0;
+    st[ks::Z_Y] = ri.y >= 0 ? ri.zy : 0.0;
+    for (int t = 0; t < teachers<MT>(r); ++t) {
+      double* o = st + ks::COUNT + t * kt::COUNT;
+      o[kt::M_V] = tv[t].M, o[kt::S_V] = tv[t].S, o[kt::R] = Rr[t], o[kt::W] = Wt[t];
+      o[kt::M_U] = tu[t].M, o[kt::S_U] = tu[t].S, o[kt::V_Y] = ri.y >= 0 ? ri.vy[t] : 0.0;
+    }
+    return RowOut{};
+  }
+  }  // (pass 1)
+  const double lz = tz.l();
   RowOut out;
-  out.CE = ri.ce ? ce_value<A>(r, ri, t1) : 0.0;
+  const bool finish = P.phase == Phase::FINISH;
+  RowInfo rig = ri;  // (the label logits: combined over the ranks in FINISH)
+  rig.zy = zy;
+  for (int t = 0; t < teachers<MT>(r); ++t) rig.vy[t] = vy[t];
+  if (ri.ce && finish && ce_cancels(rig, t1)) {  // log1p of the ranks' summed parts
+    out.a[teachers<MT>(r)] = 1.0;
+    out.x[teachers<MT>(r)] = ce_tail<A>(r, rig, t1);
+  } else {
+    out.CE = ri.ce ? ce_value<A>(r, rig, t1) : 0.0;
+  }
   // per teacher: the row maxima and log S, the reference Rr (forward: a at the teacher's argmax; Rev: c
   // at the student's), dbar, the one-pass KL1 and the scale s (wttm: U = exp(lse(v/T) - lse(v)/T), a
   // per-row constant, no gradient through it). log p_j - log q_j = d_j + (M_z - Rr) - (l_v - l_z), so
   //   KL1 = dbar + (M_z - Rr) - (l_v - l_z);   Rev: KL1 = dbar + (M_v - Rr) - (l_z - l_v).
-  double Mv[kCap<MT>] = {}, lv[kCap<MT>] = {}, Rr[kCap<MT>] = {}, dbar[kCap<MT>] = {}, KL1[kCap<MT>] = {};
+  double Mv[kCap<MT>] = {}, lv[kCap<MT>] = {}, dbar[kCap<MT>] = {}, KL1[kCap<MT>] = {};
   double s[kCap<MT>] = {};
   bool refine = false, rf[kCap<MT>] = {};
   for (int t = 0; t < teachers<MT>(r); ++t) {
-    const LseTotal tv = total(Sv[t]);
-    Mv[t] = tv.M, lv[t] = tv.l();
+    Mv[t] = tv[t].M, lv[t] = tv[t].l();
     double off;
     if constexpr (Rev) {
-      Rr[t] = at_row_max(Sz, tz, R[t]);
-      dbar[t] = shifted_sum(W[t], Sz.s, Sz, tz, R[t], Rr[t]) / tz.S;
-      off = (tv.M - Rr[t]) - (lz - lv[t]);
+      dbar[t] = Wt[t] / tz.S;
+      off = (tv[t].M - Rr[t]) - (lz - lv[t]);
     } else {
-      Rr[t] = at_row_max(Sv[t], tv, R[t]);
-      dbar[t] = shifted_sum(W[t], Sv[t].s, Sv[t], tv, R[t], Rr[t]) / tv.S;
+      dbar[t] = Wt[t] / tv[t].S;
       off = (tz.M - Rr[t]) - (lv[t] - lz);
     }
     KL1[t] = dbar[t] + off;
     if (wttm) {
-      const LseTotal t1v = total(Sv1[t]);
       // lse(v/T) - lse(v)/T = (max(v)/T + l_v) - (max(v) + l_1v)/T = l_v - l_1v/T: the maxima cancel
       // exactly (their roundings, fl(max(v) / T) against max(v) / T, would not)
-      s[t] = std::exp(lv[t] - t1v.l() / P.tt);
+      s[t] = std::exp(lv[t] - tu[t].l() / P.tt);
     } else {
       s[t] = P.scale;
     }
@@ -200,9 +252,12 @@ RowOut row_kl(const KernelArgs& P, const Row<TZ, TV>& r, const RowInfo& ri) {
       io.store(t, gv);
     }
   });
-  for (int t = 0; t < teachers<MT>(r); ++t)
-    if (rf[t]) out.D[t] = s[t] * std::log1p(X[t].total());
-  if (ri.ce && r.gz) {  // the label column, recomputed in double from values read before any write
+  for (int t = 0; t < teachers<MT>(r); ++t) {
+    if (!rf[t]) continue;
+    if (finish) out.D[t] = 0.0, out.a[t] = s[t], out.x[t] = X[t].total();  // log1p of the ranks' sum
+    else out.D[t] = s[t] * std::log1p(X[t].total());
+  }
+  if (ri.ce && r.gz && ri.y >= 0) {  // the label column (this rank's), recomputed in double from values read before any write
     const double ay = scaled(ri.zy, its), q = std::exp((ay - tz.M) - lz);
     double g = ri.g_ce * (std::exp((ri.zy - t1.M) - t1.l()) - 1.0);
     for (int t = 0; t < teachers<MT>(r); ++t) {
