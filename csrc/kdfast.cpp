@@ -207,14 +207,22 @@ void multi_forward(const at::Tensor& z, const std::vector<at::Tensor>& vs, const
 
 // The two phases of kdfast/_spec.py ("Two phases"; the KL kind): the tensors are the columns
 // [col0, col0 + C) of rows of `vocab` columns, the labels global class ids.
+// The statistics per row of round `round` (kdfast/_spec.py stats_width), and the number of rounds.
+int64_t stats_width(Kind kind, int64_t M, int round) {
+  if (kind == Kind::LM) return lmstat::COUNT + M;
+  if (kind == Kind::JSD && round == 1) return jsdstat::COUNT * M;
+  return klstat::COUNT + M * klteacherstat::COUNT;
+}
+int stats_rounds(Kind kind) { return kind == Kind::JSD ? 2 : 1; }
+
 void set_shard(KernelArgs& a, Phase phase, int64_t M, int64_t C, int64_t col0, int64_t vocab) {
-  TORCH_CHECK(a.kind == Kind::KL, "kdfast: only the KL kind has the two-phase form, got kind ", int(a.kind));
+  TORCH_CHECK(a.kind == Kind::KL || a.kind == Kind::DKD || a.kind == Kind::LM || a.kind == Kind::JSD,
+              "kdfast: no two-phase form for kernel kind ", int(a.kind));
   TORCH_CHECK(col0 >= 0 && C >= 1 && col0 + C <= vocab, "kdfast: the shard [", col0, ", ", col0 + C,
               ") is not inside [0, vocab=", vocab, ")");
   a.phase = phase;
   a.col0 = col0;
   a.vocab = vocab;
-  a.KS = klstat::COUNT + M * klteacherstat::COUNT;
 }
 
 void check_f64(const at::Tensor& t, const char* name, std::vector<int64_t> shape) {
@@ -235,7 +243,7 @@ void check_labels(const std::optional<at::Tensor>& labels, int64_t N) {
 void stats_forward(const at::Tensor& z, const std::vector<at::Tensor>& vs, const std::optional<at::Tensor>& zp,
                    const std::optional<at::Tensor>& labels, const at::Tensor& stats,
                    const std::vector<double>& fparams, const std::vector<int64_t>& iparams, int64_t col0,
-                   int64_t vocab) {
+                   int64_t vocab, int64_t round, const std::optional<at::Tensor>& gprev) {
   TORCH_CHECK(z.dim() == 2, "kdfast: student logits must be 2-D (N, C)");
   const int64_t N = z.size(0), C = z.size(1), M = int64_t(vs.size());
   check_rows(z, "student logits", N, C);
@@ -243,6 +251,17 @@ void stats_forward(const at::Tensor& z, const std::vector<at::Tensor>& vs, const
   a.tz = dtype_of(z, "student logits");
   set_teachers(a, z, vs, {}, zp, fparams, iparams, N, C);
   set_shard(a, Phase::STATS, M, C, col0, vocab);
+  TORCH_CHECK(round >= 0 && round < stats_rounds(a.kind), "kdfast: round ", round, " out of range");
+  TORCH_CHECK((round > 0) == bool(gprev), "kdfast: gprev (the earlier rounds' gathered stats) iff round > 0");
+  a.round = int(round);
+  a.KS = stats_width(a.kind, M, a.round);
+  for (int r = 0; r < a.round; ++r) a.KG += stats_width(a.kind, M, r);
+  if (gprev) {
+    TORCH_CHECK(gprev->dim() == 3 && gprev->size(0) >= 1, "kdfast: gprev must be (world, N, K)");
+    check_f64(*gprev, "gprev", {gprev->size(0), N, a.KG});
+    a.gstats = gprev->data_ptr<double>();
+    a.world = int(gprev->size(0));
+  }
   check_f64(stats, "stats", {N, a.KS});
   check_labels(labels, N);
   if (N == 0) return;
@@ -276,8 +295,9 @@ void finish_forward(const at::Tensor& z, const std::vector<at::Tensor>& vs, cons
   }
   set_teachers(a, z, vs, gv, zp, fparams, iparams, N, C);
   set_shard(a, Phase::FINISH, M, C, col0, vocab);
+  for (int r = 0; r < stats_rounds(a.kind); ++r) a.KG += stats_width(a.kind, M, r);
   TORCH_CHECK(gstats.dim() == 3 && gstats.size(0) >= 1, "kdfast: gstats must be (world, N, K)");
-  check_f64(gstats, "gstats", {gstats.size(0), N, a.KS});
+  check_f64(gstats, "gstats", {gstats.size(0), N, a.KG});
   check_f64(coef, "coef", {M + 1, N});
   check_f64(part, "part", {M + 1, N});
   const at::ScalarType acc = a.tz == DType::F64 ? at::kDouble : at::kFloat;
@@ -369,7 +389,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         pybind11::arg("ce_out"), pybind11::arg("grad_z"), pybind11::arg("fparams"), pybind11::arg("iparams"));
   m.def("stats_forward", &kdfast::stats_forward, "Phase 1 of the two-phase kernel (see kdfast/_spec.py)",
         pybind11::arg("z"), pybind11::arg("vs"), pybind11::arg("zp"), pybind11::arg("labels"), pybind11::arg("stats"),
-        pybind11::arg("fparams"), pybind11::arg("iparams"), pybind11::arg("col0"), pybind11::arg("vocab"));
+        pybind11::arg("fparams"), pybind11::arg("iparams"), pybind11::arg("col0"), pybind11::arg("vocab"),
+        pybind11::arg("round") = 0, pybind11::arg("gprev") = pybind11::none());
   m.def("finish_forward", &kdfast::finish_forward, "Phase 2 of the two-phase kernel (see kdfast/_spec.py)",
         pybind11::arg("z"), pybind11::arg("vs"), pybind11::arg("zp"), pybind11::arg("labels"),
         pybind11::arg("kd_w"), pybind11::arg("ce_w"), pybind11::arg("grad_scale"), pybind11::arg("gstats"),

@@ -10,9 +10,13 @@ enum class Kind : int { KL = 0, DKD = 1, LM = 2, LS = 3, JSD = 4, TOPK = 5 };  /
 // Which part of the row function a call runs (== kdfast/_spec.py Phase): both (the single-device entry
 // points), the statistics of the local columns (stats_forward), or the finish from every rank's (finish_forward)
 enum class Phase : int { FUSED = 0, STATS = 1, FINISH = 2 };
-// The KL kind's per-row statistics (== kdfast/_spec.py KLStat, KLTeacherStat): the student's, then per teacher
+// The KL and DKD kinds' per-row statistics (== kdfast/_spec.py KLStat, KLTeacherStat): the student's, then per teacher
 namespace klstat { enum : int { M_Z = 0, S_Z = 1, M_ONE = 2, S_ONE = 3, Z_Y = 4, COUNT = 5 }; }
 namespace klteacherstat { enum : int { M_V = 0, S_V = 1, R = 2, W = 3, M_U = 4, S_U = 5, V_Y = 6, COUNT = 7 }; }
+// The LM kind's (== kdfast/_spec.py LMStat): then one column per teacher, the sum of its logits
+// JSD's round 1 (== kdfast/_spec.py JSDTeacherStat), after round 0's KLStat layout: per teacher
+namespace jsdstat { enum : int { SP = 0, SQ = 1, COUNT = 2 }; }
+namespace lmstat { enum : int { SUM_Z = 0, M_ONE = 1, S_ONE = 2, Z_Y = 3, COUNT = 4 }; }
 // TOPK's divergence over the support buckets (== kdfast/_spec.py Divergence)
 enum class Divergence : int { FORWARD = 0, REVERSE = 1, JSD = 2 };
 
@@ -63,9 +67,11 @@ struct KernelArgs {
   // columns (col0 = 0, vocab = C when FUSED); labels are global class ids.
   Phase phase = Phase::FUSED;
   int64_t col0 = 0, vocab = 0;
-  int64_t KS = 0;                    // statistics per row (stats_width)
+  int round = 0;                     // STATS: the round (kinds with more than one: JSD)
+  int64_t KS = 0;                    // STATS: statistics per row of this round (stats_width)
+  int64_t KG = 0;                    // gstats' statistics per row (the rounds so far, concatenated)
   double* stats = nullptr;           // STATS: (N, KS) out
-  const double* gstats = nullptr;    // FINISH: (world, N, KS), every rank's stats
+  const double* gstats = nullptr;    // FINISH, STATS round > 0: (world, N, KG), every rank's stats
   int world = 1;
   double* coef = nullptr;            // FINISH: (M + 1, N) out: the loss terms' a (b in d_out / ce_out)
   double* part = nullptr;            // FINISH: (M + 1, N) out: this rank's part of the terms' X

@@ -648,8 +648,9 @@ struct RowInfo {
 struct RowOut {
   double D[kMaxTeachers] = {};  // per teacher
   double CE = 0;
-  // Phase::FINISH: term k (D[k] for the teachers, then CE at k = M) is D[k] + a[k] log1p(sum over the
-  // ranks of x[k]) (kdfast/_spec.py finish_forward); a = x = 0 where D / CE is already the term
+  // Phase::FINISH: term k (D[k] for the teachers, then CE at k = M) is D[k] + a[k] log1p(X[k]), or
+  // D[k] + X[k] where a[k] = 0, X[k] the sum over the ranks of x[k] (kdfast/_spec.py finish_forward);
+  // a = x = 0 where D / CE is already the term
   double a[kMaxTeachers + 1] = {}, x[kMaxTeachers + 1] = {};
 };
 
@@ -694,6 +695,47 @@ struct RankStats {
     double x = 0;
     for (int r = 0; r < world; ++r) x += at(r, c);
     return x;
+  }
+};
+
+// The KL and DKD kinds' per-row statistics in double (kdfast/_spec.py KLStat, KLTeacherStat; DKD's
+// streams run over the columns j != y): the student's lse `z` at Ts, CE's `one`, per teacher its lse
+// `v`, the KL statistic W with its reference R, wttm's lse `u`, and the label logits.
+template <int MT>
+struct KLStats {
+  LseTotal z{0, 0}, one{0, 0}, v[kCap<MT>], u[kCap<MT>];
+  double R[kCap<MT>] = {}, W[kCap<MT>] = {}, zy = 0, vy[kCap<MT>] = {};
+  KLStats() {
+    for (int t = 0; t < kCap<MT>; ++t) v[t] = u[t] = {0, 0};
+  }
+  // phase 1's output: this rank's row (the label logits where it holds the label, else 0)
+  void store(double* st, int M, bool ce, bool own) const {
+    namespace ks = klstat;
+    namespace kt = klteacherstat;
+    st[ks::M_Z] = z.M, st[ks::S_Z] = z.S;
+    st[ks::M_ONE] = ce ? one.M : 0.0, st[ks::S_ONE] = ce ? one.S : 0.0;
+    st[ks::Z_Y] = own ? zy : 0.0;
+    for (int t = 0; t < M; ++t) {
+      double* o = st + ks::COUNT + t * kt::COUNT;
+      o[kt::M_V] = v[t].M, o[kt::S_V] = v[t].S, o[kt::R] = R[t], o[kt::W] = W[t];
+      o[kt::M_U] = u[t].M, o[kt::S_U] = u[t].S, o[kt::V_Y] = own ? vy[t] : 0.0;
+    }
+  }
+  // phase 2's input: every rank's rows combined (W over the student's stream when `rev`)
+  void combine(const RankStats& g, int M, bool ce, bool ce_sep, bool rev, bool wttm) {
+    namespace ks = klstat;
+    namespace kt = klteacherstat;
+    z = g.lse(ks::M_Z, ks::S_Z);
+    if (ce) one = ce_sep ? g.lse(ks::M_ONE, ks::S_ONE) : z;
+    zy = g.sum(ks::Z_Y);
+    for (int t = 0; t < M; ++t) {
+      const int o = ks::COUNT + t * kt::COUNT;
+      v[t] = g.lse(o + kt::M_V, o + kt::S_V);
+      if (rev) g.kl(ks::M_Z, ks::S_Z, o + kt::R, o + kt::W, z, R[t], W[t]);
+      else g.kl(o + kt::M_V, o + kt::S_V, o + kt::R, o + kt::W, v[t], R[t], W[t]);
+      if (wttm) u[t] = g.lse(o + kt::M_U, o + kt::S_U);
+      vy[t] = g.sum(o + kt::V_Y);
+    }
   }
 };
 

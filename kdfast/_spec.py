@@ -72,9 +72,9 @@ Multi-teacher (``kdfast.multi_teacher_loss``), the same contract with M teachers
   ``distill_forward``'s.
 
 Two phases (tensor parallelism: the columns of every row split over the ranks of a group; the
-``KL`` kind, single- and multi-teacher, CE included)::
+kinds of :data:`PHASED_KINDS`, single- and multi-teacher, CE included)::
 
-    stats_forward(z, vs, zp, labels, stats, fparams, iparams, col0, vocab) -> None
+    stats_forward(z, vs, zp, labels, stats, fparams, iparams, col0, vocab, round=0, gprev=None) -> None
     finish_forward(z, vs, zp, labels, kd_w, ce_w, grad_scale, gstats, d_out, ce_out, coef, part,
                    grad_z, grad_v, fparams, iparams, col0, vocab) -> None
 
@@ -87,29 +87,37 @@ taken over its vector lanes instead of ranks (and the statistics sweep's exponen
 gradient sweep, which the split phases cannot do).
 
 - **Phase 1** ``stats_forward`` writes ``stats``, float64 ``(N, K)`` contiguous,
-  ``K = stats_width(params, M)``: each row's statistics over the local columns (:class:`KLStat`,
-  then :class:`KLTeacherStat` for each teacher). An (M, S) pair is a max and the sum of ``exp(x -
+  ``K = stats_width(params, M)``: each row's statistics over the local columns (KL and DKD:
+  :class:`KLStat`, then :class:`KLTeacherStat` for each teacher, DKD's streams over the columns
+  other than the label's; LM: :class:`LMStat`, then each teacher's sum of logits). An (M, S) pair is a max and the sum of ``exp(x -
   M)`` relative to it (``S`` = 0 for a stream with no mass here, ``M`` then -inf or the float's
   lowest; the float's lowest and -inf are both allowed, the combine skips ranks with ``S_r = 0``);
   ``W`` is ``sum_j w_j d_j`` of the KL statistic (docs/kernel-math.md, "KL") with ``w_j``
   the weighting stream's ``exp(x_j - M)`` (the teacher's; the student's when ``reverse``) and
   ``d_j`` relative to that M and to ``R``, the other stream's value at the weighting stream's
-  argmax; the label logits are the values where this rank holds the label, else 0. Ignored rows:
+  argmax; the label logits are the values where this rank holds the label, else 0; sums of logits
+  are exact double sums of the local values. Ignored rows:
   anything (never read).
+- **Rounds.** A kind whose statistics need global ones first (JSD: :func:`stats_rounds`) runs
+  ``stats_forward`` once per round; round ``r > 0`` takes ``gprev``, float64 ``(world, N, K_0 + ...
+  + K_{r-1})``: the earlier rounds' gathered statistics concatenated along the last dimension, and
+  ``finish_forward``'s ``gstats`` holds every round's so.
 - **Combine** (inside phase 2): ``gstats`` is every rank's ``stats``, float64 ``(world, N, K)``
   contiguous (an all-gather). Per row and stream: ``M = max_r M_r``, ``S = sum_r S_r e^(M_r - M)``;
   ``R`` is the reference of the first rank with ``M_r = M`` and ``S_r > 0``;
   ``W = sum_r e^(M_r - M) (W_r - S_r ((M - M_r) - (R - R_r)))`` over ranks with ``S_r > 0``; label
-  logits add. These are the formulas of the kernel's horizontal (lane) finish: a rank is a lane.
+  logits and sums add. These are the formulas of the kernel's horizontal (lane) finish: a rank is a lane.
 - **Phase 2** ``finish_forward`` (the global statistics, the shard offset ``col0``) writes the local
-  gradients (exactly as ``multi_forward`` would write those columns of the whole rows) and each
-  row's loss terms in a form that sums over ranks: term ``k`` (the M teachers' ``D_{m,i}``, then
-  ``CE_i``) is ``b + a * log1p(X)`` with ``b`` in ``d_out`` (M, N) / ``ce_out`` (N,), ``a`` in
-  ``coef[k]`` and this rank's part of ``X`` in ``part[k]`` (``coef``, ``part``: float64
-  ``(M + 1, N)`` contiguous; ``b``, ``a`` equal on every rank). The caller sums ``part`` over the
-  ranks (one ``all_reduce``) and applies :func:`finish_terms`. ``a = 0`` and ``X = 0`` where the
-  one-pass value is accurate; otherwise (docs/kernel-math.md, "accurate loss") ``b = 0`` and ``X``
-  is the sum of nonnegative terms whose ``log1p`` is the term.
+  gradients (exactly as ``multi_forward`` would write those columns of the whole rows; ``grad_z``
+  may alias ``z``) and each row's loss terms in a form that sums over ranks: term ``k`` (the M
+  teachers' ``D_{m,i}``, then ``CE_i``) is ``b + a * log1p(X)``, or ``b + X`` where ``a = 0``, with
+  ``b`` in ``d_out`` (M, N) / ``ce_out`` (N,), ``a`` in ``coef[k]`` and this rank's part of ``X``
+  in ``part[k]`` (``coef``, ``part``: float64 ``(M + 1, N)`` contiguous; ``b``, ``a`` equal on
+  every rank). The caller sums ``part`` over the ranks (one ``all_reduce``) and applies
+  :func:`finish_terms`. ``a = X = 0`` where ``b`` is the term (a one-pass value that is accurate);
+  ``a != 0`` where the term needs the log1p of a sum over all columns of nonnegative terms
+  (docs/kernel-math.md, "accurate loss"); ``a = 0``, ``X != 0`` for a term that is itself such a sum
+  (logit matching's squares).
 
 The single-device call is ``world = 1``: ``gstats = stats[None]``; tests/test_phases.py checks that
 the phases over column shards give the fused kernel's result on the whole rows.
@@ -311,19 +319,51 @@ class KLTeacherStat(enum.IntEnum):
     COUNT = 7
 
 
+class LMStat(enum.IntEnum):
+    """Column of a row's ``stats`` (LM kind), then one per teacher: the sum of its logits."""
+
+    SUM_Z = 0      # the sum of the student's logits (exact in double)
+    M_ONE = 1      # CE's lse of z (0, 0 when the row has no CE)
+    S_ONE = 2
+    Z_Y = 3
+    COUNT = 4
+
+
+class JSDTeacherStat(enum.IntEnum):
+    """JSD's round 1 (after the combined round 0, :class:`KLStat` / :class:`KLTeacherStat` with only
+    the lse pairs and the student's label logit used): per teacher, this rank's parts of
+    ``SP = sum_j p_j sp(-delta_j)`` and ``SQ = sum_j q_j sp(delta_j)`` (docs/kernel-math.md, "JSD")."""
+
+    SP = 0
+    SQ = 1
+    COUNT = 2
+
+
 #: the kinds with the two-phase form (stats_forward / finish_forward)
-PHASED_KINDS = frozenset({Kind.KL})
+PHASED_KINDS = frozenset({Kind.KL, Kind.DKD, Kind.LM, Kind.JSD})
 
 
-def stats_width(params: "KernelParams", teachers: int = 1) -> int:
-    """``K``: the float64 statistics a row of ``stats_forward`` has for ``params`` and ``teachers``."""
+def stats_rounds(params: "KernelParams") -> int:
+    """Rounds of ``stats_forward`` (each followed by an all-gather): JSD's sums need the global
+    log-sum-exps first (2); 1 for the others."""
+    return 2 if params.kind == Kind.JSD else 1
+
+
+def stats_width(params: "KernelParams", teachers: int = 1, round: int = 0) -> int:
+    """``K``: the float64 statistics a row of ``stats_forward`` has in ``round`` for ``params`` and
+    ``teachers``."""
     if params.kind not in PHASED_KINDS:
         raise ValueError(f"kind {params.kind.name} has no two-phase form yet")
+    if params.kind == Kind.LM:
+        return LMStat.COUNT + teachers
+    if params.kind == Kind.JSD and round == 1:
+        return JSDTeacherStat.COUNT * teachers
     return KLStat.COUNT + teachers * KLTeacherStat.COUNT
 
 
 def finish_terms(b, coef, part):
     """The row terms from ``finish_forward``'s outputs after ``part`` was summed over the ranks:
-    ``b + coef * log1p(part)`` (``coef`` = ``part`` = 0 where ``b`` is already the term)."""
+    ``b + coef * log1p(part)`` where ``coef != 0``, else ``b + part``; float64."""
     import torch
-    return b + coef * torch.log1p(part)
+    b = b.to(torch.float64)
+    return torch.where(coef != 0, b + coef * torch.log1p(part), b + part)

@@ -69,7 +69,7 @@ from torch import Tensor
 from . import functional as _F
 from . import _ops
 from ._ops import _reduce, acc_dtype, grad_scale, run_vocab_parallel
-from ._spec import PHASED_KINDS, KernelParams, Kind, finish_terms, stats_width
+from ._spec import PHASED_KINDS, KernelParams, Kind, finish_terms, stats_rounds, stats_width
 from .losses import REGISTRY
 
 __all__ = ["vocab_parallel_loss", "shard_bounds", "METHODS"]   # + every <name>_loss of METHODS
@@ -602,9 +602,13 @@ def _phased(z, vs, zp, y, kd_w, ce_w, p: KernelParams, reduction, pg, layout, ne
     dev = z.device
     acc = acc_dtype(z.dtype, vs[0].dtype)
     fp, ip = p.lists()
-    stats = torch.empty((n, stats_width(p, m)), dtype=torch.float64, device=dev)
-    stats_fn(z, vs, zp, y, stats, fp, ip, start, vocab)
-    gstats = _all_gather(stats, pg)
+    gathered = []                   # per round: (world, N, K_round)
+    for rnd in range(stats_rounds(p)):
+        stats = torch.empty((n, stats_width(p, m, rnd)), dtype=torch.float64, device=dev)
+        gprev = None if rnd == 0 else gathered[0] if rnd == 1 else torch.cat(gathered, dim=2)
+        stats_fn(z, vs, zp, y, stats, fp, ip, start, vocab, rnd, gprev)
+        gathered.append(_all_gather(stats, pg))
+    gstats = gathered[0] if len(gathered) == 1 else torch.cat(gathered, dim=2)
     gs = grad_scale(y, p.ignore_index, n, reduction, acc, dev)
     kd_w2 = kd_w.reshape(m, n)
     d = torch.empty((m, n), dtype=acc, device=dev)

@@ -23,6 +23,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # it says otherwise.
 # the two-phase kernels (the KL kind): one all-gather of the statistics, one all_reduce of the loss parts
 PHASED = dict(all_gather=1, all_reduce=1)
+PHASED2 = dict(all_gather=2, all_reduce=1)   # JSD: two rounds of statistics
 CASES = {
     "kd": dict(method="kd", hyper=dict(temperature=3.0), lab=0.25, w=True, tg=True, red="mean", n=PHASED),
     "kd_none_3d": dict(method="kd", hyper=dict(temperature=2.0), lead=(2, 3), lab=None, red="none", n=PHASED),
@@ -43,22 +44,22 @@ CASES = {
     "retro_kd": dict(method="retro_kd", hyper=dict(temperature=4.0, past_weight=0.3), lab=0.25, w=True,
                      tg=True, red="mean", n=PHASED),
     "jsd_half": dict(method="jsd", hyper=dict(beta=0.5, temperature=1.5), lab=0.25, w=True, tg=True,
-                     red="mean", n=3),
-    "jsd_0.2_none": dict(method="jsd", hyper=dict(beta=0.2), lab=None, tg=True, red="none", n=3),
+                     red="mean", n=PHASED2),
+    "jsd_0.2_none": dict(method="jsd", hyper=dict(beta=0.2), lab=None, tg=True, red="none", n=PHASED2),
     "jsd_beta0": dict(method="jsd", hyper=dict(beta=0.0, temperature=2.0), lab=0.25, tg=True, red="sum", n=PHASED),
     "jsd_beta1": dict(method="jsd", hyper=dict(beta=1.0, temperature=2.0), lab=0.25, tg=True, red="sum", n=PHASED),
     "jsd_beta1_T1": dict(method="jsd", hyper=dict(beta=1.0), lab=0.25, w=True, tg=True, red="mean", n=PHASED),
-    "jsd_T1_labels": dict(method="jsd", hyper=dict(beta=0.7), lab=0.25, red="sum", n=3),
+    "jsd_T1_labels": dict(method="jsd", hyper=dict(beta=0.7), lab=0.25, red="sum", n=PHASED2),
     "dkd": dict(method="dkd", hyper=dict(temperature=4.0, alpha=1.0, beta=8.0), lab=0.25, w=True, tg=True,
-                red="mean", n=2),
+                red="mean", n=PHASED),
     "dkd_T1_sum": dict(method="dkd", hyper=dict(temperature=1.0, alpha=0.5, beta=2.0), lab=0.0, tg=True,
-                       red="sum", n=2),
+                       red="sum", n=PHASED),
     "lm_center": dict(method="logit_matching", hyper=dict(center=True), lab=0.25, w=True, tg=True,
-                      red="mean", n=2),
+                      red="mean", n=PHASED),
     "lm_center_none": dict(method="logit_matching", hyper=dict(center=True), lab=None, tg=True, red="none",
-                           n=2),
-    "lm_plain": dict(method="logit_matching", hyper=dict(center=False), lab=None, tg=True, red="sum", n=1),
-    "lm_plain_ce": dict(method="logit_matching", hyper=dict(center=False), lab=0.25, red="mean", n=2),
+                           n=PHASED),
+    "lm_plain": dict(method="logit_matching", hyper=dict(center=False), lab=None, tg=True, red="sum", n=PHASED),
+    "lm_plain_ce": dict(method="logit_matching", hyper=dict(center=False), lab=0.25, red="mean", n=PHASED),
     "ls_kd": dict(method="ls_kd", hyper=dict(temperature=2.0), lab=0.25, w=True, tg=True, red="mean", n=3),
     "ls_kd_none": dict(method="ls_kd", hyper=dict(temperature=3.0), lab=None, red="none", n=3),
     # 4 processes only: 2 data-parallel replicas x tensor-parallel groups of 2 (process_group = the
@@ -66,7 +67,7 @@ CASES = {
     "tp2_dp2_kd": dict(method="kd", hyper=dict(temperature=2.0), lead=(8,), lab=0.25, w=True, tg=True,
                        red="mean", n=PHASED, tp=2),
     "tp2_dp2_dkd": dict(method="dkd", hyper=dict(temperature=2.0), lead=(8,), lab=0.25, tg=True,
-                        red="mean", n=2, tp=2),
+                        red="mean", n=PHASED, tp=2),
 }
 CHUNK = 2 * 10          # _CHUNK_ELEMS for the cases: 2 rows of a 10-column shard per chunk
 TOL64 = 1e-10

@@ -24,8 +24,16 @@ RowOut row_dkd(const KernelArgs& P, const Row<TZ, TV>& r, const RowInfo& ri) {
   const bool grads = r.gz || r.gv[0];
   // pass 1's exponentials kept for pass 2 (ExpCache, as in row_kl): 0 the student's, 1 the teacher's,
   // 2 CE's; one teacher, gradients asked for, C <= kCacheCols
-  const bool cached = MT == 1 && grads && r.C <= kCacheCols;
+  const bool cached = MT == 1 && grads && r.C <= kCacheCols && P.phase == Phase::FUSED;
   const ExpCache<A> cache = cached ? ExpCache<A>(r.C, ce_sep ? 3 : 2) : ExpCache<A>();
+  // The row's statistics over j != y (KLStats, without wttm's): pass 1's (FUSED, STATS) or every rank's
+  // combined (FINISH: y is -1 where another rank holds the label, and the label logits come combined)
+  KLStats<MT> st;
+  st.zy = ri.zy;
+  for (int t = 0; t < teachers<MT>(r); ++t) st.vy[t] = ri.vy[t];
+  if (P.phase == Phase::FINISH) {
+    st.combine(RankStats{P.gstats, P.N, P.KG, ri.i, P.world}, teachers<MT>(r), ri.ce, ce_sep, false, false);
+  } else {
   // W = sum_{j != y} exp(c_j - m_v) d_j, d_j = (c_j - m_v) - (a_j - R), R the student's value at the
   // teacher's lane max, as in the KL kind (shifted when the lane maxima and references move)
   sweep<A>(r, y, false, [&](auto, Block<A>& b, int64_t j, const auto& io) {
@@ -51,39 +59,54 @@ RowOut row_dkd(const KernelArgs& P, const Row<TZ, TV>& r, const RowInfo& ri) {
       W[t] = w, R[t] = R1;
     }
   });
-  const LseTotal tz = total(Sz);  // over j != y
+  st.z = total(Sz);
+  if (ri.ce) st.one = ce_sep ? total(S1) : st.z;
+  for (int t = 0; t < teachers<MT>(r); ++t) {
+    st.v[t] = total(Sv[t]);
+    if (st.v[t].S > 0) {
+      st.R[t] = at_row_max(Sv[t], st.v[t], R[t]);
+      st.W[t] = shifted_sum(W[t], Sv[t].s, Sv[t], st.v[t], R[t], st.R[t]);
+    }
+  }
+  if (P.phase == Phase::STATS) {  // phase 1 ends here
+    st.store(P.stats + ri.i * P.KS, teachers<MT>(r), ri.ce, y >= 0);
+    return RowOut{};
+  }
+  }  // (pass 1)
+  const bool finish = P.phase == Phase::FINISH;
+  const LseTotal tz = st.z;  // over j != y
   const double lzn = tz.l(), Lzn = tz.lse();
-  const double ay = scaled(ri.zy, iT);
+  const double ay = scaled(st.zy, iT);
   const double Lz = logaddexp(Lzn, ay);
   const double lqy = ay - Lz, l1qy = Lzn - Lz, qy = std::exp(lqy), qy1 = std::exp(l1qy);
   // CE's lse(z) at T = 1: its own stream (over j != y) or the student's (T == 1), plus the label column
   LseTotal t1{0.0, 1.0}, s1{0.0, 0.0};
   if (ri.ce) {
-    s1 = ce_sep ? total(S1) : tz;
-    const double M = std::max(s1.M, ri.zy);
-    t1 = {M, s1.S * std::exp(s1.M - M) + std::exp(ri.zy - M)};
+    s1 = st.one;
+    const double M = std::max(s1.M, st.zy);
+    t1 = {M, s1.S * std::exp(s1.M - M) + std::exp(st.zy - M)};
   }
   RowOut out;
   // S1 runs over j != y: with the label at the max, CE = log1p of the other classes' mass, which does
   // not cancel when CE is small (see ce_value)
   out.CE = !ri.ce ? 0.0
-         : ri.zy == t1.M ? std::log1p(s1.S > 0.0 ? s1.S * std::exp(s1.M - t1.M) : 0.0)
-                         : (t1.M - ri.zy) + t1.l();
+         : st.zy == t1.M ? std::log1p(s1.S > 0.0 ? s1.S * std::exp(s1.M - t1.M) : 0.0)
+                         : (t1.M - st.zy) + t1.l();
   // per teacher: Lv\y (max and log S), the reference Rr (a at the teacher's argmax over j != y), dbar,
   // NCKD1 = dbar + (M_z\y - Rr) - (l_v\y - l_z\y), p_y, 1 - p_y, G p_y
   double Mvn[kCap<MT>] = {}, lvn[kCap<MT>] = {}, Rr[kCap<MT>] = {}, dbar[kCap<MT>] = {}, NCKD1[kCap<MT>] = {};
   double py[kCap<MT>] = {}, py1[kCap<MT>] = {}, Gp[kCap<MT>] = {}, TCKD[kCap<MT>] = {};
   bool refine = false, rf[kCap<MT>] = {};
   for (int t = 0; t < teachers<MT>(r); ++t) {
-    const LseTotal tv = total(Sv[t]);
+    const LseTotal tv = st.v[t];
     Mvn[t] = tv.M, lvn[t] = tv.l();
     const double Lvn = tv.lse();
-    const double cy = scaled(ri.vy[t], iT);
+    const double cy = scaled(st.vy[t], iT);
     const double Lv = logaddexp(Lvn, cy);
     // NCKD = KL(p_hat || q_hat) over j != y (0 if the teacher has no non-target mass)
     if (tv.S > 0) {
-      Rr[t] = at_row_max(Sv[t], tv, R[t]);
-      dbar[t] = shifted_sum(W[t], Sv[t].s, Sv[t], tv, R[t], Rr[t]) / tv.S;
+      Rr[t] = st.R[t];
+      dbar[t] = st.W[t] / tv.S;
       const double off = (tz.M - Rr[t]) - (lvn[t] - lzn);
       NCKD1[t] = dbar[t] + off;
       rf[t] = needs_refine(NCKD1[t], std::abs(dbar[t]) + 1.0);
@@ -173,8 +196,14 @@ RowOut row_dkd(const KernelArgs& P, const Row<TZ, TV>& r, const RowInfo& ri) {
       io.store(t, gv);
     }
   });
-  for (int t = 0; t < teachers<MT>(r); ++t)
-    if (rf[t]) out.D[t] = T * T * (P.alpha * TCKD[t] + P.beta * std::log1p(X[t].total()));
+  for (int t = 0; t < teachers<MT>(r); ++t) {
+    if (!rf[t]) continue;
+    if (finish)  // T^2 (alpha TCKD + beta log1p(X)), X summed over the ranks
+      out.D[t] = T * T * P.alpha * TCKD[t], out.a[t] = T * T * P.beta, out.x[t] = P.beta != 0.0 ? X[t].total() : 0.0;
+    else
+      out.D[t] = T * T * (P.alpha * TCKD[t] + P.beta * std::log1p(X[t].total()));
+  }
+  if (y < 0) return out;  // (another rank holds the label column)
   // the label column (its lane in the block above held padding): recomputed in double
   if (r.gz) {
     double g = ri.ce ? ri.g_ce * (std::exp((ri.zy - t1.M) - t1.l()) - 1.0) : 0.0;

@@ -28,10 +28,16 @@ RowOut row_jsd(const KernelArgs& P, const Row<TZ, TV>& r, const RowInfo& ri) {
   const InvT<A> iT(T);
   const bool ce_sep = ri.ce && T != 1.0;
   const bool gz_on = r.gz != nullptr, gv_on = r.gv[0] != nullptr;
+  // Two phases (kdfast/_spec.py): round 0 of STATS is sweep 1 (the lse statistics, KLStats' z, one
+  // and v), round 1 is sweep 2 from the combined round 0 (the sums SP, SQ); FINISH combines both
+  // rounds and runs the refine sweep and a gradient sweep that recomputes q, p and the softplus terms
+  // (no scratch row lives from one phase to the next).
+  const bool fused = P.phase == Phase::FUSED, finish = P.phase == Phase::FINISH;
+  const bool round0 = P.phase == Phase::STATS && P.round == 0;
   // scratch (rows padded to whole blocks): sq holds exp(a - m_run) after sweep 1, then q; sh the
   // student's H; per teacher t, sp[t] exp(c - m_run), then p, and shp[t] log p - log m; then the maxima
   const int64_t Cp = (r.C + B - 1) / B * B, nb = Cp / B;
-  A* const sq = scratch<A>((2 + 2 * M) * Cp + (1 + M) * nb * W);
+  A* const sq = scratch<A>(P.phase == Phase::FUSED ? (2 + 2 * M) * Cp + (1 + M) * nb * W : 0);
   A* const sh = sq + Cp;
   A* const mz = sq + (2 + 2 * M) * Cp;
   A* sp[kCap<MT>];
@@ -45,6 +51,11 @@ RowOut row_jsd(const KernelArgs& P, const Row<TZ, TV>& r, const RowInfo& ri) {
   // (the lambdas work on local copies of their accumulators: the float stores into the scratch
   // could alias them, which made the compiler reload every accumulator after every store)
   Lse<A> Sz, S1, Sv[kCap<MT>];
+  KLStats<MT> st;
+  st.zy = ri.zy;
+  if (!(fused || round0)) {
+    st.combine(RankStats{P.gstats, P.N, P.KG, ri.i, P.world}, M, ri.ce, ce_sep, false, false);
+  } else {
   sweep<A>(r, -1, false, [&](auto, Block<A>& b, int64_t j0, const auto& io) {
     Vec<A> v[kBlock];  // the current teacher's block (locals: kept in registers)
     Vec<A> a[kBlock], c[kBlock], e[kBlock];
@@ -58,25 +69,37 @@ RowOut row_jsd(const KernelArgs& P, const Row<TZ, TV>& r, const RowInfo& ri) {
       S1 = l1;
     }
     Sz = lz;
-    for (int k = 0; k < kBlock; ++k) e[k].store(sq + j0 + k * W);
-    lz.m.store(mz + j0 / B * W);
+    if (fused) {
+      for (int k = 0; k < kBlock; ++k) e[k].store(sq + j0 + k * W);
+      lz.m.store(mz + j0 / B * W);
+    }
     for (int t = 0; t < teachers<MT>(r); ++t) {
       io.load(t, v);
       for (int k = 0; k < kBlock; ++k) c[k] = vscale(v[k], iT);
       Lse<A> lv = Sv[t];
       lv.update(c, e);
       Sv[t] = lv;
-      for (int k = 0; k < kBlock; ++k) e[k].store(sp[t] + j0 + k * W);
-      lv.m.store(mv[t] + j0 / B * W);
+      if (fused) {
+        for (int k = 0; k < kBlock; ++k) e[k].store(sp[t] + j0 + k * W);
+        lv.m.store(mv[t] + j0 / B * W);
+      }
     }
   });
+  st.z = total(Sz);
+  if (ri.ce) st.one = ce_sep ? total(S1) : st.z;
+  for (int t = 0; t < M; ++t) st.v[t] = total(Sv[t]);
+  if (round0) {
+    st.store(P.stats + ri.i * P.KS, M, ri.ce, ri.y >= 0);
+    return RowOut{};
+  }
+  }  // (sweep 1)
   // log-softmaxes as (x - M) - l (M the row max, l = log S): no rounded lse is subtracted from a logit
-  const LseTotal tz = total(Sz);
-  const LseTotal t1 = ri.ce ? (ce_sep ? total(S1) : tz) : LseTotal{0.0, 1.0};
+  const LseTotal tz = st.z;
+  const LseTotal t1 = ri.ce ? st.one : LseTotal{0.0, 1.0};
   const A nMz = A(-tz.M), nlz = A(-tz.l());
   A nMv[kCap<MT>] = {}, nlv[kCap<MT>] = {}, cz[kCap<MT>] = {};
   for (int t = 0; t < teachers<MT>(r); ++t) {
-    const LseTotal tv = total(Sv[t]);
+    const LseTotal tv = st.v[t];
     nMv[t] = A(-tv.M), nlv[t] = A(-tv.l());
     cz[t] = A(ri.g_kd[t] * (1.0 - beta) / T);
   }
@@ -113,21 +136,30 @@ RowOut row_jsd(const KernelArgs& P, const Row<TZ, TV>& r, const RowInfo& ri) {
   };
   // (the student's values are computed with teacher 0, in the same loop: with one teacher this is
   // one fused loop per vector; q, log q and H are kept for the other teachers)
+  // FINISH reads SP, SQ (summed over the ranks); STATS round 1 writes this rank's parts
+  const int64_t sp_col = klstat::COUNT + M * klteacherstat::COUNT;  // round 1's first column
+  double SPs[kCap<MT>] = {}, SQs[kCap<MT>] = {};
+  if (finish) {
+    const RankStats g{P.gstats, P.N, P.KG, ri.i, P.world};
+    for (int t = 0; t < M; ++t)
+      SPs[t] = g.sum(int(sp_col) + 2 * t + jsdstat::SP), SQs[t] = g.sum(int(sp_col) + 2 * t + jsdstat::SQ);
+  } else {
   sweep<A>(r, -1, false, [&](auto, Block<A>& b, int64_t j0, const auto& io) {
     Vec<A> v[kBlock];  // the current teacher's block (locals: kept in registers)
-    const Vec<A> fz = vexp((Vec<A>::loadu(mz + j0 / B * W) + Vec<A>(nMz)) + Vec<A>(nlz));
+    const Vec<A> fz = fused ? vexp((Vec<A>::loadu(mz + j0 / B * W) + Vec<A>(nMz)) + Vec<A>(nlz)) : Vec<A>(A(0));
     Vec<A> q[kBlock], lq[kBlock], H[kBlock], p[kBlock], hp[kBlock];
     for (int t = 0; t < teachers<MT>(r); ++t) {
       io.load(t, v);
-      const Vec<A> fv = vexp((Vec<A>::loadu(mv[t] + j0 / B * W) + Vec<A>(nMv[t])) + Vec<A>(nlv[t]));
+      const Vec<A> fv = fused ? vexp((Vec<A>::loadu(mv[t] + j0 / B * W) + Vec<A>(nMv[t])) + Vec<A>(nlv[t]))
+                              : Vec<A>(A(0));
       Vec<A> kp = SP[t].part, kq = SQ[t].part;
       for (int k = 0; k < kBlock; ++k) {
         if (t == 0) {
           lq[k] = finite_floor((vscale(b.z[k], iT) + Vec<A>(nMz)) + Vec<A>(nlz));
-          q[k] = Vec<A>::loadu(sq + j0 + k * W) * fz;
+          q[k] = fused ? Vec<A>::loadu(sq + j0 + k * W) * fz : vexp(lq[k]);
         }
         const Vec<A> lp = finite_floor((vscale(v[k], iT) + Vec<A>(nMv[t])) + Vec<A>(nlv[t]));
-        p[k] = Vec<A>::loadu(sp[t] + j0 + k * W) * fv;
+        p[k] = fused ? Vec<A>::loadu(sp[t] + j0 + k * W) * fv : vexp(lp);
         Vec<A> spd, spn;
         softplus_pair(lp, lq[k], p[k], q[k], spd, spn);
         hp[k] = Vec<A>(A(0)) - spn;
@@ -153,18 +185,26 @@ RowOut row_jsd(const KernelArgs& P, const Row<TZ, TV>& r, const RowInfo& ri) {
       }
     }
   });
+  for (int t = 0; t < M; ++t) SPs[t] = SP[t].total(), SQs[t] = SQ[t].total();
+  if (P.phase == Phase::STATS) {  // round 1: this rank's parts of SP, SQ
+    double* o = P.stats + ri.i * P.KS;
+    for (int t = 0; t < M; ++t) o[2 * t + jsdstat::SP] = SPs[t], o[2 * t + jsdstat::SQ] = SQs[t];
+    return RowOut{};
+  }
+  }  // (sweep 2)
   RowOut out;
-  out.CE = ri.ce ? ce_value<A>(r, ri, t1) : 0.0;
-  double SPs[kCap<MT>] = {}, Kqs = 0;
+  RowInfo rig = ri;  // (the label logit: combined over the ranks in FINISH)
+  rig.zy = st.zy;
+  if (ri.ce && finish && ce_cancels(rig, t1)) out.a[M] = 1.0, out.x[M] = ce_tail<A>(r, rig, t1);
+  else out.CE = ri.ce ? ce_value<A>(r, rig, t1) : 0.0;
+  double Kqs = 0;
   bool refine = false, rf[kCap<MT>] = {};
   const double Hb = -beta * std::log(beta) - (1.0 - beta) * std::log1p(-beta);  // the entropy of beta
   for (int t = 0; t < teachers<MT>(r); ++t) {
-    SPs[t] = SP[t].total();
-    const double SQs = SQ[t].total();
-    out.D[t] = beta * (-std::log(beta) - SPs[t]) + (1.0 - beta) * (-std::log1p(-beta) - SQs);  // = Hb - ...
+    out.D[t] = beta * (-std::log(beta) - SPs[t]) + (1.0 - beta) * (-std::log1p(-beta) - SQs[t]);  // = Hb - ...
     rf[t] = needs_refine(out.D[t], Hb);
     refine |= rf[t];
-    Kqs += double(cz[t]) * SQs;
+    Kqs += double(cz[t]) * SQs[t];
   }
   if (refine) {
     // A small JSD cancels against Hb: the loss from nonnegative terms instead (docs/kernel-math.md,
@@ -193,8 +233,11 @@ RowOut row_jsd(const KernelArgs& P, const Row<TZ, TV>& r, const RowInfo& ri) {
         DD[t].end_block();
       }
     });
-    for (int t = 0; t < teachers<MT>(r); ++t)
-      if (rf[t]) out.D[t] = DD[t].total();
+    for (int t = 0; t < teachers<MT>(r); ++t) {
+      if (!rf[t]) continue;
+      if (finish) out.D[t] = 0.0, out.x[t] = DD[t].total();  // (a = 0: a sum over the ranks)
+      else out.D[t] = DD[t].total();
+    }
   }
   if (!gz_on && !gv_on) return out;
   // dD/dq_k = (1 - beta)(log q_k - log m_k) (the p/m and q/m terms cancel), then the softmax chain
@@ -209,6 +252,32 @@ RowOut row_jsd(const KernelArgs& P, const Row<TZ, TV>& r, const RowInfo& ri) {
     nKp[t] = A(SPs[t]);
   }
   const A nKq = A(Kqs), nM1 = A(-t1.M), nl1 = A(-t1.l()), gce = A(ri.ce ? ri.g_ce : 0.0);
+  if (finish) {  // the same gradient, q, p and the softplus terms recomputed from z and v (sweep 2's)
+    sweep<A>(r, -1, true, [&](auto, Block<A>& b, int64_t j0, const auto& io) {
+      Vec<A> v[kBlock], gv[kBlock], lq[kBlock], q[kBlock], H[kBlock];
+      for (int k = 0; k < kBlock; ++k) {
+        lq[k] = finite_floor((vscale(b.z[k], iT) + Vec<A>(nMz)) + Vec<A>(nlz));
+        q[k] = vexp(lq[k]);
+        H[k] = Vec<A>(nKq);
+        b.gz[k] = ri.ce ? (ce_sep ? vexp((b.z[k] + Vec<A>(nM1)) + Vec<A>(nl1)) : q[k]) * Vec<A>(gce) : Vec<A>(A(0));
+      }
+      if (ri.ce) add_at(b.gz, j0, ri.y, A(-gce));  // (ri.y is -1 where another rank holds the label)
+      for (int t = 0; t < M; ++t) {
+        io.load(t, v);
+        for (int k = 0; k < kBlock; ++k) {
+          const Vec<A> lp = finite_floor((vscale(v[k], iT) + Vec<A>(nMv[t])) + Vec<A>(nlv[t]));
+          const Vec<A> p = vexp(lp);
+          Vec<A> spd, spn;
+          softplus_pair(lp, lq[k], p, q[k], spd, spn);
+          H[k] = vec::fnmadd(spd, Vec<A>(cz[t]), H[k]);
+          gv[k] = p * (Vec<A>(nKp[t]) - spn) * Vec<A>(cv[t]);
+        }
+        io.store(t, gv);
+      }
+      for (int k = 0; k < kBlock; ++k) b.gz[k] = vec::fmadd(q[k], H[k], b.gz[k]);
+    });
+    return out;
+  }
   Row<TZ, TV> rg = r;  // writes only: no loads of z, v (z only for CE's softmax at T = 1)
   rg.zp = nullptr;
   if (!(ce_sep && gz_on)) rg.z = nullptr;

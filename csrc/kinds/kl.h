@@ -38,26 +38,13 @@ RowOut row_kl(const KernelArgs& P, const Row<TZ, TV>& r, const RowInfo& ri) {
   // value at the student's lane max. W is shifted when the maxima and references move (shift_w). d is
   // free of the logits' offsets and 0 at the weighting stream's largest entry. Both operands are
   // floored: a lane where both are -inf (padding, or a column -inf in both rows) adds 0 * finite.
-  // The row's statistics in double (kdfast/_spec.py KLStat / KLTeacherStat): from pass 1's lanes
-  // (FUSED, STATS) or combined over the ranks (FINISH).
-  LseTotal tz{0, 0}, t1{0, 0}, tv[kCap<MT>], tu[kCap<MT>];
-  double Rr[kCap<MT>] = {}, Wt[kCap<MT>] = {}, zy = ri.zy, vy[kCap<MT>] = {};
-  for (int t = 0; t < teachers<MT>(r); ++t) vy[t] = ri.vy[t], tu[t] = {0, 0};
+  // The row's statistics in double (KLStats): from pass 1's lanes (FUSED, STATS) or combined over the
+  // ranks (FINISH)
+  KLStats<MT> st;
+  st.zy = ri.zy;
+  for (int t = 0; t < teachers<MT>(r); ++t) st.vy[t] = ri.vy[t];
   if (P.phase == Phase::FINISH) {
-    const RankStats g{P.gstats, P.N, P.KS, ri.i, P.world};
-    namespace ks = klstat;
-    namespace kt = klteacherstat;
-    tz = g.lse(ks::M_Z, ks::S_Z);
-    if (ri.ce) t1 = ce_sep ? g.lse(ks::M_ONE, ks::S_ONE) : tz;
-    zy = g.sum(ks::Z_Y);
-    for (int t = 0; t < teachers<MT>(r); ++t) {
-      const int o = ks::COUNT + t * kt::COUNT;
-      tv[t] = g.lse(o + kt::M_V, o + kt::S_V);
-      if (Rev) g.kl(ks::M_Z, ks::S_Z, o + kt::R, o + kt::W, tz, Rr[t], Wt[t]);
-      else g.kl(o + kt::M_V, o + kt::S_V, o + kt::R, o + kt::W, tv[t], Rr[t], Wt[t]);
-      if (wttm) tu[t] = g.lse(o + kt::M_U, o + kt::S_U);
-      vy[t] = g.sum(o + kt::V_Y);
-    }
+    st.combine(RankStats{P.gstats, P.N, P.KG, ri.i, P.world}, teachers<MT>(r), ri.ce, ce_sep, Rev, wttm);
   } else {
   sweep<A>(r, -1, false, [&](auto, Block<A>& b, int64_t j, const auto& io) {
     Vec<A> v[kBlock];  // the current teacher's block (locals: kept in registers)
@@ -101,41 +88,32 @@ RowOut row_kl(const KernelArgs& P, const Row<TZ, TV>& r, const RowInfo& ri) {
     S1.m = vec::maximum(Sz.m * Vec<A>(A(ce_pow)), Vec<A>(lowest<A>()));
     S1.s = s1p;
   }
-  tz = total(Sz);
-  t1 = tz;
-  if (ri.ce && ce_sep) t1 = total(S1);
+  st.z = total(Sz);
+  st.one = st.z;
+  if (ri.ce && ce_sep) st.one = total(S1);
   for (int t = 0; t < teachers<MT>(r); ++t) {
-    tv[t] = total(Sv[t]);
+    st.v[t] = total(Sv[t]);
     if constexpr (Rev) {
-      Rr[t] = at_row_max(Sz, tz, R[t]);
-      Wt[t] = shifted_sum(W[t], Sz.s, Sz, tz, R[t], Rr[t]);
+      st.R[t] = at_row_max(Sz, st.z, R[t]);
+      st.W[t] = shifted_sum(W[t], Sz.s, Sz, st.z, R[t], st.R[t]);
     } else {
-      Rr[t] = at_row_max(Sv[t], tv[t], R[t]);
-      Wt[t] = shifted_sum(W[t], Sv[t].s, Sv[t], tv[t], R[t], Rr[t]);
+      st.R[t] = at_row_max(Sv[t], st.v[t], R[t]);
+      st.W[t] = shifted_sum(W[t], Sv[t].s, Sv[t], st.v[t], R[t], st.R[t]);
     }
-    if (wttm) tu[t] = total(Sv1[t]);
+    if (wttm) st.u[t] = total(Sv1[t]);
   }
   if (P.phase == Phase::STATS) {  // phase 1 ends here: the local statistics
-    namespace ks = klstat;
-    namespace kt = klteacherstat;
-    double* st = P.stats + ri.i * P.KS;
-    st[ks::M_Z] = tz.M, st[ks::S_Z] = tz.S;
-    st[ks::M_ONE] = ri.ce ? t1.M : 0.0, st[ks::S_ONE] = ri.ce ? t1.S : 0.0;
-    st[ks::Z_Y] = ri.y >= 0 ? ri.zy : 0.0;
-    for (int t = 0; t < teachers<MT>(r); ++t) {
-      double* o = st + ks::COUNT + t * kt::COUNT;
-      o[kt::M_V] = tv[t].M, o[kt::S_V] = tv[t].S, o[kt::R] = Rr[t], o[kt::W] = Wt[t];
-      o[kt::M_U] = tu[t].M, o[kt::S_U] = tu[t].S, o[kt::V_Y] = ri.y >= 0 ? ri.vy[t] : 0.0;
-    }
+    st.store(P.stats + ri.i * P.KS, teachers<MT>(r), ri.ce, ri.y >= 0);
     return RowOut{};
   }
   }  // (pass 1)
+  const LseTotal tz = st.z, t1 = ri.ce ? st.one : st.z;
   const double lz = tz.l();
   RowOut out;
   const bool finish = P.phase == Phase::FINISH;
   RowInfo rig = ri;  // (the label logits: combined over the ranks in FINISH)
-  rig.zy = zy;
-  for (int t = 0; t < teachers<MT>(r); ++t) rig.vy[t] = vy[t];
+  rig.zy = st.zy;
+  for (int t = 0; t < teachers<MT>(r); ++t) rig.vy[t] = st.vy[t];
   if (ri.ce && finish && ce_cancels(rig, t1)) {  // log1p of the ranks' summed parts
     out.a[teachers<MT>(r)] = 1.0;
     out.x[teachers<MT>(r)] = ce_tail<A>(r, rig, t1);
@@ -146,24 +124,24 @@ RowOut row_kl(const KernelArgs& P, const Row<TZ, TV>& r, const RowInfo& ri) {
   // at the student's), dbar, the one-pass KL1 and the scale s (wttm: U = exp(lse(v/T) - lse(v)/T), a
   // per-row constant, no gradient through it). log p_j - log q_j = d_j + (M_z - Rr) - (l_v - l_z), so
   //   KL1 = dbar + (M_z - Rr) - (l_v - l_z);   Rev: KL1 = dbar + (M_v - Rr) - (l_z - l_v).
-  double Mv[kCap<MT>] = {}, lv[kCap<MT>] = {}, dbar[kCap<MT>] = {}, KL1[kCap<MT>] = {};
+  double Mv[kCap<MT>] = {}, lv[kCap<MT>] = {}, Rr[kCap<MT>] = {}, dbar[kCap<MT>] = {}, KL1[kCap<MT>] = {};
   double s[kCap<MT>] = {};
   bool refine = false, rf[kCap<MT>] = {};
   for (int t = 0; t < teachers<MT>(r); ++t) {
-    Mv[t] = tv[t].M, lv[t] = tv[t].l();
+    Mv[t] = st.v[t].M, lv[t] = st.v[t].l(), Rr[t] = st.R[t];
     double off;
     if constexpr (Rev) {
-      dbar[t] = Wt[t] / tz.S;
-      off = (tv[t].M - Rr[t]) - (lz - lv[t]);
+      dbar[t] = st.W[t] / tz.S;
+      off = (st.v[t].M - Rr[t]) - (lz - lv[t]);
     } else {
-      dbar[t] = Wt[t] / tv[t].S;
+      dbar[t] = st.W[t] / st.v[t].S;
       off = (tz.M - Rr[t]) - (lv[t] - lz);
     }
     KL1[t] = dbar[t] + off;
     if (wttm) {
       // lse(v/T) - lse(v)/T = (max(v)/T + l_v) - (max(v) + l_1v)/T = l_v - l_1v/T: the maxima cancel
       // exactly (their roundings, fl(max(v) / T) against max(v) / T, would not)
-      s[t] = std::exp(lv[t] - tu[t].l() / P.tt);
+      s[t] = std::exp(lv[t] - st.u[t].l() / P.tt);
     } else {
       s[t] = P.scale;
     }
@@ -254,7 +232,8 @@ RowOut row_kl(const KernelArgs& P, const Row<TZ, TV>& r, const RowInfo& ri) {
   });
   for (int t = 0; t < teachers<MT>(r); ++t) {
     if (!rf[t]) continue;
-    if (finish) out.D[t] = 0.0, out.a[t] = s[t], out.x[t] = X[t].total();  // log1p of the ranks' sum
+    if (finish)  // s log1p of the ranks' sum (a = s = 0: the term is 0 + X, so X = 0 then)
+      out.D[t] = 0.0, out.a[t] = s[t], out.x[t] = s[t] != 0.0 ? X[t].total() : 0.0;
     else out.D[t] = s[t] * std::log1p(X[t].total());
   }
   if (ri.ce && r.gz && ri.y >= 0) {  // the label column (this rank's), recomputed in double from values read before any write
