@@ -7,7 +7,9 @@ Every entry point of the package calls one of them:
 - ``kdfast::linear_distill``: ``kdfast.fused_linear_distill_loss`` (the head's matmuls and the kernel
   chunk by chunk: the logits are never materialised);
 - ``kdfast::vocab_parallel_distill``: the ``process_group=`` losses (vocabulary shards; the
-  collectives run inside the op).
+  collectives run inside the op);
+- ``kdfast::vocab_parallel_multi``: ``kdfast.multi_teacher_loss(..., process_group=)`` (M teachers
+  on vocabulary shards, the two-phase kernels).
 
 Each runs a backend kernel (``kdfast._C`` or ``kdfast._triton``; vocabulary-parallel: eager torch
 ops and collectives) that writes the per-row terms and the gradients in one call (the gradients are
@@ -581,3 +583,58 @@ def run_vocab_parallel(z: Tensor, v: Tensor, zp: Optional[Tensor], labels: Optio
     return torch.ops.kdfast.vocab_parallel_distill(z, v, zp, labels, kd_w, ce_w, *params.lists(), reduction,
                                                    group, _needs(z), _needs(v), inplace_backward,
                                                    list(layout), backend)[0]
+
+
+# ---------------------------------------------------------------------------------------------------
+# The vocabulary-parallel multi-teacher op (``kdfast.multi_teacher_loss(..., process_group=)``): M
+# teachers on this rank's vocabulary columns through the two-phase kernels, in one call each:
+# stats_forward (M teachers), one all-gather of the statistics, finish_forward, one all_reduce of
+# the loss parts (kdfast.vocab_parallel._phased). ``multi_distill``'s layout of arguments and
+# outputs (``kd_w``, ``d`` (M, N); ``grad_v`` (M, N, C)) with ``vocab_parallel_distill``'s ``group``
+# and ``layout`` in ``backend``'s place, so the autograd is ``multi_distill``'s; backward runs no
+# collective. ``len(vs)`` is at most the backend's teachers per call (multi_teacher.MAX_TEACHERS).
+def phase_fns(backend: str):
+    """The backend's ``(stats_forward, finish_forward)``; ``ValueError`` where it has none yet."""
+    try:
+        return _backend_fn(backend, "stats_forward"), _backend_fn(backend, "finish_forward")
+    except (AttributeError, ValueError):
+        raise ValueError(f"backend {backend!r} has no two-phase kernel (stats_forward / finish_forward) "
+                         "yet: tensor parallelism through the fused kernels needs backend='cpu'") from None
+
+
+@torch.library.custom_op("kdfast::vocab_parallel_multi", mutates_args=())
+def vocab_parallel_multi(z: Tensor, vs: list[Tensor], zp: Optional[Tensor], labels: Optional[Tensor],
+                         kd_w: Tensor, ce_w: Tensor, fparams: list[float], iparams: list[int],
+                         reduction: str, group: str, need_grad_z: bool, need_grad_v: bool,
+                         inplace_backward: bool, layout: list[int], backend: str
+                         ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Returns ``(loss, d (M, N), ce, grad_z, grad_v (M, N, C), grad_scale)`` as ``multi_distill``."""
+    import torch.distributed as dist
+
+    from . import vocab_parallel
+    pg = dist.distributed_c10d._resolve_process_group(group)
+    loss, d, ce, gz, gv, gs = vocab_parallel._phased(
+        z, vs, zp, labels, kd_w, ce_w, KernelParams.from_lists(fparams, iparams), reduction, pg, layout,
+        need_grad_z, need_grad_v, backend)
+    if gv.dim() == 2:   # _phased hands one teacher's gradient back as (N, C)
+        gv = gv.unsqueeze(0)
+    return loss, d, ce, gz, gv, gs
+
+
+@vocab_parallel_multi.register_fake
+def _(z, vs, zp, labels, kd_w, ce_w, fparams, iparams, reduction, group, need_grad_z, need_grad_v,
+      inplace_backward, layout, backend):
+    grad_v = vs[0].new_empty(len(vs), *z.shape) if need_grad_v else vs[0].new_empty(0)
+    return _fake_outputs(z, kd_w, reduction, need_grad_z, grad_v)
+
+
+vocab_parallel_multi.register_autograd(_multi_backward, setup_context=_setup_context)
+
+
+def run_vocab_parallel_multi(z: Tensor, vs: list[Tensor], zp: Optional[Tensor], labels: Optional[Tensor],
+                             kd_w: Tensor, ce_w: Tensor, params: KernelParams, reduction: str, group: str,
+                             layout: list[int], backend: str, inplace_backward: bool = False) -> Tensor:
+    """``kdfast::vocab_parallel_multi``."""
+    return torch.ops.kdfast.vocab_parallel_multi(z, vs, zp, labels, kd_w, ce_w, *params.lists(), reduction,
+                                                 group, _needs(z), _needs(*vs), inplace_backward,
+                                                 list(layout), backend)[0]
