@@ -111,8 +111,8 @@ LINEAR_QUICK = dict(N=1024, H=256, V=8000)
 
 
 def _measure_linear(loss_fn, h, w, reps, barrier=None):
-    """``_measure`` for ``loss_fn(h, w)`` (h and the head ``w`` require grad); also the loss of the
-    measured step and the chunk size."""
+    """``_measure`` for ``loss_fn(h, w, rows)`` (the first ``rows`` rows, None: all; h and the head
+    ``w`` require grad); also the loss of the measured step."""
     def step(rows=None):
         h.grad = w.grad = None
         loss = loss_fn(h, w, rows)
@@ -140,7 +140,7 @@ def _linear_loss(ht, wt, **tp):
                                                         method="kd", temperature=T, backend="cpu", **tp)
 
 
-def _chunk(n, v, hdim):
+def _chunk(n, v):
     """fused_linear's default chunk size for this case (student fp32 + teacher fp32 buffers of the
     *global* V: the column-parallel default too)."""
     from kdfast.fused_linear import default_chunk_size
@@ -153,7 +153,7 @@ def _linear_single(n, hdim, v, reps, threads):
     torch.set_num_threads(threads)
     h, w, ht, wt = make_inputs(n, hdim, v)
     out = _measure_linear(_linear_loss(ht, wt), h, w, reps)
-    return dict(out, chunk_size=_chunk(n, v, hdim))
+    return dict(out, chunk_size=_chunk(n, v))
 
 
 def _linear_rank(rank, world, n, hdim, v, reps, store):
@@ -171,7 +171,7 @@ def _linear_rank(rank, world, n, hdim, v, reps, store):
         del w, wt
         out = _measure_linear(_linear_loss(ht, wts, process_group=dist.group.WORLD), h, ws, reps,
                               barrier=dist.barrier)
-        return dict(out, chunk_size=_chunk(n, v, hdim))
+        return dict(out, chunk_size=_chunk(n, v))
     finally:
         dist.destroy_process_group()
 

@@ -279,6 +279,12 @@ def _worker(rank, world, store, out):
                                             teacher_logits=z, **tp),
     }
     checks["no_collective_before_the_checks"] = _Counts.snapshot() == NONE
+    # the module form takes the shard layout in its constructor
+    from kdfast.fused_linear import FusedLinearDistillLoss
+    opts = dict(temperature=2.0, chunk_size=2, backend="cpu", **tp)
+    y = torch.tensor([0, C - 1, -100])
+    checks["linear_module"] = torch.equal(FusedLinearDistillLoss("kd", **opts)(h, w, y, teacher_logits=z),
+                                          fl(h, w, y, teacher_logits=z, method="kd", **opts))
     torch.save(dict(results=results, checks=checks), os.path.join(out, f"rank{rank}.pt"))
     dist.barrier()
     dist.destroy_process_group()
