@@ -5,9 +5,12 @@ Every entry point of the package calls one of them:
 - ``kdfast::topk_distill``: ``kdfast.topk_kd_loss`` (a sparse top-k teacher);
 - ``kdfast::multi_distill``: ``kdfast.multi_teacher_loss`` (M teachers, one kernel call);
 - ``kdfast::linear_distill``: ``kdfast.fused_linear_distill_loss`` (the head's matmuls and the kernel
-  chunk by chunk: the logits are never materialised);
+  chunk by chunk: the logits are never materialised; with ``process_group=``, a column-parallel
+  head through the two-phase kernels);
 - ``kdfast::vocab_parallel_distill``: the ``process_group=`` losses (vocabulary shards; the
-  collectives run inside the op).
+  collectives run inside the op);
+- ``kdfast::vocab_parallel_multi``: ``kdfast.multi_teacher_loss(..., process_group=)`` (M teachers
+  on vocabulary shards, the two-phase kernels).
 
 Each runs a backend kernel (``kdfast._C`` or ``kdfast._triton``; vocabulary-parallel: eager torch
 ops and collectives) that writes the per-row terms and the gradients in one call (the gradients are
@@ -25,7 +28,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ._spec import IParam, KernelParams, TopkIParam
+from ._spec import IParam, KernelParams, TopkIParam, finish_terms, stats_width
 
 REDUCTIONS = ("mean", "sum", "none")
 
@@ -292,70 +295,89 @@ multi_distill.register_autograd(_multi_backward, setup_context=_setup_context)
 # the logits never materialised. The teacher (and retro_kd's past student) are constants given as
 # logits ``t`` (``t_w`` None) or as hidden states ``t`` with a head ``t_w`` (+ ``t_b``). See
 # kdfast/fused_linear.py for the algorithm and the memory it needs.
+#
+# Column-parallel head (tensor parallelism; ``group`` a process group's name, ``layout`` [rank, world,
+# vocab_start, vocab_size]): ``w`` / ``b`` (and ``t_w`` / ``t_b``, or the teacher logits ``t``) are
+# this rank's vocabulary rows [vocab_start, vocab_start + V_local); ``h`` is replicated. Each chunk
+# runs the two-phase kernels (:class:`_ColumnShard`); ``gstats`` (an input: reduction="none"'s
+# backward) replays the statistics a forward gathered, and the last output returns them.
 @torch.library.custom_op("kdfast::linear_distill", mutates_args=())
 def linear_distill(h: Tensor, w: Tensor, b: Optional[Tensor], t: Tensor, t_w: Optional[Tensor],
                    t_b: Optional[Tensor], p: Optional[Tensor], p_w: Optional[Tensor], p_b: Optional[Tensor],
                    labels: Optional[Tensor], kd_w: Tensor, ce_w: Tensor, fparams: list[float],
                    iparams: list[int], reduction: str, backend: str, chunk: int, need_grad_h: bool,
-                   need_grad_w: bool, need_grad_b: bool
-                   ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """Returns ``(loss, d, ce, grad_h, grad_w, grad_b, grad_scale)`` (gradients empty when not asked
-    for). ``h`` (N, H), ``w`` (V, H), ``b`` (V,) or None; ``labels`` (N,) int64 or None; ``kd_w``,
-    ``ce_w`` (N,) contiguous in the accumulation dtype; ``chunk``: rows per chunk."""
-    gs = grad_scale(labels, iparams[IParam.IGNORE_INDEX], h.shape[0], reduction, kd_w.dtype, h.device)
+                   need_grad_w: bool, need_grad_b: bool, group: str = "",
+                   layout: Optional[list[int]] = None, gstats: Optional[Tensor] = None
+                   ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Returns ``(loss, d, ce, grad_h, grad_w, grad_b, grad_scale, kept)`` (gradients empty when not
+    asked for). ``h`` (N, H), ``w`` (V, H), ``b`` (V,) or None; ``labels`` (N,) int64 or None;
+    ``kd_w``, ``ce_w`` (N,) contiguous in the accumulation dtype; ``chunk``: rows per chunk.
+    ``kept``: the gathered statistics of a column-parallel forward with ``reduction="none"`` (what its
+    backward replays as ``gstats``), else empty."""
+    n = h.shape[0]
+    gs = grad_scale(labels, iparams[IParam.IGNORE_INDEX], n, reduction, kd_w.dtype, h.device)
+    shard = (_ColumnShard(group, layout, n, min(chunk, n), fparams, iparams, backend, reduction, gstats,
+                          h.device) if group else None)
     d, ce, gh, gw, gb = _linear_sweep(h, w, b, (t, t_w, t_b), None if p is None else (p, p_w, p_b),
                                       labels, kd_w, ce_w, fparams, iparams, backend, chunk,
-                                      (need_grad_h, need_grad_w, need_grad_b), gs)
+                                      (need_grad_h, need_grad_w, need_grad_b), gs, shard)
     empty = w.new_empty(0)
+    kept = shard.saved if shard is not None and shard.saved is not None else h.new_empty(0, dtype=torch.float64)
     return (_reduce(kd_w, d, ce_w, ce, reduction, gs), d, ce, h.new_empty(0) if gh is None else gh,
-            empty if gw is None else gw, empty.clone() if gb is None else gb, gs)
+            empty if gw is None else gw, empty.clone() if gb is None else gb, gs, kept)
 
 
 @linear_distill.register_fake
 def _(h, w, b, t, t_w, t_b, p, p_w, p_b, labels, kd_w, ce_w, fparams, iparams, reduction, backend, chunk,
-      need_grad_h, need_grad_w, need_grad_b):
+      need_grad_h, need_grad_w, need_grad_b, group="", layout=None, gstats=None):
     n, acc = h.shape[0], kd_w.dtype
+    kept = (layout[1] * n * _ColumnShard.width(fparams, iparams)
+            if group and reduction == "none" and gstats is None else 0)
     return (h.new_empty(n if reduction == "none" else (), dtype=acc), h.new_empty(n, dtype=acc),
             h.new_empty(n, dtype=acc),
             torch.empty_like(h, memory_format=torch.contiguous_format) if need_grad_h else h.new_empty(0),
             w.new_empty(w.shape) if need_grad_w else w.new_empty(0),
             b.new_empty(b.shape) if need_grad_b and b is not None else w.new_empty(0),
-            h.new_empty(1, dtype=acc))
+            h.new_empty(1, dtype=acc), h.new_empty(kept, dtype=torch.float64))
 
 
 # the positions of linear_distill's arguments that autograd reads
 _L_H, _L_B, _L_KD_W, _L_CE_W, _L_FPARAMS, _L_IPARAMS, _L_REDUCTION, _L_BACKEND, _L_CHUNK = (
     0, 2, 10, 11, 12, 13, 14, 15, 16)
+_L_GROUP, _L_LAYOUT = 20, 21
 
 
 def _linear_setup_context(ctx, inputs, output):
-    loss, d, ce, gh, gw, gb, gs = output
+    loss, d, ce, gh, gw, gb, gs, kept = output
     ctx.reduction = inputs[_L_REDUCTION]
     if ctx.reduction == "none":
-        # the per-row gradient needs the upstream g_i: backward runs the chunk loop again
-        ctx.consts = tuple(inputs[i] for i in (_L_FPARAMS, _L_IPARAMS, _L_BACKEND, _L_CHUNK))
-        ctx.save_for_backward(*inputs[:_L_CE_W + 1], d, ce)
+        # the per-row gradient needs the upstream g_i: backward runs the chunk loop again (column-
+        # parallel: with the statistics this forward gathered, ``kept``)
+        group = inputs[_L_GROUP] if len(inputs) > _L_GROUP else ""
+        layout = inputs[_L_LAYOUT] if len(inputs) > _L_LAYOUT else None
+        ctx.consts = tuple(inputs[i] for i in (_L_FPARAMS, _L_IPARAMS, _L_BACKEND, _L_CHUNK)) + (group, layout)
+        ctx.save_for_backward(*inputs[:_L_CE_W + 1], d, ce, kept)
     else:
         ctx.save_for_backward(gh, gw, gb, d, ce, gs)
-    ctx.mark_non_differentiable(d, ce, gh, gw, gb, gs)
+    ctx.mark_non_differentiable(d, ce, gh, gw, gb, gs, kept)
     ctx.set_materialize_grads(False)
 
 
-def _linear_backward(ctx, g_loss, _gd, _gce, _ggh, _ggw, _ggb, _gs):
+def _linear_backward(ctx, g_loss, _gd, _gce, _ggh, _ggw, _ggb, _gs, _gkept):
     need = ctx.needs_input_grad
     grads = [None] * len(need)
     if g_loss is None:
         return tuple(grads)
     want = need[_L_H:_L_B + 1]
     if ctx.reduction == "none":
-        *inputs, d, ce = ctx.saved_tensors
+        *inputs, d, ce, kept = ctx.saved_tensors
         g_rows = g_loss.to(d.dtype)
         if any(want):   # the gradient is linear in the row weights: fold g_i into them
-            fparams, iparams, backend, chunk = ctx.consts
+            fparams, iparams, backend, chunk, group, layout = ctx.consts
             kd_w, ce_w = inputs[_L_KD_W], inputs[_L_CE_W]
             out = torch.ops.kdfast.linear_distill(
                 *inputs[:_L_KD_W], (kd_w * g_rows).contiguous(), (ce_w * g_rows).contiguous(),
-                fparams, iparams, "none", backend, chunk, *want)
+                fparams, iparams, "none", backend, chunk, *want, group, layout, kept if group else None)
             for i, x in zip(range(_L_H, _L_B + 1), out[3:6]):
                 grads[i] = x if need[i] else None
     else:
@@ -399,9 +421,11 @@ def source_buffer(src: tuple, rows: int, v: int) -> Optional[Tensor]:
 
 def _linear_sweep(h: Tensor, w: Tensor, b: Optional[Tensor], teacher: tuple, past: Optional[tuple],
                   labels: Optional[Tensor], kd_w: Tensor, ce_w: Tensor, fparams, iparams, backend: str,
-                  chunk: int, want: tuple, gs: Tensor):
+                  chunk: int, want: tuple, gs: Tensor, shard: Optional["_ColumnShard"] = None):
     """One pass over the chunks. Returns ``(d, ce, grad_h, grad_w, grad_b)``: the per-row terms and
-    the gradients asked for by ``want`` (``None`` otherwise), already weighted and scaled by ``gs``."""
+    the gradients asked for by ``want`` (``None`` otherwise), already weighted and scaled by ``gs``.
+    ``shard``: a column-parallel head (each chunk's loss through the two-phase kernels and the
+    group's collectives; ``grad_h`` summed over the group once, after the chunks)."""
     n, v = h.shape[0], w.shape[0]
     acc = kd_w.dtype
     want_h, want_w, want_b = want
@@ -422,7 +446,7 @@ def _linear_sweep(h: Tensor, w: Tensor, b: Optional[Tensor], teacher: tuple, pas
     # float64 students run float64 kernels; the kernels never mix float64 with another dtype
     t_dtype = torch.float64 if h.dtype == torch.float64 else (
         torch.float32 if teacher[0].dtype == torch.float64 else teacher[0].dtype)
-    fn = _backend_fn(backend)
+    fn = _backend_fn(backend) if shard is None else shard
     for s in range(0, n, chunk):
         e = min(s + chunk, n)
         hc, z = h[s:e], zbuf[:e - s]
@@ -452,11 +476,90 @@ def _linear_sweep(h: Tensor, w: Tensor, b: Optional[Tensor], teacher: tuple, pas
                     gw.add_(part)
         if want_b:
             gb.add_(z.sum(0, dtype=gw_acc))
+    if shard is not None:
+        d, ce = shard.close(d, ce, gh)
     if gw is not None and gw.dtype != w.dtype:
         gw = gw.to(w.dtype)
     if gb is not None and gb.dtype != b.dtype:
         gb = gb.to(b.dtype)
     return d, ce, gh, gw, gb
+
+
+class _ColumnShard:
+    """The chunk kernel of a column-parallel head (the KL kind; called as ``distill_forward``): this
+    rank's logits chunk holds the columns ``[start, start + V_local)`` of rows of ``vocab`` columns
+    (kdfast/_spec.py, "Two phases"). Per chunk: phase 1 (the chunk's statistics, ``(rows, K)``
+    float64), **one all-gather** of them, phase 2 (the local gradient, in place over the chunk, and
+    each row's terms as ``b + a log1p(X)`` with this rank's part of ``X``). The parts of every row
+    wait in an ``(2, N)`` buffer: :meth:`close` sums them with **one all_reduce** after the last
+    chunk (the gradients never need them: only the loss does), and sums ``grad_h`` with **one
+    all_reduce**. So a call runs ``chunks`` all-gathers and at most 2 all_reduces; the logits chunk
+    never leaves the rank.
+
+    Why grad_h is summed and grad_W is not: ``z_ij = h_i . W_j`` with ``W_j`` on the rank owning
+    column ``j``, so ``dL/dW_j = sum_i g_ij h_i`` needs only local columns, while ``dL/dh_i =
+    sum_j g_ij W_j`` runs over the whole vocabulary: each rank's ``g_local @ W_local`` is one
+    shard's part of that sum.
+
+    ``replay``: the gathered statistics of an earlier forward (reduction="none"'s backward reruns
+    the chunks with the row weights times the upstream gradient; the statistics do not depend on
+    the weights): no phase 1, no all-gather, no parts. Otherwise, with ``reduction="none"``, the
+    gathered statistics are kept in ``saved`` (chunk-major: chunk ``[s, e)`` is the contiguous
+    ``(world, e - s, K)`` block at ``world * K * s``; ``world * N * K`` float64 in all)."""
+
+    def __init__(self, group: str, layout, n: int, rows: int, fparams, iparams, backend: str,
+                 reduction: str, replay: Optional[Tensor], device):
+        import torch.distributed as dist
+        from . import vocab_parallel
+        self.vp = vocab_parallel   # _all_gather / _sum: the collectives (looked up at call time)
+        self.pg = dist.distributed_c10d._resolve_process_group(group)
+        _, self.world, self.start, self.vocab = (int(x) for x in layout)
+        self.stats_fn, self.finish_fn = phase_fns(backend)
+        self.k = self.width(fparams, iparams)
+        self.n = n
+        self.replay = replay
+        f64 = dict(dtype=torch.float64, device=device)
+        self.stats = torch.empty((rows, self.k), **f64) if replay is None else None
+        self.saved = (torch.empty(self.world * n * self.k, **f64)
+                      if replay is None and reduction == "none" else None)
+        self.coef = torch.zeros((2, n), **f64) if replay is None else None
+        self.part = torch.zeros((2, n), **f64) if replay is None else None
+        self.s = 0   # the next chunk's first row
+
+    @staticmethod
+    def width(fparams, iparams) -> int:
+        return stats_width(KernelParams.from_lists(fparams, iparams), 1)
+
+    def __call__(self, z, v, zp, y, kd_w, ce_w, gs, d, ce, grad_z, grad_v, fparams, iparams):
+        rows = z.shape[0]
+        s, e = self.s, self.s + rows
+        self.s = e
+        block = slice(self.world * self.k * s, self.world * self.k * e)
+        if self.replay is not None:
+            gstats = self.replay[block].view(self.world, rows, self.k)
+        else:
+            stats = self.stats[:rows]
+            self.stats_fn(z, [v], zp, y, stats, fparams, iparams, self.start, self.vocab)
+            gstats = self.vp._all_gather(stats, self.pg)
+            if self.saved is not None:
+                self.saved[block].view(self.world, rows, self.k).copy_(gstats)
+        coef = torch.empty((2, rows), dtype=torch.float64, device=z.device)
+        part = torch.empty((2, rows), dtype=torch.float64, device=z.device)
+        self.finish_fn(z, [v], zp, y, kd_w, ce_w, gs, gstats, d, ce, coef, part, grad_z, grad_v,
+                       fparams, iparams, self.start, self.vocab)
+        if self.replay is None:
+            self.coef[:, s:e], self.part[:, s:e] = coef, part
+
+    def close(self, d: Tensor, ce: Tensor, gh: Optional[Tensor]) -> tuple[Tensor, Tensor]:
+        """After the chunks: the row terms ``d``, ``ce`` of the whole rows (all_reduce of the parts;
+        not in a replay, whose loss is not used) and ``gh`` summed over the group, in place."""
+        if self.n and self.replay is None:
+            self.vp._sum(self.part, self.pg)
+            d = finish_terms(d, self.coef[0], self.part[0]).to(d.dtype)
+            ce = finish_terms(ce, self.coef[1], self.part[1]).to(ce.dtype)
+        if self.n and gh is not None:
+            self.vp._sum(gh, self.pg)
+        return d, ce
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -563,15 +666,19 @@ def run_multi(z: Tensor, vs: list[Tensor], zp: Optional[Tensor], labels: Optiona
 
 def run_linear(h: Tensor, w: Tensor, b: Optional[Tensor], teacher: tuple, past: Optional[tuple],
                labels: Optional[Tensor], kd_w: Tensor, ce_w: Tensor, params: KernelParams,
-               reduction: str, backend: str, chunk: int) -> Tensor:
+               reduction: str, backend: str, chunk: int, group: str = "",
+               layout: Optional[list[int]] = None) -> Tensor:
     """``kdfast::linear_distill`` (``teacher`` / ``past``: ``(logits, None, None)`` or
     ``(hidden, weight, bias)``, constants). With ``reduction="none"`` the forward computes no
-    gradient (backward does)."""
+    gradient (backward does). ``group`` (a process group's name) and ``layout`` ``[rank, world,
+    vocab_start, vocab_size]``: a column-parallel head (``w``, ``b`` and the teacher's are this
+    rank's vocabulary rows)."""
     early = reduction != "none"
     p = past if past is not None else (None, None, None)
     return torch.ops.kdfast.linear_distill(h, w, b, *teacher, *p, labels, kd_w, ce_w, *params.lists(),
                                            reduction, backend, chunk, early and _needs(h),
-                                           early and _needs(w), early and _needs(b))[0]
+                                           early and _needs(w), early and _needs(b), group,
+                                           None if layout is None else list(layout), None)[0]
 
 
 def run_vocab_parallel(z: Tensor, v: Tensor, zp: Optional[Tensor], labels: Optional[Tensor],
@@ -581,3 +688,58 @@ def run_vocab_parallel(z: Tensor, v: Tensor, zp: Optional[Tensor], labels: Optio
     return torch.ops.kdfast.vocab_parallel_distill(z, v, zp, labels, kd_w, ce_w, *params.lists(), reduction,
                                                    group, _needs(z), _needs(v), inplace_backward,
                                                    list(layout), backend)[0]
+
+
+# ---------------------------------------------------------------------------------------------------
+# The vocabulary-parallel multi-teacher op (``kdfast.multi_teacher_loss(..., process_group=)``): M
+# teachers on this rank's vocabulary columns through the two-phase kernels, in one call each:
+# stats_forward (M teachers), one all-gather of the statistics, finish_forward, one all_reduce of
+# the loss parts (kdfast.vocab_parallel._phased). ``multi_distill``'s layout of arguments and
+# outputs (``kd_w``, ``d`` (M, N); ``grad_v`` (M, N, C)) with ``vocab_parallel_distill``'s ``group``
+# and ``layout`` in ``backend``'s place, so the autograd is ``multi_distill``'s; backward runs no
+# collective. ``len(vs)`` is at most the backend's teachers per call (multi_teacher.MAX_TEACHERS).
+def phase_fns(backend: str):
+    """The backend's ``(stats_forward, finish_forward)``; ``ValueError`` where it has none yet."""
+    try:
+        return _backend_fn(backend, "stats_forward"), _backend_fn(backend, "finish_forward")
+    except (AttributeError, ValueError):
+        raise ValueError(f"backend {backend!r} has no two-phase kernel (stats_forward / finish_forward) "
+                         "yet: tensor parallelism through the fused kernels needs backend='cpu'") from None
+
+
+@torch.library.custom_op("kdfast::vocab_parallel_multi", mutates_args=())
+def vocab_parallel_multi(z: Tensor, vs: list[Tensor], zp: Optional[Tensor], labels: Optional[Tensor],
+                         kd_w: Tensor, ce_w: Tensor, fparams: list[float], iparams: list[int],
+                         reduction: str, group: str, need_grad_z: bool, need_grad_v: bool,
+                         inplace_backward: bool, layout: list[int], backend: str
+                         ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Returns ``(loss, d (M, N), ce, grad_z, grad_v (M, N, C), grad_scale)`` as ``multi_distill``."""
+    import torch.distributed as dist
+
+    from . import vocab_parallel
+    pg = dist.distributed_c10d._resolve_process_group(group)
+    loss, d, ce, gz, gv, gs = vocab_parallel._phased(
+        z, vs, zp, labels, kd_w, ce_w, KernelParams.from_lists(fparams, iparams), reduction, pg, layout,
+        need_grad_z, need_grad_v, backend)
+    if gv.dim() == 2:   # _phased hands one teacher's gradient back as (N, C)
+        gv = gv.unsqueeze(0)
+    return loss, d, ce, gz, gv, gs
+
+
+@vocab_parallel_multi.register_fake
+def _(z, vs, zp, labels, kd_w, ce_w, fparams, iparams, reduction, group, need_grad_z, need_grad_v,
+      inplace_backward, layout, backend):
+    grad_v = vs[0].new_empty(len(vs), *z.shape) if need_grad_v else vs[0].new_empty(0)
+    return _fake_outputs(z, kd_w, reduction, need_grad_z, grad_v)
+
+
+vocab_parallel_multi.register_autograd(_multi_backward, setup_context=_setup_context)
+
+
+def run_vocab_parallel_multi(z: Tensor, vs: list[Tensor], zp: Optional[Tensor], labels: Optional[Tensor],
+                             kd_w: Tensor, ce_w: Tensor, params: KernelParams, reduction: str, group: str,
+                             layout: list[int], backend: str, inplace_backward: bool = False) -> Tensor:
+    """``kdfast::vocab_parallel_multi``."""
+    return torch.ops.kdfast.vocab_parallel_multi(z, vs, zp, labels, kd_w, ce_w, *params.lists(), reduction,
+                                                 group, _needs(z), _needs(*vs), inplace_backward,
+                                                 list(layout), backend)[0]

@@ -31,6 +31,23 @@ itemsize of every source computed from hidden states)`` is what the chunk buffer
 ``memory_budget`` defaults to 256 MiB. E.g. V = 32000 fp32, teacher from hidden: 1024 rows (2 x 125
 MiB); teacher given as logits: 2080 rows. The 32-row floor keeps the matmuls efficient for huge V.
 
+Column-parallel head (tensor parallelism: ``process_group=``, with ``vocab_start`` / ``vocab_size``
+for uneven shards as in :mod:`kdfast.vocab_parallel`; the KL-kind methods ``kd``, ``reverse_kd``,
+``ttm``, ``wttm``, ``retro_kd``, ``jsd`` at beta 0 or 1). Each rank holds the vocabulary rows
+``[vocab_start, vocab_start + V_local)`` of the student's head (and bias), and of the teacher's head
+or the matching columns of the teacher's logits; the hidden states and the labels (global class ids)
+are the same on every rank. Per chunk, step 2 becomes the two-phase kernels (kdfast/_spec.py, "Two
+phases"): the chunk's statistics, **one all-gather** of them (``(world, chunk, 12)`` float64), the
+finish (the local logit gradient, in place over the chunk). After the chunks, **one all_reduce** of
+the loss parts (``(2, N)`` float64) and, when ``h`` needs a gradient, **one all_reduce** of
+``grad_h`` (``h`` is replicated: each rank's ``g_local @ W_local`` is one shard's part of the sum
+over the vocabulary); ``grad_W`` / ``grad_b`` stay local. So a call runs ``ceil(N / chunk)``
+all-gathers and at most 2 all_reduces; backward runs none, except with ``reduction="none"``: it
+reruns the chunks with the statistics the forward gathered (kept: ``world x N x 12`` float64; no
+all-gather) and runs the one all_reduce of ``grad_h``. The default chunk size is computed from the
+*global* vocabulary, so a rank's chunk buffers are ``1 / world`` of the single-device ones (and the
+chunks, hence the all-gathers, as many). Whether ``h`` requires grad must agree over the ranks.
+
 The teacher (and the past student of ``retro_kd``) are constants: no gradient flows to them, even
 when they require grad (online distillation needs the logits losses). Any loss of the family works
 through ``method``; its hyperparameters are keyword arguments whose ``None`` means the named loss's
@@ -44,8 +61,8 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-from ._ops import run_linear, source_buffer, source_rows
-from ._spec import KernelParams
+from ._ops import phase_fns, run_linear, source_buffer, source_rows
+from ._spec import PHASED_KINDS, KernelParams
 from .functional import _check_reduction, prepare
 from .losses import REGISTRY, define
 
@@ -174,7 +191,8 @@ def _fused_linear_distill_loss(
         past_student_weight: Optional[Tensor] = None, past_student_bias: Optional[Tensor] = None,
         kd_weight=1.0, ce_weight=1.0, ignore_index: int = -100, reduction: str = "mean",
         chunk_size: Optional[int] = None, memory_budget: Optional[int] = None, backend: str = "auto",
-        num_items_in_batch=None, **hyperparameters) -> Tensor:
+        num_items_in_batch=None, process_group=None, vocab_start: Optional[int] = None,
+        vocab_size: Optional[int] = None, **hyperparameters) -> Tensor:
     """The distillation loss ``method`` of the student logits ``student_hidden @ student_weight.T
     (+ student_bias)`` against the teacher's, without materialising either ``(N, V)`` logits tensor.
 
@@ -195,6 +213,10 @@ def _fused_linear_distill_loss(
       the gradients of the hidden states, the head and its bias; never read on the host).
     - ``chunk_size``: rows per chunk; default from ``memory_budget`` (bytes, default 256 MiB) for
       the chunk logits buffers: see :func:`default_chunk_size` and the module docstring.
+    - ``process_group`` (``vocab_start``, ``vocab_size``): a column-parallel head; the student's
+      (and the teacher's) head rows, bias and teacher logits are this rank's vocabulary shard,
+      ``student_hidden`` and ``labels`` (global class ids) are replicated. KL-kind methods, fused
+      kernels only; the collectives are listed in the module docstring.
 
     Example::
 
@@ -210,7 +232,7 @@ def _fused_linear_distill_loss(
     if w.shape[1] != h.shape[-1]:
         raise ValueError(f"student_weight must be (V, {h.shape[-1]}) (H = student_hidden's last dim), "
                          f"got {tuple(w.shape)}")
-    if w.shape[0] < loss.min_classes:
+    if process_group is None and w.shape[0] < loss.min_classes:
         raise ValueError(f"{method} needs at least {loss.min_classes} classes, "
                          f"student_weight has V = {w.shape[0]}")
     if w.dtype != h.dtype:
@@ -240,11 +262,21 @@ def _fused_linear_distill_loss(
         raise ValueError(f"past_student_* tensors are for {takes}, not {method!r}")
     if loss.needs_labels and labels is None:
         raise ValueError(f"method {method!r} needs labels ({loss.needs_labels})")
+    layout, vocab, shard = None, v, {}
+    if process_group is not None:
+        layout = _column_parallel(method, params, backend, h.device, process_group, v, vocab_start,
+                                  vocab_size)
+        vocab, shard = layout[3], dict(num_classes=layout[3], what="global class ids")
+        if vocab < loss.min_classes:
+            raise ValueError(f"{method} needs at least {loss.min_classes} classes, the vocabulary "
+                             f"has {vocab}")
+    elif vocab_start is not None or vocab_size is not None:
+        raise ValueError("vocab_start / vocab_size describe a vocabulary shard: they need process_group")
     acc = torch.float64 if h.dtype == torch.float64 else torch.float32
     # (..., V) stand-in for the logits (no memory): the labels are checked against its shape
     a = prepare(params, torch.empty((), device=h.device).expand(*lead, v), labels, kd_weight=kd_weight,
                 ce_weight=ce_weight, ignore_index=ignore_index, reduction=reduction, backend=backend,
-                acc=acc, num_items_in_batch=num_items_in_batch)
+                acc=acc, num_items_in_batch=num_items_in_batch, **shard)
 
     if a.backend == "torch":   # the eager reference on materialised logits
         z = torch.nn.functional.linear(h, w, b)
@@ -259,12 +291,31 @@ def _fused_linear_distill_loss(
 
     if past is not None and params.rho == 0:
         past = None
-    if chunk_size is None:
+    if chunk_size is None:   # (column-parallel: the rows of the global vocabulary's budget)
         per_row = v * h.dtype.itemsize + teacher.bytes_per_row() + (past.bytes_per_row() if past else 0)
-        chunk_size = default_chunk_size(n, per_row, memory_budget or DEFAULT_MEMORY_BUDGET)
+        chunk_size = default_chunk_size(n, per_row * vocab // v, memory_budget or DEFAULT_MEMORY_BUDGET)
     out = run_linear(h.reshape(n, h.shape[-1]), w, b, teacher.src, None if past is None else past.src,
-                     a.y, a.kd_w, a.ce_w, a.params, a.reduction, a.backend, chunk_size)
+                     a.y, a.kd_w, a.ce_w, a.params, a.reduction, a.backend, chunk_size,
+                     "" if layout is None else process_group.group_name, layout)
     return out.view(lead) if a.reduction == "none" else out
+
+
+def _column_parallel(method: str, params: KernelParams, backend: str, device, process_group,
+                     v_local: int, vocab_start, vocab_size) -> list[int]:
+    """The checks of a column-parallel call (raised on every rank before any collective) and its
+    layout ``[rank, world, vocab_start, vocab_size]``."""
+    if params.kind not in PHASED_KINDS:
+        raise ValueError(f"fused_linear_distill_loss with process_group: no two-phase kernel yet for "
+                         f"{params.kind.name} (method {method!r}); the KL-kind methods (kd, reverse_kd, "
+                         "ttm, wttm, retro_kd, jsd at beta 0 or 1) have one")
+    from .functional import _resolve_backend
+    from .vocab_parallel import _layout   # lazy: vocab_parallel imports functional
+    resolved = _resolve_backend(backend, device)
+    if resolved == "torch":
+        raise ValueError("fused_linear_distill_loss with process_group runs the fused two-phase "
+                         "kernels: backend='torch' (the eager reference) is not supported")
+    phase_fns(resolved)
+    return list(_layout(process_group, v_local, vocab_start, vocab_size))
 
 
 def _with_hyperparameters(impl, after: str):
@@ -295,13 +346,18 @@ class FusedLinearDistillLoss(nn.Module):
     def __init__(self, method: str = "kd", *, chunk_size: Optional[int] = None,
                  memory_budget: Optional[int] = None, kd_weight=1.0, ce_weight=1.0,
                  ignore_index: int = -100, reduction: str = "mean", backend: str = "auto",
-                 **hyperparameters):
+                 process_group=None, vocab_start: Optional[int] = None,
+                 vocab_size: Optional[int] = None, **hyperparameters):
         super().__init__()
         _method_params(method, hyperparameters)   # unknown method / bad hyperparameter: fail now
         self.method = method
         self.options = dict(chunk_size=chunk_size, memory_budget=memory_budget, kd_weight=kd_weight,
                             ce_weight=ce_weight, ignore_index=ignore_index, reduction=reduction,
                             backend=backend, **hyperparameters)
+        if process_group is not None or vocab_start is not None or vocab_size is not None:
+            # (a column-parallel head: fused_linear_distill_loss's process_group=)
+            self.options.update(process_group=process_group, vocab_start=vocab_start,
+                                vocab_size=vocab_size)
 
     def forward(self, student_hidden: Tensor, student_weight: Tensor,
                 labels: Optional[Tensor] = None, *, student_bias: Optional[Tensor] = None,

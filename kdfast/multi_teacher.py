@@ -7,6 +7,16 @@ the kernels' multi-teacher sweeps are described in docs/kernel-math.md).
 The CPU kernel handles up to ``MAX_TEACHERS`` (8) teachers per call; more are split into groups of 8
 (the student is then read once per group). A callable ``method`` that is not one of kdfast's named
 losses, and ``backend="torch"``, run the unfused sum of single-teacher losses.
+
+Tensor parallelism (``process_group=``, with ``vocab_start`` / ``vocab_size`` for uneven shards, as
+in :mod:`kdfast.vocab_parallel`): the student and every teacher are this rank's vocabulary columns,
+the labels global class ids. The KL-kind methods (``kd``, ``reverse_kd``, ``ttm``, ``wttm``,
+``retro_kd``, ``jsd`` at beta 0 or 1) run the two-phase kernels (op
+``kdfast::vocab_parallel_multi``): per group of ``MAX_TEACHERS`` teachers one statistics call, **one
+all-gather** of the ``(N, 5 + 7 M)`` float64 statistics, one finish call and **one all_reduce** of
+the ``(M + 1, N)`` loss parts; backward runs no collective. ``backend="torch"`` sums the eager
+single-teacher vocabulary-parallel losses (2 all_reduces per teacher). Other kinds raise
+``ValueError`` for now.
 """
 from __future__ import annotations
 
@@ -17,7 +27,8 @@ import torch
 from torch import Tensor
 
 from . import functional as F
-from ._ops import acc_dtype, run_multi
+from ._ops import acc_dtype, phase_fns, run_multi, run_vocab_parallel_multi
+from ._spec import PHASED_KINDS
 from .losses import REGISTRY
 
 __all__ = ["multi_teacher_loss", "MAX_TEACHERS"]
@@ -36,7 +47,8 @@ def multi_teacher_loss(method: Union[str, Callable[..., Tensor]], student_logits
                        teacher_weights: Union[None, Sequence[float], Tensor] = None,
                        kd_weight: Union[float, Tensor] = 1.0, ce_weight: Union[float, Tensor] = 1.0,
                        reduction: str = "mean", past_student_logits: Optional[Tensor] = None,
-                       **hyperparameters) -> Tensor:
+                       process_group=None, vocab_start: Optional[int] = None,
+                       vocab_size: Optional[int] = None, **hyperparameters) -> Tensor:
     """``sum_m w_m * kd_weight * D_m + ce_weight * CE`` per row, then the reduction.
 
     - ``method``: a loss name (``"kd"``, ``"ttm"``, ``"wttm"``, ``"dkd"``, ``"logit_matching"``,
@@ -53,6 +65,9 @@ def multi_teacher_loss(method: Union[str, Callable[..., Tensor]], student_logits
       weights (each ``[m]`` broadcastable to the leading shape; gradients flow into it, as in
       ALM-KD's learnt multi-teacher mixing).
     - ``past_student_logits``: retro_kd's past student (every teacher row is mixed with it).
+    - ``process_group`` (``vocab_start``, ``vocab_size``): the logits (student, teachers, past
+      student) are this rank's vocabulary shard; the labels are global class ids. KL-kind methods
+      only (see the module docstring); the loss is the same on every rank of the group.
 
     The CE term (with labels) is counted once, not once per teacher.
 
@@ -92,12 +107,37 @@ def multi_teacher_loss(method: Union[str, Callable[..., Tensor]], student_logits
 
     common = {k: hyperparameters.pop(k) for k in _COMMON if k in hyperparameters}
     backend = F._resolve_backend(common.get("backend", "auto"), z.device) if isinstance(z, Tensor) else "torch"
+    tp = None
+    if process_group is not None:
+        tp = (process_group, vocab_start, vocab_size)
+        _check_phased(name, hyperparameters, backend)
+    elif vocab_start is not None or vocab_size is not None:
+        raise ValueError("vocab_start / vocab_size describe a vocabulary shard: they need process_group")
     if name is None or backend == "torch":
+        tp_kw = {} if tp is None else dict(zip(("process_group", "vocab_start", "vocab_size"), tp))
         return _unfused(_LOSSES[name].function if name is not None else method, z, teachers, weights, labels, kd_weight, ce_weight,
-                        reduction, past_student_logits, {**hyperparameters, **common})
+                        reduction, past_student_logits, {**hyperparameters, **common, **tp_kw})
     return _fused(name, z, teachers, weights, labels, kd_weight, ce_weight, reduction, past_student_logits,
                   hyperparameters, backend, common.get("ignore_index", -100),
-                  common.get("inplace_backward", False), common.get("num_items_in_batch"))
+                  common.get("inplace_backward", False), common.get("num_items_in_batch"), tp)
+
+
+def _check_phased(name, hyper: dict, backend: str) -> None:
+    """``process_group=``: a named method of a kind with the two-phase form, a backend with its
+    kernels (raised on every rank before any collective)."""
+    if name is None:
+        raise ValueError("multi_teacher_loss with process_group needs a kdfast method (a loss name or "
+                         "a kdfast loss function), not an arbitrary callable")
+    try:
+        kind = _LOSSES[name].params(**hyper).kind
+    except TypeError as e:   # an argument the loss does not have
+        raise ValueError(f"{name}: {e}") from None
+    if kind not in PHASED_KINDS:
+        raise ValueError(f"multi_teacher_loss with process_group: no two-phase kernel yet for "
+                         f"{kind.name} (method {name!r}); the KL-kind methods (kd, reverse_kd, ttm, "
+                         "wttm, retro_kd, jsd at beta 0 or 1) have one")
+    if backend != "torch":
+        phase_fns(backend)
 
 
 def _unfused(fn, z, teachers, weights, labels, kd_weight, ce_weight, reduction, zp, kwargs) -> Tensor:
@@ -113,7 +153,9 @@ def _unfused(fn, z, teachers, weights, labels, kd_weight, ce_weight, reduction, 
 
 
 def _fused(name, z, teachers, weights, labels, kd_weight, ce_weight, reduction, zp, hyper, backend,
-           ignore_index, inplace_backward, num_items_in_batch=None) -> Tensor:
+           ignore_index, inplace_backward, num_items_in_batch=None, tp=None) -> Tensor:
+    """The fused path; ``tp = (process_group, vocab_start, vocab_size)``: the logits are vocabulary
+    shards (``kdfast::vocab_parallel_multi``)."""
     loss = _LOSSES[name]
     try:
         params = loss.params(**hyper)
@@ -129,12 +171,22 @@ def _fused(name, z, teachers, weights, labels, kd_weight, ce_weight, reduction, 
             raise ValueError(f"teacher_logits[{i}] are on {v.device}, student_logits on {z.device}")
     if loss.needs_labels and labels is None:
         raise ValueError(f"{name} needs labels ({loss.needs_labels})")
-    F._check_classes(z, loss.min_classes, f"{name} multi_teacher_loss")
+    layout, shard = None, {}
+    if tp is None:
+        F._check_classes(z, loss.min_classes, f"{name} multi_teacher_loss")
+    else:
+        from . import vocab_parallel   # lazy: vocab_parallel imports functional
+        layout = vocab_parallel._layout(tp[0], z.shape[-1], tp[1], tp[2])
+        if layout[3] < loss.min_classes:
+            raise ValueError(f"{name} multi_teacher_loss needs at least {loss.min_classes} classes, "
+                             f"the vocabulary has {layout[3]}")
+        shard = dict(num_classes=layout[3], what="global class ids")
     if zp is not None:
         F._check_past(zp, z)
     acc = acc_dtype(z.dtype, *(v.dtype for v in teachers))
     a = F.prepare(params, z, labels, kd_weight=kd_weight, ce_weight=ce_weight, ignore_index=ignore_index,
-                  reduction=reduction, backend=backend, acc=acc, num_items_in_batch=num_items_in_batch)
+                  reduction=reduction, backend=backend, acc=acc, num_items_in_batch=num_items_in_batch,
+                  **shard)
     # (M, N) row weights of the teachers: teacher weight x kd_weight (gradients flow into both)
     kd_w = torch.stack([a.kd_w * F._rows_weight(w, f"teacher_weights[{i}]", a.lead, a.n, acc, z.device)
                         for i, w in enumerate(weights)])
@@ -152,7 +204,12 @@ def _fused(name, z, teachers, weights, labels, kd_weight, ce_weight, reduction, 
     for g in range(0, len(vs), MAX_TEACHERS):   # groups of MAX_TEACHERS (CE with the first)
         p = a.params if g == 0 else dataclasses.replace(a.params, has_ce=False)
         cw = a.ce_w if g == 0 else torch.zeros_like(a.ce_w)
-        part = run_multi(z2, vs[g:g + MAX_TEACHERS], zp2, a.y, kd_w[g:g + MAX_TEACHERS], cw, p,
-                         a.reduction, a.backend, inplace_backward)
+        if tp is None:
+            part = run_multi(z2, vs[g:g + MAX_TEACHERS], zp2, a.y, kd_w[g:g + MAX_TEACHERS], cw, p,
+                             a.reduction, a.backend, inplace_backward)
+        else:   # one stats call, one all-gather, one finish call, one all_reduce per group
+            part = run_vocab_parallel_multi(z2, vs[g:g + MAX_TEACHERS], zp2, a.y, kd_w[g:g + MAX_TEACHERS],
+                                            cw, p, a.reduction, tp[0].group_name, layout, a.backend,
+                                            inplace_backward)
         out = part if out is None else out + part
     return out.view(a.lead) if a.reduction == "none" else out
