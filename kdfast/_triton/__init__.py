@@ -1,5 +1,7 @@
-"""Triton backend of kdfast: ``distill_forward`` (the calling contract is ``kdfast._spec``) and the
-fused multi-teacher ``multi_forward`` (the same kernel with M teacher rows per student row).
+"""Triton backend of kdfast: ``distill_forward`` (the calling contract is ``kdfast._spec``), the
+fused multi-teacher ``multi_forward`` (the same kernel with M teacher rows per student row) and,
+for the KL kind over a shard of the vocabulary, the two phases ``stats_forward`` / ``finish_forward``
+(the same kernel again, ``PHASE`` 1 / 2).
 
 One kernel family (``kernel._distill_kernel``), specialised by ``tl.constexpr`` flags per loss kind.
 Runs on CUDA tensors, or on CPU tensors under ``TRITON_INTERPRET=1`` (set before triton is imported).
