@@ -429,15 +429,47 @@ def test_no_rows(be_name):
 
 @pytest.mark.parametrize("be_name", BACKENDS)
 def test_other_kinds_are_refused(be_name):
+    """A kind without the two-phase form (in the spec, or in this backend) is an error, not a
+    wrong result."""
     be = backend(be_name)
-    assert PHASED_KINDS == {Kind.KL}
-    p = KernelParams(Kind.DKD, 2.0, 2.0, 4.0)
-    f, i = p.lists()
+    assert Kind.KL in PHASED_KINDS
     z = torch.zeros((2, 5))
-    with pytest.raises(ValueError):
-        stats_width(p)
-    with pytest.raises((ValueError, RuntimeError)):
-        be.stats_forward(z, [z], None, None, torch.empty((2, 12), dtype=f64), f, i, 0, 5)
+    # the kinds this backend's phases take: the spec's (Triton: its own subset)
+    kinds = be.TRITON_PHASED_KINDS if be_name == "triton" else PHASED_KINDS
+    for kind in set(Kind) - kinds - {Kind.TOPK}:
+        p = KernelParams(kind, 2.0, 2.0, 4.0)
+        f, i = p.lists()
+        if kind not in PHASED_KINDS:
+            with pytest.raises(ValueError):
+                stats_width(p)
+        with pytest.raises((ValueError, RuntimeError)):
+            be.stats_forward(z, [z], None, None, torch.empty((2, 12), dtype=f64), f, i, 0, 5)
+
+
+@pytest.mark.parametrize("be_name", BACKENDS)
+def test_grad_z_aliases_z(be_name):
+    """finish_forward with grad_z = z (the shard's logits overwritten by their gradient, as the
+    fused call allows): the same gradients and terms as into a separate buffer."""
+    be = backend(be_name)
+    p = kl(2.0)
+    gen = torch.Generator().manual_seed(11)
+    inputs = make_inputs(p, 1, f64, gen)
+    z, vs, zp, y, kd_w, ce_w, gs = inputs
+    want = split(be, p, z, vs, zp, y, kd_w, ce_w, gs, CUTS[2])
+    f, i = p.lists()
+    stats = []
+    for a, b in zip(CUTS[2][:-1], CUTS[2][1:]):
+        st = torch.empty((N, stats_width(p, 1)), dtype=f64)
+        be.stats_forward(z[:, a:b], [vs[0][:, a:b]], None, y, st, f, i, a, C)
+        stats.append(st)
+    gstats = torch.stack(stats)
+    zz = z.clone()
+    for a, b in zip(CUTS[2][:-1], CUTS[2][1:]):
+        d, ce = torch.empty((1, N), dtype=f64), torch.empty(N, dtype=f64)
+        coef, pt = torch.empty((2, N), dtype=f64), torch.empty((2, N), dtype=f64)
+        be.finish_forward(zz[:, a:b], [vs[0][:, a:b]], None, y, kd_w, ce_w, gs, gstats, d, ce, coef,
+                          pt, zz[:, a:b], None, f, i, a, C)
+    torch.testing.assert_close(zz, want[1], rtol=0, atol=0)
 
 
 def test_triton_layout_constants():

@@ -277,11 +277,15 @@ def _launch_teachers(z, vs, zp, labels, kd_w, ce_w, grad_scale, d_out, ce_out, g
             iparams, **phase)
 
 
+#: the kinds whose two phases this backend implements (of ``kdfast._spec.PHASED_KINDS``)
+TRITON_PHASED_KINDS = frozenset({Kind.KL})
+
+
 def _phase_check(z, vs, fparams, iparams, col0, vocab, what) -> tuple[list, KernelParams]:
     """The arguments both phases share: (the teachers as a list, the parameters)."""
     p = KernelParams.from_lists(fparams, iparams)
-    if p.kind not in PHASED_KINDS:
-        raise ValueError(f"{what}: kind {p.kind.name} has no two-phase form")
+    if p.kind not in PHASED_KINDS or p.kind not in TRITON_PHASED_KINDS:
+        raise ValueError(f"{what}: kind {p.kind.name} has no two-phase form in the Triton backend")
     vs = list(vs)
     if not vs:
         raise ValueError(f"{what} needs at least one teacher")
@@ -298,11 +302,15 @@ def _f64_buffer(t, shape, name, what) -> None:
                          f"{t.dtype} {tuple(t.shape)}")
 
 
-def stats_forward(z, vs, zp, labels, stats, fparams, iparams, col0, vocab) -> None:
+def stats_forward(z, vs, zp, labels, stats, fparams, iparams, col0, vocab, round=0,
+                  gprev=None) -> None:
     """Phase 1 of the KL kind over a shard of the vocabulary (``kdfast._spec``, "Two phases"): each
     row's pass-1 statistics over this rank's columns ``[col0, col0 + C)`` into ``stats`` (N, K)
-    float64 (KLStat, then KLTeacherStat per teacher). ``labels``: global class ids."""
+    float64 (KLStat, then KLTeacherStat per teacher). ``labels``: global class ids. ``round`` /
+    ``gprev``: a kind with several rounds of statistics (none here: the KL kind has one, round 0)."""
     vs, p = _phase_check(z, vs, fparams, iparams, col0, vocab, "stats_forward")
+    if round != 0 or gprev is not None:
+        raise ValueError(f"stats_forward: the KL kind has one round of statistics, got round {round}")
     N = z.shape[0]
     _f64_buffer(stats, (N, stats_width(p, len(vs))), "stats", "stats_forward")
     if N == 0:
