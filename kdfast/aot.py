@@ -228,11 +228,15 @@ def _signature(c: Combo):
         for f in ("ts", "tt", "scale", "rho", "alpha", "beta"):
             sig[f"{f}_{part}"] = "fp32"
     sig["ignore_index"] = "i32"
+    # the two phases' tensors and shard (unused by the fused launch modelled here: PHASE 0; the
+    # launcher passes d_out for the tensors, 0 for the integers)
+    sig.update(st_ptr="*" + acc, coef_ptr="*" + acc, part_ptr="*" + acc, col0="i32", vocab="i32",
+               world="i32")
     constexprs = dict(
         KIND=c.kind, HAS_LABELS=c.labels, HAS_CE=c.has_ce and c.labels, CE_SHARED=c.ce_shared,
         WTTM=c.wttm, REVERSE=c.reverse, HAS_ZP=c.has_zp, CENTER=c.center, NEED_GZ=c.need_gz,
         NEED_GV=c.need_gv, ACC=tl.float64 if acc == "fp64" else tl.float32, BLOCK=c.block,
-        VEC=_vec(c), MB=c.mb)
+        VEC=_vec(c), MB=c.mb, PHASE=0)
     for k in constexprs:
         sig[k] = "constexpr"
     names = _distill_kernel.arg_names
@@ -246,7 +250,7 @@ def _signature(c: Combo):
             "stride_gv_vec": cv if c.need_gv else 0, "ignore_index": -100,
             "M": c.teachers, "stride_vm_vec": MULTI_ROWS * cv if multi else 0,
             "stride_gvm_vec": MULTI_ROWS * cv if multi and c.need_gv else 0,
-            "stride_wm": MULTI_ROWS if multi else 0}
+            "stride_wm": MULTI_ROWS if multi else 0, "col0": 0, "vocab": 0, "world": 0}
     for k, v in ints.items():   # what the JIT does with an int argument of value 1
         if _jit_int_spec(v) == "constexpr":
             sig[k] = "constexpr"

@@ -1,5 +1,7 @@
-"""Triton backend of kdfast: ``distill_forward`` (the calling contract is ``kdfast._spec``) and the
-fused multi-teacher ``multi_forward`` (the same kernel with M teacher rows per student row).
+"""Triton backend of kdfast: ``distill_forward`` (the calling contract is ``kdfast._spec``), the
+fused multi-teacher ``multi_forward`` (the same kernel with M teacher rows per student row) and,
+for the KL kind over a shard of the vocabulary, the two phases ``stats_forward`` / ``finish_forward``
+(the same kernel again, ``PHASE`` 1 / 2).
 
 One kernel family (``kernel._distill_kernel``), specialised by ``tl.constexpr`` flags per loss kind.
 Runs on CUDA tensors, or on CPU tensors under ``TRITON_INTERPRET=1`` (set before triton is imported).
@@ -14,12 +16,12 @@ import torch
 import triton
 import triton.language as tl
 
-from .._spec import Divergence, KernelParams, Kind, TopkParams
+from .._spec import PHASED_KINDS, Divergence, KernelParams, Kind, Phase, TopkParams, stats_width
 from .kernel import _distill_kernel
 from .topk import _topk_kernel
 
-__all__ = ["distill_forward", "multi_forward", "teacher_stride", "topk_forward", "block_size", "num_warps_for", "max_registers", "launch_config",
-           "MAX_BLOCK"]
+__all__ = ["distill_forward", "multi_forward", "stats_forward", "finish_forward", "teacher_stride", "topk_forward",
+           "block_size", "num_warps_for", "max_registers", "launch_config", "MAX_BLOCK"]
 
 #: Upper bound of the column block. Register use grows with the elements each thread holds,
 #: ``BLOCK / (32 * num_warps)`` (measured: ``python -m kdfast.aot``), and the register file
@@ -129,9 +131,12 @@ def _split(x: float) -> tuple[float, float]:
 
 
 def _launch(z, v, stride_vm, M, zp, labels, kd_w, ce_w, grad_scale, d_out, ce_out, grad_z, grad_v,
-            fparams, iparams) -> None:
+            fparams, iparams, phase=Phase.FUSED, stats=None, coef=None, part=None, col0=0,
+            vocab=0) -> None:
     """One launch of ``_distill_kernel`` over the N rows: ``v`` the first teacher's (N, C) rows,
-    teacher m's at ``v + m * stride_vm`` elements; ``grad_v`` (M, N, C) (or (N, C) when M == 1)."""
+    teacher m's at ``v + m * stride_vm`` elements; ``grad_v`` (M, N, C) (or (N, C) when M == 1).
+    ``phase`` (KL kind): STATS writes ``stats`` (N, K) and takes no weights or outputs (None);
+    FINISH reads ``stats`` = gstats (world, N, K) and writes ``coef`` / ``part`` too."""
     N, C = z.shape
     p = KernelParams.from_lists(fparams, iparams)
     kind = p.kind
@@ -141,7 +146,11 @@ def _launch(z, v, stride_vm, M, zp, labels, kd_w, ce_w, grad_scale, d_out, ce_ou
     ce_shared = has_ce and kind in (Kind.KL, Kind.DKD, Kind.JSD) and p.t_student == 1.0
     mb = triton.next_power_of_2(M)
     acc = tl.float64 if z.dtype == torch.float64 else tl.float32
-    dummy = d_out  # stands in for absent tensors (never read or written: constexpr flags)
+    # stands in for absent tensors (never read or written: constexpr flags)
+    dummy = d_out if d_out is not None else stats
+    if phase == Phase.STATS:
+        kd_w = ce_w = grad_scale = d_out = ce_out = dummy
+    world = stats.shape[0] if phase == Phase.FINISH else 0
     # the kernel's ts, tt, scale, rho, alpha, beta (each as hi + lo)
     hi_lo = [_split(x) for x in (p.t_student, p.t_teacher, p.scale, p.rho, p.alpha, p.beta)]
     gv_row, gv_m = 0, 0
@@ -162,11 +171,13 @@ def _launch(z, v, stride_vm, M, zp, labels, kd_w, ce_w, grad_scale, d_out, ce_ou
         M, (stride_vm // vec) if M > 1 else 0, gv_m // vec, kd_w.stride(0) if M > 1 else 0,
         *[h for h, _ in hi_lo], *[lo for _, lo in hi_lo],
         p.ignore_index,
+        stats if stats is not None else dummy, coef if coef is not None else dummy,
+        part if part is not None else dummy, col0, vocab, world,
         KIND=int(kind), HAS_LABELS=has_labels, HAS_CE=has_ce, CE_SHARED=ce_shared,
         WTTM=p.wttm and kind == Kind.KL, REVERSE=p.reverse and kind == Kind.KL, HAS_ZP=zp is not None,
         CENTER=p.center and kind == Kind.LM, NEED_GZ=grad_z is not None, NEED_GV=grad_v is not None,
-        ACC=acc, BLOCK=block, VEC=vec, MB=mb, num_warps=num_warps, maxnreg=max_registers(num_warps),
-        enable_fp_fusion=FP_FUSION,
+        ACC=acc, BLOCK=block, VEC=vec, MB=mb, PHASE=int(phase), num_warps=num_warps,
+        maxnreg=max_registers(num_warps), enable_fp_fusion=FP_FUSION,
     )
 
 
@@ -239,6 +250,16 @@ def multi_forward(z, vs, zp, labels, kd_w, ce_w, grad_scale, d_out, ce_out, grad
         return
     if not (kd_w.is_contiguous() and d_out.is_contiguous()):
         raise ValueError("kd_w and d_out must be contiguous")
+    _launch_teachers(z, vs, zp, labels, kd_w, ce_w, grad_scale, d_out, ce_out, grad_z, grad_v,
+                     fparams, iparams)
+
+
+def _launch_teachers(z, vs, zp, labels, kd_w, ce_w, grad_scale, d_out, ce_out, grad_z, grad_v,
+                     fparams, iparams, **phase) -> None:
+    """``_launch`` for a list of M teachers (arguments checked): read in place when equally spaced,
+    else stacked; M == 1 is the single-teacher launch (``kd_w``, ``d_out`` (M, N) and ``grad_v``
+    (M, N, C), where given, taken at teacher 0)."""
+    M = len(vs)
     d = teacher_stride(vs)
     if d is None:
         stacked = torch.stack(vs)   # a copy: the teachers are not equally spaced
@@ -247,12 +268,84 @@ def multi_forward(z, vs, zp, labels, kd_w, ce_w, grad_scale, d_out, ce_out, grad
         v0 = vs[0]
     if M == 1:
         grad_v1 = grad_v[0] if grad_v is not None else None
-        kd_w1, d_out1 = kd_w[0], d_out[0]
+        kd_w1 = kd_w[0] if kd_w is not None else None
+        d_out1 = d_out[0] if d_out is not None else None
         _launch(z, v0, 0, 1, zp, labels, kd_w1, ce_w, grad_scale, d_out1, ce_out, grad_z, grad_v1,
-                fparams, iparams)
+                fparams, iparams, **phase)
         return
     _launch(z, v0, d, M, zp, labels, kd_w, ce_w, grad_scale, d_out, ce_out, grad_z, grad_v, fparams,
-            iparams)
+            iparams, **phase)
+
+
+#: the kinds whose two phases this backend implements (of ``kdfast._spec.PHASED_KINDS``)
+TRITON_PHASED_KINDS = frozenset({Kind.KL})
+
+
+def _phase_check(z, vs, fparams, iparams, col0, vocab, what) -> tuple[list, KernelParams]:
+    """The arguments both phases share: (the teachers as a list, the parameters)."""
+    p = KernelParams.from_lists(fparams, iparams)
+    if p.kind not in PHASED_KINDS or p.kind not in TRITON_PHASED_KINDS:
+        raise ValueError(f"{what}: kind {p.kind.name} has no two-phase form in the Triton backend")
+    vs = list(vs)
+    if not vs:
+        raise ValueError(f"{what} needs at least one teacher")
+    C = z.shape[1]
+    if not (0 <= int(col0) and int(col0) + C <= int(vocab)):
+        raise ValueError(f"{what}: columns [col0, col0 + C) = [{col0}, {int(col0) + C}) are not "
+                         f"within the vocabulary [0, {vocab})")
+    return vs, p
+
+
+def _f64_buffer(t, shape, name, what) -> None:
+    if t.dtype != torch.float64 or tuple(t.shape) != tuple(shape) or not t.is_contiguous():
+        raise ValueError(f"{what}: {name} must be float64 {tuple(shape)} contiguous, got "
+                         f"{t.dtype} {tuple(t.shape)}")
+
+
+def stats_forward(z, vs, zp, labels, stats, fparams, iparams, col0, vocab, round=0,
+                  gprev=None) -> None:
+    """Phase 1 of the KL kind over a shard of the vocabulary (``kdfast._spec``, "Two phases"): each
+    row's pass-1 statistics over this rank's columns ``[col0, col0 + C)`` into ``stats`` (N, K)
+    float64 (KLStat, then KLTeacherStat per teacher). ``labels``: global class ids. ``round`` /
+    ``gprev``: a kind with several rounds of statistics (none here: the KL kind has one, round 0)."""
+    vs, p = _phase_check(z, vs, fparams, iparams, col0, vocab, "stats_forward")
+    if round != 0 or gprev is not None:
+        raise ValueError(f"stats_forward: the KL kind has one round of statistics, got round {round}")
+    N = z.shape[0]
+    _f64_buffer(stats, (N, stats_width(p, len(vs))), "stats", "stats_forward")
+    if N == 0:
+        return
+    _launch_teachers(z, vs, zp, labels, None, None, None, None, None, None, None, fparams, iparams,
+                     phase=Phase.STATS, stats=stats, col0=int(col0), vocab=int(vocab))
+
+
+def finish_forward(z, vs, zp, labels, kd_w, ce_w, grad_scale, gstats, d_out, ce_out, coef, part,
+                   grad_z, grad_v, fparams, iparams, col0, vocab) -> None:
+    """Phase 2 of the KL kind (``kdfast._spec``, "Two phases"): the ranks' statistics ``gstats``
+    (world, N, K) combined per row, then this rank's columns' gradients (as ``multi_forward`` writes
+    those columns of the whole rows) and the loss terms as ``b + a log1p(X)``: ``b`` in ``d_out``
+    (M, N) / ``ce_out`` (N,), ``a`` in ``coef`` and this rank's part of X in ``part`` ((M + 1, N)
+    float64; sum ``part`` over the ranks, then ``kdfast._spec.finish_terms``)."""
+    vs, p = _phase_check(z, vs, fparams, iparams, col0, vocab, "finish_forward")
+    M = len(vs)
+    N, C = z.shape
+    if tuple(kd_w.shape) != (M, N) or tuple(d_out.shape) != (M, N):
+        raise ValueError(f"kd_w and d_out must be (M, N) = ({M}, {N}), got {tuple(kd_w.shape)} "
+                         f"and {tuple(d_out.shape)}")
+    if not (kd_w.is_contiguous() and d_out.is_contiguous()):
+        raise ValueError("kd_w and d_out must be contiguous")
+    if grad_v is not None and (grad_v.dim() != 3 or tuple(grad_v.shape) != (M, N, C) or grad_v.stride(2) != 1):
+        raise ValueError(f"grad_v must be (M, N, C) = ({M}, {N}, {C}) with stride(2) == 1")
+    if gstats.dim() != 3 or gstats.shape[0] < 1:
+        raise ValueError(f"finish_forward: gstats must be (world, N, K), got {tuple(gstats.shape)}")
+    _f64_buffer(gstats, (gstats.shape[0], N, stats_width(p, M)), "gstats", "finish_forward")
+    _f64_buffer(coef, (M + 1, N), "coef", "finish_forward")
+    _f64_buffer(part, (M + 1, N), "part", "finish_forward")
+    if N == 0:
+        return
+    _launch_teachers(z, vs, zp, labels, kd_w, ce_w, grad_scale, d_out, ce_out, grad_z, grad_v,
+                     fparams, iparams, phase=Phase.FINISH, stats=gstats, coef=coef, part=part,
+                     col0=int(col0), vocab=int(vocab))
 
 
 def topk_forward(z, t_lp, t_idx, labels, kd_w, ce_w, grad_scale, d_out, ce_out, grad_z, fparams,

@@ -2,7 +2,7 @@
 kernel: the kind constants (== kdfast._spec.Kind), online log-sum-exp, row / teacher loads and masks,
 the per-teacher reductions, the row finish (0 / NaN for ignored / bad rows), the arg-max references,
 log1p / softplus / phi, the KL loss plan ``_x_plan``, and ``softmax_stats``, pass 1 of the softmax
-kinds (KL, DKD, JSD). Each kind's own passes live in its module (kl.py, dkd.py, logit_matching.py,
+kinds (KL, DKD, JSD), with ``stats_end`` (its row constants, shared with the KL kind's phase 2). Each kind's own passes live in its module (kl.py, dkd.py, logit_matching.py,
 ls.py, jsd.py, topk.py).
 """
 import triton
@@ -213,7 +213,7 @@ def softmax_stats(
     c = v / Tt per teacher (DKD: over j != y), the arg-max references a_ref / c_ref, for KL / DKD
     W = sum exp(c - m_c) d (reverse: exp(a - m_a), d^r = -d), CE's lse(z) at T = 1 when not shared
     and wttm's lse(v). Returns the maxima and log-sums kept apart (``mas``, ``la``, ...) and the
-    updated statistics."""
+    updated statistics (the raw CE pair ``m_1``, ``s_1`` last: the KL kind's phase 1 stores it)."""
     # ---- KL, DKD, JSD: pass 1 = online lse of a = z/Ts and c = v/Tt (DKD: over j != y), and
     # for KL / DKD W = sum exp(c - m_c) d, d_j = (c_j - m_c) - (a_j - m_a) relative to the running
     # maxima, corrected when they move (reverse: weights exp(a - m_a), d^r = -d) ----
@@ -268,7 +268,16 @@ def softmax_stats(
             m_1, s_1, _r1, _e1 = _lse_rows(m_1, s_1, z)
         if WTTM:
             m_u, s_u, _ru, _eu = _lse_rows(m_u, s_u, v)
-    # maxima and log-sums kept apart (never lse = m + l as one float): log q_j = (a_j - m_a) - la
+    mas, mcs, la, lc, m1s, l1 = stats_end(m_a, s_a, m_c, s_c, m_1, s_1, CE_SHARED)
+
+    return mas, mcs, la, lc, m1s, l1, c_ref, a_ref, s_a, s_c, w, m_u, s_u, m_1, s_1
+
+
+@triton.jit
+def stats_end(m_a, s_a, m_c, s_c, m_1, s_1, CE_SHARED: tl.constexpr):
+    """The row constants from pass 1's (max, sum) pairs (a row's own, or the ranks' combined: the
+    KL kind's phase 2): maxima and log-sums kept apart (never lse = m + l as one float),
+    log q_j = (a_j - m_a) - la."""
     mas = _safe(m_a)
     mcs = _safe(m_c)
     la = tl.log(s_a)
@@ -278,5 +287,4 @@ def softmax_stats(
     if CE_SHARED:
         m1s = mas
         l1 = la
-
-    return mas, mcs, la, lc, m1s, l1, c_ref, a_ref, s_a, s_c, w, m_u, s_u
+    return mas, mcs, la, lc, m1s, l1

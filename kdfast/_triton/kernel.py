@@ -25,6 +25,13 @@ Conventions inside the kernel:
   probability are guarded (``where(p > 0, ...)``) so ``0 * inf`` never makes a NaN;
 - the row's outputs are finally overwritten with 0 (ignored row) or NaN (label outside [0, C)).
 
+Two phases (tensor parallelism, KL kind: ``PHASE`` 1 / 2, kdfast/_spec.py "Two phases"): phase 1
+runs pass 1 over this rank's columns and stores the row's statistics (``kl.kl_stats``); phase 2
+combines every rank's (``kl.kl_combine``, in float64) into what pass 1 gives the fused kernel, then
+runs the KL kind's pass 2 over the local columns, writing each loss term as ``b + a log1p(X)`` with
+this rank's part of X. ``PHASE`` 0 (fused) compiles to the single-call kernel as before: every phase
+branch is a constexpr ``if``.
+
 Layout: this module holds the kernel (its arguments, the row setup, the dispatch on ``KIND`` and the
 stores); ``common.py`` the shared primitives and pass 1 of the softmax kinds; ``kl.py``, ``dkd.py``,
 ``logit_matching.py``, ``ls.py``, ``jsd.py`` each kind's passes (``<kind>_kind``), called with the
@@ -33,10 +40,11 @@ row's state; the top-k teacher has its own kernel (``topk.py``).
 import triton
 import triton.language as tl
 
-from .common import KIND_DKD, KIND_JSD, KIND_KL, KIND_LM, KIND_LS, NEG_INF, _finish, softmax_stats
+from .common import (
+    KIND_DKD, KIND_JSD, KIND_KL, KIND_LM, KIND_LS, NEG_INF, _finish, softmax_stats, stats_end)
 from .dkd import dkd_kind
 from .jsd import jsd_kind
-from .kl import kl_kind
+from .kl import kl_combine, kl_kind, kl_stats
 from .logit_matching import lm_kind
 from .ls import ls_kind
 
@@ -56,6 +64,11 @@ def _distill_kernel(
     ts_hi, tt_hi, scale_hi, rho_hi, alpha_hi, beta_hi,
     ts_lo, tt_lo, scale_lo, rho_lo, alpha_lo, beta_lo,
     ignore_index,
+    # the KL kind's two phases (kdfast/_spec.py, "Two phases"; unused when PHASE == 0): the tensors
+    # are the columns [col0, col0 + C) of rows of ``vocab`` columns; phase 1 writes each row's
+    # statistics to st_ptr (N, K), phase 2 reads the ``world`` ranks' from st_ptr (world, N, K) and
+    # writes the loss terms' a and X to coef_ptr / part_ptr (M + 1, N) (float64 all)
+    st_ptr, coef_ptr, part_ptr, col0, vocab, world,
     KIND: tl.constexpr,       # 0 KL, 1 DKD, 2 LM, 3 LS, 4 JSD (kdfast._spec.Kind)
     HAS_LABELS: tl.constexpr,
     HAS_CE: tl.constexpr,     # CE term (only with labels)
@@ -70,11 +83,13 @@ def _distill_kernel(
     BLOCK: tl.constexpr,
     VEC: tl.constexpr,        # C and every row stride are multiples of VEC (the launcher's choice)
     MB: tl.constexpr = 1,     # teacher slots: next_power_of_2(M)
+    PHASE: tl.constexpr = 0,  # 0 fused, 1 statistics, 2 finish (kdfast._spec.Phase; KL kind only)
 ):
     # Multiplying back by the constexpr VEC tells the compiler that every row starts 16 bytes
     # aligned (VEC = 16 bytes / element size when C and the strides allow it): 128-bit loads and
     # stores for any such C (C = 1000 included), which Triton's own specialisation only infers for
     # multiples of 16. VEC = 1 otherwise.
+    tl.static_assert(PHASE == 0 or KIND == KIND_KL, "only the KL kind has the two phases")
     C = C_vec * VEC
     stride_z = stride_z_vec * VEC
     stride_v = stride_v_vec * VEC
@@ -110,11 +125,20 @@ def _distill_kernel(
     if HAS_LABELS:
         y = tl.load(lab_ptr + row)
         ignored = y == ignore_index
-        bad = ((y < 0) | (y >= C)) & (y != ignore_index)
-        y = tl.where(ignored | bad, 0, y).to(tl.int32)  # in bounds from here on
+        if PHASE == 0:
+            bad = ((y < 0) | (y >= C)) & (y != ignore_index)
+            y = tl.where(ignored | bad, 0, y).to(tl.int32)  # in bounds from here on
+        else:
+            # a global class id: bad outside [0, vocab); ``y`` from here on its local column when
+            # this rank holds it (``here``), else -1 (no column: the CE's -1 is another rank's)
+            bad = ((y < 0) | (y >= vocab)) & (y != ignore_index)
+            y = y - col0
+            here = ((y >= 0) & (y < C) & ((ignored | bad) == 0)) != 0   # (a bool: a load mask)
+            y = tl.where(here, y, -1).to(tl.int32)
     else:
         ignored = row < 0
         bad = row < 0
+        here = row < 0
         y = (row * 0 - 1).to(tl.int32)  # matches no column
     live = (ignored | bad) == 0
     # the row's live extent: C, or 0 for an ignored / bad row (``offs < lim`` is then all false).
@@ -123,14 +147,15 @@ def _distill_kernel(
     lim = tl.where(live, C, 0)
     lim_m = tl.where(live, M, 0)         # likewise for the teacher slots of a per-row gather
 
-    g = tl.load(gs_ptr).to(ACC)
-    if MB == 1:
-        wkd = tl.load(kdw_ptr + row + tm * stride_wm).to(ACC)
-    else:
-        wkd = tl.load(kdw_ptr + row + tm * stride_wm, mask=tok, other=0.0).to(ACC)
-    wce = tl.load(cew_ptr + row).to(ACC)
-    gk = g * wkd  # (MB,): factor of every distillation gradient, per teacher
-    gc = g * wce  # factor of the CE gradient
+    if PHASE != 1:   # (phase 1 has no weights)
+        g = tl.load(gs_ptr).to(ACC)
+        if MB == 1:
+            wkd = tl.load(kdw_ptr + row + tm * stride_wm).to(ACC)
+        else:
+            wkd = tl.load(kdw_ptr + row + tm * stride_wm, mask=tok, other=0.0).to(ACC)
+        wce = tl.load(cew_ptr + row).to(ACC)
+        gk = g * wkd  # (MB,): factor of every distillation gradient, per teacher
+        gc = g * wce  # factor of the CE gradient
 
     # accumulators, (1,) for student statistics and (MB,) per teacher (not every kind uses every one)
     zs = tl.sum(tl.zeros([1, BLOCK], ACC), 1)
@@ -167,15 +192,33 @@ def _distill_kernel(
             zs, zt, m_a, s_a, m_c, s_c, w, a_ref, m_1, s_1, D, ce, HAS_CE, HAS_ZP, NEED_GZ, NEED_GV,
             ACC, BLOCK, MB)
     else:
-        mas, mcs, la, lc, m1s, l1, c_ref, a_ref, s_a, s_c, w, m_u, s_u = softmax_stats(C, tok2,
-            z_row, v_rows, zp_row, cols, rho, omr, its, itt, y, lim, m_a, s_a, m_c, s_c, w, c_ref,
-            a_ref, m_1, s_1, m_u, s_u, KIND, HAS_CE, CE_SHARED, WTTM, REVERSE, HAS_ZP, ACC, BLOCK,
-            MB)
-        if KIND == KIND_KL:
-            D, ce = kl_kind(gz_ptr, gv_ptr, C, stride_gz, row, tok, tok2, z_row, v_rows, zp_row,
-                gv_rows, cols, scale, rho, omr, its, itt, y, ignored, bad, live, lim, gk, gc, zt,
-                s_a, s_c, w, c_ref, a_ref, m_u, s_u, D, ce, mas, mcs, la, lc, m1s, l1, HAS_CE,
-                CE_SHARED, WTTM, REVERSE, HAS_ZP, NEED_GZ, NEED_GV, ACC, BLOCK, MB)
+        zy = zs
+        if PHASE == 2:
+            # KL, phase 2: pass 1's statistics are every rank's, combined (kl.py); then the row
+            # constants and the gradient sweep over the local columns as in the fused kernel
+            m_a, s_a, m_c, s_c, w, ref, m_u, s_u, m_1, s_1, zy = kl_combine(st_ptr, row, M, tm,
+                world, live, lim_m, HAS_LABELS, HAS_CE, CE_SHARED, WTTM, REVERSE, ACC)
+            mas, mcs, la, lc, m1s, l1 = stats_end(m_a, s_a, m_c, s_c, m_1, s_1, CE_SHARED)
+            if REVERSE:
+                c_ref = ref
+            else:
+                a_ref = ref
+        else:
+            mas, mcs, la, lc, m1s, l1, c_ref, a_ref, s_a, s_c, w, m_u, s_u, m_1, s_1 = \
+                softmax_stats(C, tok2, z_row, v_rows, zp_row, cols, rho, omr, its, itt, y, lim, m_a,
+                    s_a, m_c, s_c, w, c_ref, a_ref, m_1, s_1, m_u, s_u, KIND, HAS_CE, CE_SHARED,
+                    WTTM, REVERSE, HAS_ZP, ACC, BLOCK, MB)
+        if PHASE == 1:
+            # KL, phase 1: the statistics over the local columns are the output
+            kl_stats(st_ptr, row, M, tm, tok, z_row, v_base, zp_row, y, here, rho, omr, mas, mcs,
+                s_a, s_c, w, a_ref, c_ref, m_u, s_u, m_1, s_1, HAS_LABELS, HAS_CE, CE_SHARED, WTTM,
+                REVERSE, HAS_ZP, ACC)
+        elif KIND == KIND_KL:
+            D, ce, coef, xs = kl_kind(gz_ptr, gv_ptr, C, stride_gz, row, tok, tok2, z_row, v_rows,
+                zp_row, gv_rows, cols, scale, rho, omr, its, itt, y, ignored, bad, live, lim, gk,
+                gc, zt, s_a, s_c, w, c_ref, a_ref, m_u, s_u, D, ce, mas, mcs, la, lc, m1s, l1,
+                HAS_CE, CE_SHARED, WTTM, REVERSE, HAS_ZP, NEED_GZ, NEED_GV, ACC, BLOCK, MB, PHASE,
+                zy)
         elif KIND == KIND_DKD:
             D, ce = dkd_kind(gz_ptr, gv_ptr, C, stride_gz, row, tm, tok, tok2, z_row, v_base,
                 v_rows, zp_row, gv_rows, cols, ts, rho, alpha, beta, omr, its, itt, y, ignored, bad,
@@ -188,12 +231,23 @@ def _distill_kernel(
                 mcs, la, lc, m1s, l1, HAS_CE, CE_SHARED, HAS_ZP, NEED_GZ, NEED_GV, ACC, BLOCK, VEC,
                 MB)
 
-    # D_m unweighted per teacher (d_out is (M, N)); CE once
-    if MB == 1:
-        tl.store(d_ptr + row + tm * stride_wm, _finish(D, ignored, bad))
-    else:
-        tl.store(d_ptr + row + tm * stride_wm, _finish(D, ignored, bad), mask=tok)
-    if HAS_CE:
-        tl.store(ce_ptr + row, tl.sum(_finish(ce, ignored, bad), 0))
-    else:
-        tl.store(ce_ptr + row, tl.sum(zs, 0))
+    if PHASE != 1:
+        # D_m unweighted per teacher (d_out is (M, N)); CE once (phase 2: their b)
+        if MB == 1:
+            tl.store(d_ptr + row + tm * stride_wm, _finish(D, ignored, bad))
+        else:
+            tl.store(d_ptr + row + tm * stride_wm, _finish(D, ignored, bad), mask=tok)
+        if HAS_CE:
+            tl.store(ce_ptr + row, tl.sum(_finish(ce, ignored, bad), 0))
+        else:
+            tl.store(ce_ptr + row, tl.sum(zs, 0))
+    if PHASE == 2:
+        # the terms' a and this rank's X: teacher m's at [m, row] of the (M + 1, N) buffers, CE's
+        # at [M, row]: a = X = 0 (this kernel's CE is one-pass, (m_1 - z_y) + l_1, always b)
+        n_rows = tl.num_programs(0).to(tl.int64)
+        tl.store(coef_ptr + tm * n_rows + row, _finish(coef, ignored, bad).to(tl.float64),
+                 mask=tok)
+        tl.store(part_ptr + tm * n_rows + row, _finish(xs, ignored, bad).to(tl.float64),
+                 mask=tok)
+        tl.store(coef_ptr + M * n_rows + row, tl.sum(zs.to(tl.float64), 0))
+        tl.store(part_ptr + M * n_rows + row, tl.sum(zs.to(tl.float64), 0))

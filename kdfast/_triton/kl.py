@@ -1,12 +1,194 @@
 """The KL kind of the Triton kernel: kd, ttm, wttm, retro_kd and jsd at beta in {0, 1} (forward and
 reverse KL). Pass 2 (after ``common.softmax_stats``): the loss (one-pass KL1, or log1p of X
 accumulated in the gradient sweep) and the gradients.
+
+The two phases of tensor parallelism (kdfast/_spec.py, "Two phases"): ``kl_stats`` stores a row's
+pass-1 statistics over this rank's columns (phase 1), ``kl_combine`` merges the ranks' (phase 2),
+after which ``kl_kind`` runs over the local columns as in the fused kernel.
 """
 import triton
 import triton.language as tl
 
 from .common import (
-    _finish, _load_row, _load_teachers, _log1p, _phi_term, _ref, _safe, _tmask, _tsum, _x_plan)
+    NEG_INF, _finish, _load_row, _load_teachers, _log1p, _phi_term, _ref, _safe, _tmask, _tsum,
+    _x_plan)
+
+# the statistics layout of a row (kdfast._spec.KLStat, then KLTeacherStat per teacher; float64)
+ST_M_Z: tl.constexpr = tl.constexpr(0)
+ST_S_Z: tl.constexpr = tl.constexpr(1)
+ST_M_ONE: tl.constexpr = tl.constexpr(2)
+ST_S_ONE: tl.constexpr = tl.constexpr(3)
+ST_Z_Y: tl.constexpr = tl.constexpr(4)
+ST_COUNT: tl.constexpr = tl.constexpr(5)
+STT_M_V: tl.constexpr = tl.constexpr(0)
+STT_S_V: tl.constexpr = tl.constexpr(1)
+STT_R: tl.constexpr = tl.constexpr(2)
+STT_W: tl.constexpr = tl.constexpr(3)
+STT_M_U: tl.constexpr = tl.constexpr(4)
+STT_S_U: tl.constexpr = tl.constexpr(5)
+STT_V_Y: tl.constexpr = tl.constexpr(6)
+STT_COUNT: tl.constexpr = tl.constexpr(7)
+
+
+@triton.jit
+def _held_max(m, s):
+    """A stream's max as stored: -inf where it has no mass here (s = 0), in float64."""
+    return tl.where(s > 0.0, m, NEG_INF).to(tl.float64)
+
+
+@triton.jit
+def kl_stats(
+        st_ptr, row, M, tm, tok, z_row, v_base, zp_row, yl, here, rho, omr, mas, mcs, s_a, s_c, w,
+        a_ref, c_ref, m_u, s_u, m_1, s_1, HAS_LABELS: tl.constexpr, HAS_CE: tl.constexpr,
+        CE_SHARED: tl.constexpr, WTTM: tl.constexpr, REVERSE: tl.constexpr,
+        HAS_ZP: tl.constexpr, ACC: tl.constexpr,
+):
+    """Phase 1: the row's pass-1 statistics over this rank's columns into its ``stats`` row (the
+    KLStat / KLTeacherStat layout, float64; values of the accumulation dtype, exact in float64).
+    ``W`` is stored with the reference it was taken against (``_ref``: the other stream's value at
+    the weighting stream's argmax, a = z / Ts for the forward KL, c = v / Tt for the reverse);
+    ``yl`` the label's local column, ``here`` whether this rank holds it."""
+    base = st_ptr + row * (ST_COUNT + M * STT_COUNT)
+    o1 = tl.zeros([1], tl.int64)
+    tl.store(base + o1 + ST_M_Z, _held_max(mas, s_a))
+    tl.store(base + o1 + ST_S_Z, s_a.to(tl.float64))
+    if HAS_CE:
+        if CE_SHARED:   # CE's lse is the student's at Ts = 1: a copy of its pair
+            m1 = mas
+            s1 = s_a
+        else:
+            m1 = _safe(m_1)
+            s1 = s_1
+        tl.store(base + o1 + ST_M_ONE, _held_max(m1, s1))
+        tl.store(base + o1 + ST_S_ONE, s1.to(tl.float64))
+    else:
+        tl.store(base + o1 + ST_M_ONE, o1.to(tl.float64))
+        tl.store(base + o1 + ST_S_ONE, o1.to(tl.float64))
+    zy = tl.sum(o1.to(tl.float64), 0)
+    if HAS_LABELS:
+        zy = tl.load(z_row + yl, mask=here, other=0.0).to(ACC).to(tl.float64)
+    tl.store(base + ST_Z_Y, zy)
+    tb = base + ST_COUNT + tm * STT_COUNT   # (MB,): teacher m's block
+    tl.store(tb + STT_M_V, _held_max(mcs, s_c), mask=tok)
+    tl.store(tb + STT_S_V, s_c.to(tl.float64), mask=tok)
+    if REVERSE:   # W = sum q_j d_j, d_j = (a_j - m_a) - (c_j - R)
+        ref = _ref(c_ref, mcs)
+    else:         # W = sum p_j d_j, d_j = (c_j - m_c) - (a_j - R)
+        ref = _ref(a_ref, mas)
+    tl.store(tb + STT_R, ref.to(tl.float64), mask=tok)
+    tl.store(tb + STT_W, w.to(tl.float64), mask=tok)
+    if WTTM:
+        tl.store(tb + STT_M_U, _held_max(_safe(m_u), s_u), mask=tok)
+        tl.store(tb + STT_S_U, s_u.to(tl.float64), mask=tok)
+    else:
+        tl.store(tb + STT_M_U, (tm * 0).to(tl.float64), mask=tok)
+        tl.store(tb + STT_S_U, (tm * 0).to(tl.float64), mask=tok)
+    # the label logit of each teacher row the loss sees (r = (1 - rho) v + rho zp for retro_kd) at
+    # temperature 1, as z_y
+    vy = (tm * 0).to(ACC)
+    if HAS_LABELS:
+        vy = _load_teachers(v_base, zp_row, yl, tm < tl.where(here, M, 0), here, rho, omr, HAS_ZP,
+                            ACC)
+        vy = tl.where(here, vy, 0.0)
+    tl.store(tb + STT_V_Y, vy.to(tl.float64), mask=tok)
+
+
+@triton.jit
+def _comb_max(base, rs, world, om, os, mask):
+    """M = max over the ranks with mass (S_r > 0) of M_r (-inf when none has any); ``base`` the
+    row's statistics on rank 0, ``rs`` the rank stride, ``om`` / ``os`` the pair's columns."""
+    m = (om * 0).to(tl.float64) + NEG_INF
+    for r in range(0, world):
+        mr = tl.load(base + r * rs + om, mask=mask, other=NEG_INF)
+        sr = tl.load(base + r * rs + os, mask=mask, other=0.0)
+        m = tl.where(sr > 0.0, tl.maximum(m, mr), m)
+    return m
+
+
+@triton.jit
+def _comb_sum(base, rs, world, om, os, mask, m):
+    """S = sum_r S_r e^(M_r - M) over the ranks with S_r > 0 (the online lse's rescale)."""
+    ms = _safe(m)
+    s = (om * 0).to(tl.float64)
+    for r in range(0, world):
+        mr = tl.load(base + r * rs + om, mask=mask, other=NEG_INF)
+        sr = tl.load(base + r * rs + os, mask=mask, other=0.0)
+        ok = sr > 0.0
+        s += tl.where(ok, sr * tl.exp(tl.where(ok, mr - ms, 0.0)), 0.0)
+    return s
+
+
+@triton.jit
+def _comb_w(base, rs, world, om, os, mask_w, m, o_r, o_w, mask):
+    """(R, W) of the KL statistic: R from the first rank holding the weighting stream's max (M_r = M,
+    S_r > 0); d^r_j = d_j + (M - M_r) - (R - R_r) against rank r's (M_r, R_r), so
+    W = sum_r e^(M_r - M) (W_r - S_r ((M - M_r) - (R - R_r))) over the ranks with S_r > 0. ``om``,
+    ``os``, ``mask_w``, ``m``: the weighting stream (the teacher's, the student's for the reverse
+    KL), ``o_r``, ``o_w``, ``mask``: R and W per teacher."""
+    ms = _safe(m)
+    ref = (o_r * 0).to(tl.float64)
+    for i in range(0, world):   # last to first: the first such rank's R is assigned last
+        r = world - 1 - i
+        mr = tl.load(base + r * rs + om, mask=mask_w, other=NEG_INF)
+        sr = tl.load(base + r * rs + os, mask=mask_w, other=0.0)
+        rr = tl.load(base + r * rs + o_r, mask=mask, other=0.0)
+        ref = tl.where((sr > 0.0) & (mr == m), rr, ref)
+    w = (o_r * 0).to(tl.float64)
+    for r in range(0, world):
+        mr = tl.load(base + r * rs + om, mask=mask_w, other=NEG_INF)
+        sr = tl.load(base + r * rs + os, mask=mask_w, other=0.0)
+        rr = tl.load(base + r * rs + o_r, mask=mask, other=0.0)
+        wr = tl.load(base + r * rs + o_w, mask=mask, other=0.0)
+        ok = sr > 0.0
+        e = tl.exp(tl.where(ok, mr - ms, 0.0))
+        sh = tl.where(ok, (ms - mr) - (ref - rr), 0.0)
+        w += tl.where(ok, e * (wr - sr * sh), 0.0)
+    return ref, w
+
+
+@triton.jit
+def kl_combine(
+        st_ptr, row, M, tm, world, live, lim_m, HAS_LABELS: tl.constexpr, HAS_CE: tl.constexpr,
+        CE_SHARED: tl.constexpr, WTTM: tl.constexpr, REVERSE: tl.constexpr, ACC: tl.constexpr,
+):
+    """Phase 2: the row's statistics over all ranks from ``gstats`` (world, N, K), in float64 (the
+    formulas of kdfast/_spec.py, "Combine"), then rounded to ACC: (m_a, s_a, m_c, s_c, W, R, m_u,
+    s_u, m_1, s_1, z_y), each with the shape ``softmax_stats`` gives it ((1,) student, (MB,) per
+    teacher; the pairs' maxima -inf without mass, as pass 1 leaves them). Ignored / bad rows read
+    nothing (their outputs are overwritten)."""
+    K = ST_COUNT + M * STT_COUNT
+    rs = tl.num_programs(0).to(tl.int64) * K   # rank stride: N rows of K
+    base = st_ptr + row * K
+    o1 = tl.zeros([1], tl.int64)
+    m1 = o1 < tl.where(live, 1, 0)
+    ot = ST_COUNT + tm * STT_COUNT
+    mt = tm < lim_m
+    mz = _comb_max(base, rs, world, o1 + ST_M_Z, o1 + ST_S_Z, m1)
+    sz = _comb_sum(base, rs, world, o1 + ST_M_Z, o1 + ST_S_Z, m1, mz)
+    mv = _comb_max(base, rs, world, ot + STT_M_V, ot + STT_S_V, mt)
+    sv = _comb_sum(base, rs, world, ot + STT_M_V, ot + STT_S_V, mt, mv)
+    if REVERSE:
+        ref, w = _comb_w(base, rs, world, o1 + ST_M_Z, o1 + ST_S_Z, m1, mz, ot + STT_R,
+                         ot + STT_W, mt)
+    else:
+        ref, w = _comb_w(base, rs, world, ot + STT_M_V, ot + STT_S_V, mt, mv, ot + STT_R,
+                         ot + STT_W, mt)
+    m_1 = mz
+    s_1 = sz
+    if HAS_CE and not CE_SHARED:
+        m_1 = _comb_max(base, rs, world, o1 + ST_M_ONE, o1 + ST_S_ONE, m1)
+        s_1 = _comb_sum(base, rs, world, o1 + ST_M_ONE, o1 + ST_S_ONE, m1, m_1)
+    m_u = mv
+    s_u = sv
+    if WTTM:
+        m_u = _comb_max(base, rs, world, ot + STT_M_U, ot + STT_S_U, mt)
+        s_u = _comb_sum(base, rs, world, ot + STT_M_U, ot + STT_S_U, mt, m_u)
+    zy = tl.sum(o1.to(tl.float64), 0)
+    if HAS_LABELS:   # one rank holds the label's column, the others stored 0: the sum is exact
+        for r in range(0, world):
+            zy += tl.sum(tl.load(base + r * rs + o1 + ST_Z_Y, mask=m1, other=0.0), 0)
+    return (mz.to(ACC), sz.to(ACC), mv.to(ACC), sv.to(ACC), w.to(ACC), ref.to(ACC), m_u.to(ACC),
+            s_u.to(ACC), m_1.to(ACC), s_1.to(ACC), zy.to(ACC))
 
 
 @triton.jit
@@ -16,9 +198,12 @@ def kl_kind(
         a_ref, m_u, s_u, D, ce, mas, mcs, la, lc, m1s, l1, HAS_CE: tl.constexpr,
         CE_SHARED: tl.constexpr, WTTM: tl.constexpr, REVERSE: tl.constexpr, HAS_ZP: tl.constexpr,
         NEED_GZ: tl.constexpr, NEED_GV: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr,
-        MB: tl.constexpr,
+        MB: tl.constexpr, PHASE: tl.constexpr = 0, zy=0.0,
 ):
-    """KL kind, after ``softmax_stats``: returns (D per teacher, CE); writes the gradients."""
+    """KL kind, after ``softmax_stats`` (phase 2: ``kl_combine``): returns (D per teacher, CE, a, X)
+    and writes the gradients of the row's columns here. Fused (``PHASE`` 0): D the term, a and X
+    unused. Phase 2: D is the term's ``b`` of ``b + a log1p(X)`` (kdfast/_spec.py), X this rank's
+    part of the sum; ``zy`` the label's logit from the combined statistics."""
     # dbar = W / S_v = sum p d; KL1 = dbar + (m_a - a_ref) - (lc - la), d + (m_a - a_ref)
     # being the d against the maxima (reverse: W / S_a, dbar + (m_c - c_ref) - (la - lc))
     if REVERSE:
@@ -37,7 +222,10 @@ def kl_kind(
     else:
         sf = scale
     if HAS_CE:
-        ce = (m1s - tl.load(z_row + y, mask=live, other=0.0).to(ACC)) + l1
+        if PHASE == 2:   # z_y: the holding rank's, summed with the others' zeros (exact)
+            ce = (m1s - zy) + l1
+        else:
+            ce = (m1s - tl.load(z_row + y, mask=live, other=0.0).to(ACC)) + l1
     # per teacher: kd_w[m] * s_m / Ts (s_m = U_m for wttm), and / Tt for the teacher
     cz = (gk * sf * its)[:, None]
     cv = (gk * sf * itt)[:, None]
@@ -93,6 +281,14 @@ def kl_kind(
             gv = _finish(gv, ignored, bad)
             tl.store(gv_rows + offs, gv.to(gv_ptr.dtype.element_ty),
                      mask=_tmask(inb, tok2, MB))
-    D = sf * tl.where(use_x, _log1p(xs), kl1)
+    if PHASE == 2:
+        # D = s log1p(X), X = sum over the ranks of each one's xs, or s KL1: b = 0, a = s or
+        # b = s KL1, a = X = 0 (use_x from the global statistics: the same on every rank)
+        coef = tl.where(use_x, sf, 0.0)
+        D = tl.where(use_x, 0.0, sf * kl1)
+        xs = tl.where(use_x, xs, 0.0)
+    else:
+        coef = zt
+        D = sf * tl.where(use_x, _log1p(xs), kl1)
 
-    return D, ce
+    return D, ce, coef, xs
