@@ -209,15 +209,15 @@ void multi_forward(const at::Tensor& z, const std::vector<at::Tensor>& vs, const
 // [col0, col0 + C) of rows of `vocab` columns, the labels global class ids.
 // The statistics per row of round `round` (kdfast/_spec.py stats_width), and the number of rounds.
 int64_t stats_width(Kind kind, int64_t M, int round) {
-  if (kind == Kind::LM) return lmstat::COUNT + M;
+  if (kind == Kind::LM || (kind == Kind::LS && round == 0)) return lmstat::COUNT + M;
+  if (kind == Kind::LS) return round == 1 ? 1 + M : lsstat::COUNT + M * lsteacherstat::COUNT;
   if (kind == Kind::JSD && round == 1) return jsdstat::COUNT * M;
   return klstat::COUNT + M * klteacherstat::COUNT;
 }
-int stats_rounds(Kind kind) { return kind == Kind::JSD ? 2 : 1; }
+int stats_rounds(Kind kind) { return kind == Kind::JSD ? 2 : kind == Kind::LS ? 3 : 1; }
 
 void set_shard(KernelArgs& a, Phase phase, int64_t M, int64_t C, int64_t col0, int64_t vocab) {
-  TORCH_CHECK(a.kind == Kind::KL || a.kind == Kind::DKD || a.kind == Kind::LM || a.kind == Kind::JSD,
-              "kdfast: no two-phase form for kernel kind ", int(a.kind));
+  TORCH_CHECK(a.kind != Kind::TOPK, "kdfast: no two-phase form for the top-k kind");
   TORCH_CHECK(col0 >= 0 && C >= 1 && col0 + C <= vocab, "kdfast: the shard [", col0, ", ", col0 + C,
               ") is not inside [0, vocab=", vocab, ")");
   a.phase = phase;

@@ -17,6 +17,10 @@ namespace klteacherstat { enum : int { M_V = 0, S_V = 1, R = 2, W = 3, M_U = 4, 
 // JSD's round 1 (== kdfast/_spec.py JSDTeacherStat), after round 0's KLStat layout: per teacher
 namespace jsdstat { enum : int { SP = 0, SQ = 1, COUNT = 2 }; }
 namespace lmstat { enum : int { SUM_Z = 0, M_ONE = 1, S_ONE = 2, Z_Y = 3, COUNT = 4 }; }
+// LS (== kdfast/_spec.py LSStat, LSTeacherStat): round 0 lmstat's layout, round 1 the centred squares
+// (1 + M), round 2 the standardised streams' statistics: the student's, then per teacher
+namespace lsstat { enum : int { M_A = 0, S_A = 1, QU = 2, COUNT = 3 }; }
+namespace lsteacherstat { enum : int { M_C = 0, S_C = 1, R = 2, W = 3, PU = 4, PCU = 5, PUV = 6, COUNT = 7 }; }
 // TOPK's divergence over the support buckets (== kdfast/_spec.py Divergence)
 enum class Divergence : int { FORWARD = 0, REVERSE = 1, JSD = 2 };
 

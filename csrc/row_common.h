@@ -683,13 +683,24 @@ struct RankStats {
     R = 0;
     for (int r = 0; r < world; ++r)
       if (at(r, cs) != 0 && at(r, cm) == t.M) { R = at(r, cr); break; }
-    W = 0;
+    W = shifted(cm, cs, cs, cr, cw, t, R);
+  }
+  // a statistic cw kept like W with the mass cmass (LS's PCu, mass PUv), at the reference R
+  double shifted(int cm, int cs, int cmass, int cr, int cw, const LseTotal& t, double R) const {
+    double W = 0;
     for (int r = 0; r < world; ++r) {
-      const double s = at(r, cs);
-      if (s == 0) continue;
+      if (at(r, cs) == 0) continue;
       const double m = at(r, cm);
-      W += std::exp(m - t.M) * (at(r, cw) - s * ((t.M - m) - (R - at(r, cr))));
+      W += std::exp(m - t.M) * (at(r, cw) - at(r, cmass) * ((t.M - m) - (R - at(r, cr))));
     }
+    return W;
+  }
+  // a sum cx kept at the scale of a stream's max (rescaled_sum's formula): sum_r exp(M_r - M) x_r
+  double rescaled(int cm, int cs, int cx, const LseTotal& t) const {
+    double x = 0;
+    for (int r = 0; r < world; ++r)
+      if (at(r, cs) != 0) x += std::exp(at(r, cm) - t.M) * at(r, cx);
+    return x;
   }
   double sum(int c) const {
     double x = 0;

@@ -28,7 +28,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ._spec import IParam, KernelParams, TopkIParam, finish_terms, stats_width
+from ._spec import PHASED_KINDS, IParam, KernelParams, TopkIParam, finish_terms, stats_rounds, stats_width
 
 REDUCTIONS = ("mean", "sum", "none")
 
@@ -486,10 +486,11 @@ def _linear_sweep(h: Tensor, w: Tensor, b: Optional[Tensor], teacher: tuple, pas
 
 
 class _ColumnShard:
-    """The chunk kernel of a column-parallel head (the KL kind; called as ``distill_forward``): this
+    """The chunk kernel of a column-parallel head (the kinds of ``PHASED_KINDS``; called as
+    ``distill_forward``): this
     rank's logits chunk holds the columns ``[start, start + V_local)`` of rows of ``vocab`` columns
     (kdfast/_spec.py, "Two phases"). Per chunk: phase 1 (the chunk's statistics, ``(rows, K)``
-    float64), **one all-gather** of them, phase 2 (the local gradient, in place over the chunk, and
+    float64), **one all-gather** of them (per round of statistics: JSD has two), phase 2 (the local gradient, in place over the chunk, and
     each row's terms as ``b + a log1p(X)`` with this rank's part of ``X``). The parts of every row
     wait in an ``(2, N)`` buffer: :meth:`close` sums them with **one all_reduce** after the last
     chunk (the gradients never need them: only the loss does), and sums ``grad_h`` with **one
@@ -514,12 +515,14 @@ class _ColumnShard:
         self.vp = vocab_parallel   # _all_gather / _sum: the collectives (looked up at call time)
         self.pg = dist.distributed_c10d._resolve_process_group(group)
         _, self.world, self.start, self.vocab = (int(x) for x in layout)
-        self.stats_fn, self.finish_fn = phase_fns(backend)
-        self.k = self.width(fparams, iparams)
+        params = KernelParams.from_lists(fparams, iparams)
+        self.stats_fn, self.finish_fn = phase_fns(backend, params.kind)
+        self.widths = [stats_width(params, 1, r) for r in range(stats_rounds(params))]   # per round
+        self.k = sum(self.widths)
         self.n = n
         self.replay = replay
         f64 = dict(dtype=torch.float64, device=device)
-        self.stats = torch.empty((rows, self.k), **f64) if replay is None else None
+        self.stats = [torch.empty((rows, k), **f64) for k in self.widths] if replay is None else None
         self.saved = (torch.empty(self.world * n * self.k, **f64)
                       if replay is None and reduction == "none" else None)
         self.coef = torch.zeros((2, n), **f64) if replay is None else None
@@ -528,7 +531,9 @@ class _ColumnShard:
 
     @staticmethod
     def width(fparams, iparams) -> int:
-        return stats_width(KernelParams.from_lists(fparams, iparams), 1)
+        """The gathered statistics per row (every round's)."""
+        params = KernelParams.from_lists(fparams, iparams)
+        return sum(stats_width(params, 1, r) for r in range(stats_rounds(params)))
 
     def __call__(self, z, v, zp, y, kd_w, ce_w, gs, d, ce, grad_z, grad_v, fparams, iparams):
         rows = z.shape[0]
@@ -538,9 +543,12 @@ class _ColumnShard:
         if self.replay is not None:
             gstats = self.replay[block].view(self.world, rows, self.k)
         else:
-            stats = self.stats[:rows]
-            self.stats_fn(z, [v], zp, y, stats, fparams, iparams, self.start, self.vocab)
-            gstats = self.vp._all_gather(stats, self.pg)
+            gathered = []   # one all-gather per round (JSD: two)
+            for r, stats in enumerate(self.stats):
+                gprev = None if r == 0 else gathered[0] if r == 1 else torch.cat(gathered, dim=2)
+                self.stats_fn(z, [v], zp, y, stats[:rows], fparams, iparams, self.start, self.vocab, r, gprev)
+                gathered.append(self.vp._all_gather(stats[:rows], self.pg))
+            gstats = gathered[0] if len(gathered) == 1 else torch.cat(gathered, dim=2)
             if self.saved is not None:
                 self.saved[block].view(self.world, rows, self.k).copy_(gstats)
         coef = torch.empty((2, rows), dtype=torch.float64, device=z.device)
@@ -698,13 +706,26 @@ def run_vocab_parallel(z: Tensor, v: Tensor, zp: Optional[Tensor], labels: Optio
 # outputs (``kd_w``, ``d`` (M, N); ``grad_v`` (M, N, C)) with ``vocab_parallel_distill``'s ``group``
 # and ``layout`` in ``backend``'s place, so the autograd is ``multi_distill``'s; backward runs no
 # collective. ``len(vs)`` is at most the backend's teachers per call (multi_teacher.MAX_TEACHERS).
-def phase_fns(backend: str):
-    """The backend's ``(stats_forward, finish_forward)``; ``ValueError`` where it has none yet."""
-    try:
-        return _backend_fn(backend, "stats_forward"), _backend_fn(backend, "finish_forward")
-    except (AttributeError, ValueError):
-        raise ValueError(f"backend {backend!r} has no two-phase kernel (stats_forward / finish_forward) "
-                         "yet: tensor parallelism through the fused kernels needs backend='cpu'") from None
+def phased_kinds(backend: str) -> frozenset:
+    """The kinds whose two-phase kernels ``backend`` has: the CPU all of ``_spec.PHASED_KINDS``,
+    Triton those of ``kdfast._triton.PHASED_KINDS``, ``"torch"`` none."""
+    if backend == "cpu":
+        return PHASED_KINDS
+    if backend == "triton":
+        from . import _triton
+        return getattr(_triton, "PHASED_KINDS", frozenset())
+    return frozenset()
+
+
+def phase_fns(backend: str, kind=None):
+    """The backend's ``(stats_forward, finish_forward)`` (for ``kind``); ``ValueError`` where it has
+    none yet."""
+    if kind is not None and kind not in phased_kinds(backend) or not phased_kinds(backend):
+        what = f" for {kind.name}" if kind is not None else ""
+        raise ValueError(f"backend {backend!r} has no two-phase kernel (stats_forward / finish_forward)"
+                         f"{what} yet: tensor parallelism through the fused kernels needs another backend "
+                         "(backend='cpu' on CPU tensors)")
+    return _backend_fn(backend, "stats_forward"), _backend_fn(backend, "finish_forward")
 
 
 @torch.library.custom_op("kdfast::vocab_parallel_multi", mutates_args=())

@@ -87,9 +87,10 @@ taken over its vector lanes instead of ranks (and the statistics sweep's exponen
 gradient sweep, which the split phases cannot do).
 
 - **Phase 1** ``stats_forward`` writes ``stats``, float64 ``(N, K)`` contiguous,
-  ``K = stats_width(params, M)``: each row's statistics over the local columns (KL and DKD:
-  :class:`KLStat`, then :class:`KLTeacherStat` for each teacher, DKD's streams over the columns
-  other than the label's; LM: :class:`LMStat`, then each teacher's sum of logits). An (M, S) pair is a max and the sum of ``exp(x -
+  ``K = stats_width(params, M, round)``: each row's statistics over the local columns (KL and
+  DKD: :class:`KLStat`, then :class:`KLTeacherStat` for each teacher, DKD's streams over the
+  columns other than the label's; LM: :class:`LMStat`, then each teacher's sum of logits; JSD and
+  LS: :class:`JSDTeacherStat`, :class:`LSStat`). An (M, S) pair is a max and the sum of ``exp(x -
   M)`` relative to it (``S`` = 0 for a stream with no mass here, ``M`` then -inf or the float's
   lowest; the float's lowest and -inf are both allowed, the combine skips ranks with ``S_r = 0``);
   ``W`` is ``sum_j w_j d_j`` of the KL statistic (docs/kernel-math.md, "KL") with ``w_j``
@@ -339,14 +340,42 @@ class JSDTeacherStat(enum.IntEnum):
     COUNT = 2
 
 
+class LSStat(enum.IntEnum):
+    """LS's rounds: round 0 is :class:`LMStat`'s layout (the sums of z and of each v, CE's lse, the
+    label logit), round 1 the centred sums of squares (z's, then each v's: 1 + M columns), round 2
+    these columns of the standardised streams (a = z' / T, c = v' / T), then :class:`LSTeacherStat`
+    per teacher."""
+
+    M_A = 0
+    S_A = 1
+    QU = 2         # sum_j e^(a_j - M_A) u_zj (u = z - zbar), at the scale of M_A
+    COUNT = 3
+
+
+class LSTeacherStat(enum.IntEnum):
+    """Per teacher in LS's round 2: c's lse, the KL statistic W (reference R), and the chain-rule
+    sums through the standard deviations at the scale of M_C: PU = sum e^(c - M_C) u_z,
+    PUV = sum e^(c - M_C) u_v, PCU = sum e^(c - M_C) d u_v (kept like W, with PUV as its mass)."""
+
+    M_C = 0
+    S_C = 1
+    R = 2
+    W = 3
+    PU = 4
+    PCU = 5
+    PUV = 6
+    COUNT = 7
+
+
 #: the kinds with the two-phase form (stats_forward / finish_forward)
-PHASED_KINDS = frozenset({Kind.KL, Kind.DKD, Kind.LM, Kind.JSD})
+PHASED_KINDS = frozenset({Kind.KL, Kind.DKD, Kind.LM, Kind.JSD, Kind.LS})
 
 
 def stats_rounds(params: "KernelParams") -> int:
     """Rounds of ``stats_forward`` (each followed by an all-gather): JSD's sums need the global
-    log-sum-exps first (2); 1 for the others."""
-    return 2 if params.kind == Kind.JSD else 1
+    log-sum-exps first (2); LS needs the means, then the standard deviations, then the standardised
+    streams' statistics (3); 1 for the others."""
+    return {Kind.JSD: 2, Kind.LS: 3}.get(params.kind, 1)
 
 
 def stats_width(params: "KernelParams", teachers: int = 1, round: int = 0) -> int:
@@ -354,8 +383,10 @@ def stats_width(params: "KernelParams", teachers: int = 1, round: int = 0) -> in
     ``teachers``."""
     if params.kind not in PHASED_KINDS:
         raise ValueError(f"kind {params.kind.name} has no two-phase form yet")
-    if params.kind == Kind.LM:
+    if params.kind == Kind.LM or (params.kind == Kind.LS and round == 0):
         return LMStat.COUNT + teachers
+    if params.kind == Kind.LS:
+        return 1 + teachers if round == 1 else LSStat.COUNT + teachers * LSTeacherStat.COUNT
     if params.kind == Kind.JSD and round == 1:
         return JSDTeacherStat.COUNT * teachers
     return KLStat.COUNT + teachers * KLTeacherStat.COUNT

@@ -32,8 +32,7 @@ itemsize of every source computed from hidden states)`` is what the chunk buffer
 MiB); teacher given as logits: 2080 rows. The 32-row floor keeps the matmuls efficient for huge V.
 
 Column-parallel head (tensor parallelism: ``process_group=``, with ``vocab_start`` / ``vocab_size``
-for uneven shards as in :mod:`kdfast.vocab_parallel`; the KL-kind methods ``kd``, ``reverse_kd``,
-``ttm``, ``wttm``, ``retro_kd``, ``jsd`` at beta 0 or 1). Each rank holds the vocabulary rows
+for uneven shards as in :mod:`kdfast.vocab_parallel`; every method). Each rank holds the vocabulary rows
 ``[vocab_start, vocab_start + V_local)`` of the student's head (and bias), and of the teacher's head
 or the matching columns of the teacher's logits; the hidden states and the labels (global class ids)
 are the same on every rank. Per chunk, step 2 becomes the two-phase kernels (kdfast/_spec.py, "Two
@@ -215,8 +214,7 @@ def _fused_linear_distill_loss(
       the chunk logits buffers: see :func:`default_chunk_size` and the module docstring.
     - ``process_group`` (``vocab_start``, ``vocab_size``): a column-parallel head; the student's
       (and the teacher's) head rows, bias and teacher logits are this rank's vocabulary shard,
-      ``student_hidden`` and ``labels`` (global class ids) are replicated. KL-kind methods, fused
-      kernels only; the collectives are listed in the module docstring.
+      ``student_hidden`` and ``labels`` (global class ids) are replicated. Fused kernels only; the collectives are listed in the module docstring.
 
     Example::
 
@@ -306,15 +304,14 @@ def _column_parallel(method: str, params: KernelParams, backend: str, device, pr
     layout ``[rank, world, vocab_start, vocab_size]``."""
     if params.kind not in PHASED_KINDS:
         raise ValueError(f"fused_linear_distill_loss with process_group: no two-phase kernel yet for "
-                         f"{params.kind.name} (method {method!r}); the KL-kind methods (kd, reverse_kd, "
-                         "ttm, wttm, retro_kd, jsd at beta 0 or 1) have one")
+                         f"{params.kind.name} (method {method!r}); every other method has one")
     from .functional import _resolve_backend
     from .vocab_parallel import _layout   # lazy: vocab_parallel imports functional
     resolved = _resolve_backend(backend, device)
     if resolved == "torch":
         raise ValueError("fused_linear_distill_loss with process_group runs the fused two-phase "
                          "kernels: backend='torch' (the eager reference) is not supported")
-    phase_fns(resolved)
+    phase_fns(resolved, params.kind)
     return list(_layout(process_group, v_local, vocab_start, vocab_size))
 
 

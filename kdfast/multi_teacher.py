@@ -10,13 +10,11 @@ losses, and ``backend="torch"``, run the unfused sum of single-teacher losses.
 
 Tensor parallelism (``process_group=``, with ``vocab_start`` / ``vocab_size`` for uneven shards, as
 in :mod:`kdfast.vocab_parallel`): the student and every teacher are this rank's vocabulary columns,
-the labels global class ids. The KL-kind methods (``kd``, ``reverse_kd``, ``ttm``, ``wttm``,
-``retro_kd``, ``jsd`` at beta 0 or 1) run the two-phase kernels (op
-``kdfast::vocab_parallel_multi``): per group of ``MAX_TEACHERS`` teachers one statistics call, **one
-all-gather** of the ``(N, 5 + 7 M)`` float64 statistics, one finish call and **one all_reduce** of
-the ``(M + 1, N)`` loss parts; backward runs no collective. ``backend="torch"`` sums the eager
-single-teacher vocabulary-parallel losses (2 all_reduces per teacher). Other kinds raise
-``ValueError`` for now.
+the labels global class ids. Every named method runs the two-phase kernels (op
+``kdfast::vocab_parallel_multi``): per group of ``MAX_TEACHERS`` teachers one statistics call and
+**one all-gather** of the float64 statistics per round (``_spec.stats_rounds``: JSD at 0 < beta < 1
+has two), one finish call and **one all_reduce** of the ``(M + 1, N)`` loss parts; backward runs no
+collective. ``backend="torch"`` sums the eager single-teacher vocabulary-parallel losses.
 """
 from __future__ import annotations
 
@@ -66,8 +64,8 @@ def multi_teacher_loss(method: Union[str, Callable[..., Tensor]], student_logits
       ALM-KD's learnt multi-teacher mixing).
     - ``past_student_logits``: retro_kd's past student (every teacher row is mixed with it).
     - ``process_group`` (``vocab_start``, ``vocab_size``): the logits (student, teachers, past
-      student) are this rank's vocabulary shard; the labels are global class ids. KL-kind methods
-      only (see the module docstring); the loss is the same on every rank of the group.
+      student) are this rank's vocabulary shard; the labels are global class ids (see the module
+      docstring); the loss is the same on every rank of the group.
 
     The CE term (with labels) is counted once, not once per teacher.
 
@@ -134,10 +132,9 @@ def _check_phased(name, hyper: dict, backend: str) -> None:
         raise ValueError(f"{name}: {e}") from None
     if kind not in PHASED_KINDS:
         raise ValueError(f"multi_teacher_loss with process_group: no two-phase kernel yet for "
-                         f"{kind.name} (method {name!r}); the KL-kind methods (kd, reverse_kd, ttm, "
-                         "wttm, retro_kd, jsd at beta 0 or 1) have one")
+                         f"{kind.name} (method {name!r}); every other method has one")
     if backend != "torch":
-        phase_fns(backend)
+        phase_fns(backend, kind)
 
 
 def _unfused(fn, z, teachers, weights, labels, kd_weight, ce_weight, reduction, zp, kwargs) -> Tensor:

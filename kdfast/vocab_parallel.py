@@ -69,7 +69,7 @@ from torch import Tensor
 from . import functional as _F
 from . import _ops
 from ._ops import _reduce, acc_dtype, grad_scale, run_vocab_parallel
-from ._spec import PHASED_KINDS, KernelParams, Kind, finish_terms, stats_rounds, stats_width
+from ._spec import KernelParams, Kind, finish_terms, stats_rounds, stats_width
 from .losses import REGISTRY
 
 __all__ = ["vocab_parallel_loss", "shard_bounds", "METHODS"]   # + every <name>_loss of METHODS
@@ -633,7 +633,8 @@ def _forward(z, v, zp, y, kd_w, ce_w, p: KernelParams, reduction, group: str, la
     ``(loss, d, ce, grad_z, grad_v, grad_scale)`` (gradients empty when not asked for)."""
     rank, world, start, vocab = layout
     pg = dist.distributed_c10d._resolve_process_group(group)
-    if backend != "torch" and p.kind in PHASED_KINDS:
+    if p.kind in _ops.phased_kinds(backend):   # (else the eager path below: backend="torch", or a
+                                                # backend without that kind's two-phase kernel yet)
         return _phased(z, [v], zp, y, kd_w, ce_w, p, reduction, pg, layout, need_gz, need_gv, backend)
     s = _Shard(z, v, zp, y, kd_w, ce_w, p, reduction, pg, rank, world, start, vocab, need_gz, need_gv)
     if s.n:

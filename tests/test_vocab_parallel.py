@@ -24,6 +24,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # the two-phase kernels (the KL kind): one all-gather of the statistics, one all_reduce of the loss parts
 PHASED = dict(all_gather=1, all_reduce=1)
 PHASED2 = dict(all_gather=2, all_reduce=1)   # JSD: two rounds of statistics
+PHASED3 = dict(all_gather=3, all_reduce=1)   # LS: three (means, standard deviations, the rest)
 CASES = {
     "kd": dict(method="kd", hyper=dict(temperature=3.0), lab=0.25, w=True, tg=True, red="mean", n=PHASED),
     "kd_none_3d": dict(method="kd", hyper=dict(temperature=2.0), lead=(2, 3), lab=None, red="none", n=PHASED),
@@ -60,8 +61,8 @@ CASES = {
                            n=PHASED),
     "lm_plain": dict(method="logit_matching", hyper=dict(center=False), lab=None, tg=True, red="sum", n=PHASED),
     "lm_plain_ce": dict(method="logit_matching", hyper=dict(center=False), lab=0.25, red="mean", n=PHASED),
-    "ls_kd": dict(method="ls_kd", hyper=dict(temperature=2.0), lab=0.25, w=True, tg=True, red="mean", n=3),
-    "ls_kd_none": dict(method="ls_kd", hyper=dict(temperature=3.0), lab=None, red="none", n=3),
+    "ls_kd": dict(method="ls_kd", hyper=dict(temperature=2.0), lab=0.25, w=True, tg=True, red="mean", n=PHASED3),
+    "ls_kd_none": dict(method="ls_kd", hyper=dict(temperature=3.0), lab=None, red="none", n=PHASED3),
     # 4 processes only: 2 data-parallel replicas x tensor-parallel groups of 2 (process_group = the
     # TP subgroup); each replica has its own rows
     "tp2_dp2_kd": dict(method="kd", hyper=dict(temperature=2.0), lead=(8,), lab=0.25, w=True, tg=True,

@@ -19,11 +19,28 @@ RowOut row_ls(const KernelArgs& P, const Row<TZ, TV>& r, const RowInfo& ri) {
   const bool gz_on = r.gz != nullptr, gv_on = r.gv[0] != nullptr;
   // the exponentials of passes 1 and 3 kept for pass 4 (ExpCache, as in row_kl): 0 the student's
   // (pass 3), 1 the teacher's (pass 3), 2 CE's (pass 1); one teacher, gradients asked for, C <= kCacheCols
-  const bool cached = MT == 1 && (gz_on || gv_on) && C <= kCacheCols;
+  const bool cached = MT == 1 && (gz_on || gv_on) && C <= kCacheCols && P.phase == Phase::FUSED;
   const ExpCache<A> cache = cached ? ExpCache<A>(C, ri.ce ? 3 : 2) : ExpCache<A>();
+  // Two phases (kdfast/_spec.py): passes 1 to 3 are the statistics rounds 0 to 2 (each from the
+  // combined earlier rounds, kdfast/_spec.py LSStat), pass 4 the finish. `run(k)`: this call runs
+  // pass k; otherwise its results come combined from gstats (rounds before this one).
+  const int nt = teachers<MT>(r);
+  const bool fused = P.phase == Phase::FUSED, finish = P.phase == Phase::FINISH;
+  auto run = [&](int k) { return fused || (!finish && P.round == k); };
+  const RankStats g{P.gstats, P.N, P.KG, ri.i, P.world};
+  const int o1 = lmstat::COUNT + nt, o2 = o1 + 1 + nt;  // rounds 1 and 2's first columns
+  double* const st = P.phase == Phase::STATS ? P.stats + ri.i * P.KS : nullptr;
+  const double Cg = double(fused ? C : P.vocab);  // the whole row's columns
   Lse<A> S1;
   LongSum<A> Sz, Sv[kCap<MT>];
+  double sum_z = 0, sum_v[kCap<MT>] = {}, zy = ri.zy;
+  LseTotal t1{0.0, 1.0};
   // the means summed exactly (in double lanes, see row_lm)
+  if (!run(0)) {
+    sum_z = g.sum(lmstat::SUM_Z);
+    for (int t = 0; t < nt; ++t) sum_v[t] = g.sum(lmstat::COUNT + t);
+    if (ri.ce) t1 = g.lse(lmstat::M_ONE, lmstat::S_ONE), zy = g.sum(lmstat::Z_Y);
+  } else {
   sweep<A>(r, -1, false, [&](auto sp, Block<A>& b, int64_t j, const auto& io) {
     Vec<A> v[kBlock];  // the current teacher's block (locals: kept in registers)
     Vec<A> e[kBlock];
@@ -38,19 +55,34 @@ RowOut row_ls(const KernelArgs& P, const Row<TZ, TV>& r, const RowInfo& ri) {
       if (cached) cache.put(2, j, e, S1.m);
     }
   });
+  sum_z = Sz.total();
+  for (int t = 0; t < nt; ++t) sum_v[t] = Sv[t].total();
+  if (ri.ce) t1 = total(S1);
+  if (st) {  // round 0 (LMStat's layout)
+    st[lmstat::SUM_Z] = sum_z, st[lmstat::M_ONE] = t1.M, st[lmstat::S_ONE] = ri.ce ? t1.S : 0.0;
+    st[lmstat::Z_Y] = ri.y >= 0 ? ri.zy : 0.0;
+    for (int t = 0; t < nt; ++t) st[lmstat::COUNT + t] = sum_v[t];
+    return RowOut{};
+  }
+  }  // (pass 1)
   // means rounded to A; fz / fv[t], what the rounding took off, are added back where a constant shift
   // of u would survive (the sigma terms of the gradients; the softmaxes do not see a shift)
-  const double zbar = Sz.total() / double(C);
+  const double zbar = sum_z / Cg;
   const A nzbar = A(-zbar);
   const double fz = -zbar - double(nzbar);
   A nvbar[kCap<MT>] = {};
   double fv[kCap<MT>] = {};
   for (int t = 0; t < teachers<MT>(r); ++t) {
-    const double vbar = Sv[t].total() / double(C);
+    const double vbar = sum_v[t] / Cg;
     nvbar[t] = A(-vbar);
     fv[t] = -vbar - double(nvbar[t]);
   }
   LongSum<A> Qz, Qv[kCap<MT>];
+  double qz = 0, qv[kCap<MT>] = {};
+  if (!run(1)) {
+    qz = g.sum(o1);
+    for (int t = 0; t < nt; ++t) qv[t] = g.sum(o1 + 1 + t);
+  } else {
   sweep<A>(r, -1, false, [&](auto sp, Block<A>& b, int64_t, const auto& io) {
     Vec<A> v[kBlock];  // the current teacher's block (locals: kept in registers)
     for (int k = 0; k < kBlock; ++k) {
@@ -67,12 +99,20 @@ RowOut row_ls(const KernelArgs& P, const Row<TZ, TV>& r, const RowInfo& ri) {
       Qv[t].end_block();
     }
   });
-  const double sz = std::sqrt(Qz.total() / double(C - 1)), kz = eps + sz;
+  qz = Qz.total();
+  for (int t = 0; t < nt; ++t) qv[t] = Qv[t].total();
+  if (st) {  // round 1: the centred squares
+    st[0] = qz;
+    for (int t = 0; t < nt; ++t) st[1 + t] = qv[t];
+    return RowOut{};
+  }
+  }  // (pass 2)
+  const double sz = std::sqrt(qz / (Cg - 1.0)), kz = eps + sz;
   const A iz = A(1.0 / (kz * T));
   double sv[kCap<MT>] = {}, kv[kCap<MT>] = {};
   A iv[kCap<MT>] = {};
   for (int t = 0; t < teachers<MT>(r); ++t) {
-    sv[t] = std::sqrt(Qv[t].total() / double(C - 1));
+    sv[t] = std::sqrt(qv[t] / (Cg - 1.0));
     kv[t] = eps + sv[t];
     iv[t] = A(1.0 / (kv[t] * T));
   }
@@ -84,6 +124,23 @@ RowOut row_ls(const KernelArgs& P, const Row<TZ, TV>& r, const RowInfo& ri) {
   Lse<A> La, Lc[kCap<MT>];
   Vec<A> Qu(A(0)), Wk[kCap<MT>], Pu[kCap<MT>], PCu[kCap<MT>], PUv[kCap<MT>], R[kCap<MT>];
   for (int t = 0; t < teachers<MT>(r); ++t) Wk[t] = Pu[t] = PCu[t] = PUv[t] = R[t] = Vec<A>(A(0));
+  // pass 3's results in double (LSStat round 2): the lse of a and of each c, Qu at a's row max, and per
+  // teacher Rr, W and PCu (shifted_sum, mass S and PUv), Pu and PUv at c's row max
+  LseTotal ta{0, 0}, tc[kCap<MT>] = {};
+  double QU = 0, Rr[kCap<MT>] = {}, Wd[kCap<MT>] = {}, PUd[kCap<MT>] = {}, PCUd[kCap<MT>] = {}, PUVd[kCap<MT>] = {};
+  if (!run(2)) {
+    ta = g.lse(o2 + lsstat::M_A, o2 + lsstat::S_A);
+    QU = g.rescaled(o2 + lsstat::M_A, o2 + lsstat::S_A, o2 + lsstat::QU, ta);
+    for (int t = 0; t < nt; ++t) {
+      const int o = o2 + lsstat::COUNT + t * lsteacherstat::COUNT;
+      namespace lt = lsteacherstat;
+      tc[t] = g.lse(o + lt::M_C, o + lt::S_C);
+      g.kl(o + lt::M_C, o + lt::S_C, o + lt::R, o + lt::W, tc[t], Rr[t], Wd[t]);
+      PUd[t] = g.rescaled(o + lt::M_C, o + lt::S_C, o + lt::PU, tc[t]);
+      PUVd[t] = g.rescaled(o + lt::M_C, o + lt::S_C, o + lt::PUV, tc[t]);
+      PCUd[t] = g.shifted(o + lt::M_C, o + lt::S_C, o + lt::PUV, o + lt::R, o + lt::PCU, tc[t], Rr[t]);
+    }
+  } else {
   sweep<A>(r, -1, false, [&](auto sp, Block<A>& b, int64_t j, const auto& io) {
     Vec<A> v[kBlock];  // the current teacher's block (locals: kept in registers)
     Vec<A> a[kBlock], c[kBlock], uz[kBlock], uv[kBlock], e[kBlock];
@@ -117,7 +174,7 @@ RowOut row_ls(const KernelArgs& P, const Row<TZ, TV>& r, const RowInfo& ri) {
         const Vec<A> d = finite_floor(c[k] - Lc[t].m) - finite_floor(a[k] - R1);
         w = vec::fmadd(e[k], d, w);
         pu = vec::fmadd(e[k], uz[k], pu);
-        if (gv_on) {
+        if (gv_on || !fused) {  // (the statistics round cannot know whether the finish needs them)
           pcu = vec::fmadd(e[k] * d, uv[k], pcu);
           puv = vec::fmadd(e[k], uv[k], puv);
         }
@@ -125,19 +182,38 @@ RowOut row_ls(const KernelArgs& P, const Row<TZ, TV>& r, const RowInfo& ri) {
       Wk[t] = w, Pu[t] = pu, PCu[t] = pcu, PUv[t] = puv;
     }
   });
-  const LseTotal ta = total(La);
+  ta = total(La);
+  QU = rescaled_sum(Qu, La, ta);
+  for (int t = 0; t < nt; ++t) {
+    tc[t] = total(Lc[t]);
+    Rr[t] = at_row_max(Lc[t], tc[t], R[t]);
+    Wd[t] = shifted_sum(Wk[t], Lc[t].s, Lc[t], tc[t], R[t], Rr[t]);
+    PUd[t] = rescaled_sum(Pu[t], Lc[t], tc[t]);
+    PUVd[t] = rescaled_sum(PUv[t], Lc[t], tc[t]);
+    PCUd[t] = shifted_sum(PCu[t], PUv[t], Lc[t], tc[t], R[t], Rr[t]);
+  }
+  if (st) {  // round 2
+    namespace lt = lsteacherstat;
+    st[lsstat::M_A] = ta.M, st[lsstat::S_A] = ta.S, st[lsstat::QU] = QU;
+    for (int t = 0; t < nt; ++t) {
+      double* o = st + lsstat::COUNT + t * lt::COUNT;
+      o[lt::M_C] = tc[t].M, o[lt::S_C] = tc[t].S, o[lt::R] = Rr[t], o[lt::W] = Wd[t];
+      o[lt::PU] = PUd[t], o[lt::PCU] = PCUd[t], o[lt::PUV] = PUVd[t];
+    }
+    return RowOut{};
+  }
+  }  // (pass 3)
   const double lz = ta.l();
-  const LseTotal t1 = ri.ce ? total(S1) : LseTotal{0.0, 1.0};
   RowOut out;
-  out.CE = ri.ce ? ce_value<A>(r, ri, t1) : 0.0;
-  double Mv[kCap<MT>] = {}, lv[kCap<MT>] = {}, Rr[kCap<MT>] = {}, dbar[kCap<MT>] = {}, KL1[kCap<MT>] = {};
-  LseTotal tc[kCap<MT>] = {};
+  RowInfo rig = ri;  // (the label logit: combined over the ranks in FINISH)
+  rig.zy = zy;
+  if (ri.ce && finish && ce_cancels(rig, t1)) out.a[nt] = 1.0, out.x[nt] = ce_tail<A>(r, rig, t1);
+  else out.CE = ri.ce ? ce_value<A>(r, rig, t1) : 0.0;
+  double Mv[kCap<MT>] = {}, lv[kCap<MT>] = {}, dbar[kCap<MT>] = {}, KL1[kCap<MT>] = {};
   bool refine = false, rf[kCap<MT>] = {};
   for (int t = 0; t < teachers<MT>(r); ++t) {
-    tc[t] = total(Lc[t]);
     Mv[t] = tc[t].M, lv[t] = tc[t].l();
-    Rr[t] = at_row_max(Lc[t], tc[t], R[t]);
-    dbar[t] = shifted_sum(Wk[t], Lc[t].s, Lc[t], tc[t], R[t], Rr[t]) / tc[t].S;
+    dbar[t] = Wd[t] / tc[t].S;
     const double off = (ta.M - Rr[t]) - (lv[t] - lz);
     KL1[t] = dbar[t] + off;
     out.D[t] = T * T * KL1[t];
@@ -153,20 +229,19 @@ RowOut row_ls(const KernelArgs& P, const Row<TZ, TV>& r, const RowInfo& ri) {
   // row_kl; sum = 0), so sum_k gamma^v_k u_vk = T (sum p d u_v - dbar sum p u_v).
   // A constant row (sigma = 0, u = 0) has no sigma term (its 0/0 is taken as 0).
   // M teachers: dz = sum_t cq_t (q_j - p_tj) + u_zj sum_t cu_t (the differences first, as in row_kl).
-  const double Qs = rescaled_sum(Qu, La, ta) / ta.S;
+  const double Qs = QU / ta.S;
   double cus = 0;
   A cq[kCap<MT>] = {}, cp[kCap<MT>] = {}, cuv[kCap<MT>] = {}, fcuv[kCap<MT>] = {}, nMv[kCap<MT>] = {}, nlv[kCap<MT>] = {};
   A ndbar[kCap<MT>] = {}, E[kCap<MT>] = {}, nR[kCap<MT>] = {};
   for (int t = 0; t < teachers<MT>(r); ++t) {
     nR[t] = A(-Rr[t]);
-    const double Gz = T * (Qs - rescaled_sum(Pu[t], Lc[t], tc[t]) / tc[t].S);
-    const double Gv = T * (shifted_sum(PCu[t], PUv[t], Lc[t], tc[t], R[t], Rr[t]) / tc[t].S
-                           - dbar[t] * rescaled_sum(PUv[t], Lc[t], tc[t]) / tc[t].S);
+    const double Gz = T * (Qs - PUd[t] / tc[t].S);
+    const double Gv = T * (PCUd[t] / tc[t].S - dbar[t] * PUVd[t] / tc[t].S);
     const double g = ri.g_kd[t], gv = ri.g_kd[t] * r.w_v;
     cq[t] = A(g * T / kz);
-    cus += sz > 0 ? -g * Gz / (kz * kz * double(C - 1) * sz) : 0.0;
+    cus += sz > 0 ? -g * Gz / (kz * kz * (Cg - 1.0) * sz) : 0.0;
     cp[t] = A(gv * T / kv[t]);
-    cuv[t] = A(sv[t] > 0 ? -gv * Gv / (kv[t] * kv[t] * double(C - 1) * sv[t]) : 0.0);
+    cuv[t] = A(sv[t] > 0 ? -gv * Gv / (kv[t] * kv[t] * (Cg - 1.0) * sv[t]) : 0.0);
     fcuv[t] = A(fv[t] * double(cuv[t]));
     nMv[t] = A(-Mv[t]);
     nlv[t] = A(-lv[t]);
@@ -215,8 +290,11 @@ RowOut row_ls(const KernelArgs& P, const Row<TZ, TV>& r, const RowInfo& ri) {
       io.store(t, gv);
     }
   });
-  for (int t = 0; t < teachers<MT>(r); ++t)
-    if (rf[t]) out.D[t] = T * T * std::log1p(X[t].total());
+  for (int t = 0; t < teachers<MT>(r); ++t) {
+    if (!rf[t]) continue;
+    if (finish) out.D[t] = 0.0, out.a[t] = T * T, out.x[t] = X[t].total();  // T^2 log1p of the ranks' sum
+    else out.D[t] = T * T * std::log1p(X[t].total());
+  }
   return out;
 }
 
