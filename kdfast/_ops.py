@@ -708,12 +708,12 @@ def run_vocab_parallel(z: Tensor, v: Tensor, zp: Optional[Tensor], labels: Optio
 # collective. ``len(vs)`` is at most the backend's teachers per call (multi_teacher.MAX_TEACHERS).
 def phased_kinds(backend: str) -> frozenset:
     """The kinds whose two-phase kernels ``backend`` has: the CPU all of ``_spec.PHASED_KINDS``,
-    Triton those of ``kdfast._triton.PHASED_KINDS``, ``"torch"`` none."""
+    Triton those of ``kdfast._triton.TRITON_PHASED_KINDS``, ``"torch"`` none."""
     if backend == "cpu":
         return PHASED_KINDS
     if backend == "triton":
         from . import _triton
-        return getattr(_triton, "PHASED_KINDS", frozenset())
+        return _triton.TRITON_PHASED_KINDS
     return frozenset()
 
 
