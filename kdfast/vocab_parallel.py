@@ -3,32 +3,23 @@
 When the output layer is split along the vocabulary across the ranks of a process group
 (Megatron-style tensor parallelism), each rank holds, for *every* row, only the columns
 ``[vocab_start, vocab_start + C_local)`` of the student and teacher logits. The losses here compute
-the exact loss of :mod:`kdfast.functional` on the (never materialised) full rows:
+the exact loss of :mod:`kdfast.functional` on the (never materialised) full rows with the fused
+kernels split in two phases (kdfast/_spec.py, "Two phases"; :func:`_phased`):
 
-- each rank reduces its columns to a few numbers per row (row maxima, sums of exponentials relative
-  to the global maximum, the loss partials), the ranks combine them with
-  ``torch.distributed.all_reduce`` on small packed ``(N, k)`` tensors (``k <= max(7, 2 * world + 2)``);
-  the logits are never gathered;
+- phase 1 (the backend's ``stats_forward``) reduces this rank's columns of every row to a few
+  float64 statistics; **one all-gather** per round of statistics (one round; JSD at 0 < beta < 1
+  two, ``ls_kd`` three) hands every rank every rank's;
+- phase 2 (``finish_forward``) combines them, writes this rank's gradient columns and each row's
+  loss terms in parts that sum over the ranks; **one all_reduce** sums the parts;
 - the loss (a scalar, or per row with ``reduction="none"``) comes out **identical on every rank of
-  the group**; the gradients with respect to the local shards are computed in the forward, stay
-  local, and backward only scales them by the upstream gradient (as kdfast's fused op does). The
-  backward runs no collective.
+  the group**; the gradients were computed in the forward and stay local; backward only scales them
+  by the upstream gradient and runs no collective.
 
-Collectives per call (``all_reduce`` on packed ``(N, k)`` tensors of the accumulation dtype):
-
-==========================================  ====================================================
-``kd``, ``ttm``, ``wttm``, ``retro_kd``,     2: MAX of the row maxima, SUM of the sums of
-``jsd`` at beta 0 or 1, ``dkd``              exponentials, the KL partials and the label's logit
-``jsd`` with 0 < beta < 1                    3: the KL terms against ``log m`` need the global
-                                             log-sum-exps first (MAX, SUM, SUM)
-``logit_matching`` (``center=True``)         2: MAX that carries each rank's row sum in its own
-                                             slot (an all-gather through all_reduce: the means
-                                             are then exact), SUM of the centred squares
-``logit_matching`` (``center=False``)        1 (SUM) without labels, 2 with labels (CE's max)
-``ls_kd``                                    3: MAX (maxima, row sums in slots), SUM (variances,
-                                             CE), SUM (sums of exponentials, KL partials and the
-                                             moments the gradient through the std needs)
-==========================================  ====================================================
+This module holds the collectives and their bookkeeping; the loss math is the kernels'. The eager
+path below (``_Shard`` and the ``_<kind>_kind`` functions: plain PyTorch on row chunks, 1 to 3
+``all_reduce`` calls) remains only as the fallback where the backend has no two-phase kernel for
+the kind (``backend="torch"``; Triton for the kinds other than KL, for now), to be removed when
+Triton has them all.
 
 Layout of the shards. Rank ``r`` (its rank *in the group*) holds the columns
 ``[vocab_start, vocab_start + C_local)``; ``C_local`` is the last dim of its tensors. With
@@ -46,12 +37,11 @@ function of the replicated loss, which is what tensor-parallel training does). T
 ``kd_weight`` / ``ce_weight`` are then the same on every rank (the weights are replicated
 parameters, not sharded ones).
 
-Arithmetic. Plain PyTorch ops on row chunks of at most ``_CHUNK_ELEMS`` local elements (a few
-``(chunk, C_local)`` temporaries), in float32 (float64 when an input is float64); the loss in that
-dtype, the gradients in the dtype of their input. ``-inf`` teacher logits are classes of
-probability 0 (a rank may even hold only ``-inf`` teacher columns for a row). The ``backend``
-argument of the functional losses is accepted and ignored here (this path is always eager torch;
-it is not fused).
+Arithmetic. The kernels' (float32 accumulation, float64 for float64 inputs; the statistics and the
+loss parts in float64); the loss in the accumulation dtype, the gradients in the dtype of their
+input. ``-inf`` teacher logits are classes of probability 0 (a rank may even hold only ``-inf``
+teacher columns for a row). The eager fallback works on row chunks of at most ``_CHUNK_ELEMS``
+local elements.
 
 Data parallelism composes without anything special: each data-parallel rank has whole rows and the
 loss is per row. With tensor and data parallelism together, pass the tensor-parallel group as

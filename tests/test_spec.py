@@ -8,7 +8,8 @@ import re
 
 import pytest
 
-from kdfast._spec import Divergence, FParam, IParam, KernelParams, Kind, TopkFParam, TopkIParam, TopkParams
+from kdfast._spec import (Divergence, FParam, IParam, JSDTeacherStat, KernelParams, Kind, KLStat, KLTeacherStat,
+                          LMStat, LSStat, LSTeacherStat, Phase, TopkFParam, TopkIParam, TopkParams)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 KERNEL_API = os.path.join(ROOT, "csrc", "kernel_api.h")
@@ -42,6 +43,20 @@ def test_cpp_parameter_layout_is_spec_layout(namespace, layout):
     cpp = _cpp_enum(rf"namespace\s+{namespace}\s*\{{\s*enum\s*:\s*int\s*\{{")
     assert cpp.pop("COUNT") == len(layout), namespace
     assert cpp == _as_dict(layout), namespace
+
+
+@pytest.mark.parametrize("namespace,layout", [
+    ("klstat", KLStat), ("klteacherstat", KLTeacherStat), ("lmstat", LMStat), ("jsdstat", JSDTeacherStat),
+    ("lsstat", LSStat), ("lsteacherstat", LSTeacherStat)])
+def test_cpp_stats_layout_is_spec_layout(namespace, layout):
+    """The two-phase kernels' per-row statistics (kdfast/_spec.py "Two phases")."""
+    cpp = _cpp_enum(rf"namespace\s+{namespace}\s*\{{\s*enum\s*:\s*int\s*\{{")
+    assert cpp.pop("COUNT") == len(layout) - 1, namespace   # (the Python enums carry COUNT as a member)
+    assert cpp == {k: v for k, v in _as_dict(layout).items() if k != "COUNT"}, namespace
+
+
+def test_cpp_phases_are_spec_phases():
+    assert _cpp_enum(r"enum\s+class\s+Phase\s*:\s*int\s*\{") == _as_dict(Phase)
 
 
 def test_triton_kinds_are_spec_kinds():
