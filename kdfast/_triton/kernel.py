@@ -41,7 +41,8 @@ import triton
 import triton.language as tl
 
 from .common import (
-    KIND_DKD, KIND_JSD, KIND_KL, KIND_LM, KIND_LS, NEG_INF, _finish, softmax_stats, stats_end)
+    KIND_DKD, KIND_JSD, KIND_KL, KIND_LM, KIND_LS, NEG_INF, _finish, _safe, softmax_stats,
+    stats_end)
 from .dkd import dkd_kind
 from .jsd import jsd_kind
 from .kl import kl_combine, kl_kind, kl_stats
@@ -89,7 +90,8 @@ def _distill_kernel(
     # aligned (VEC = 16 bytes / element size when C and the strides allow it): 128-bit loads and
     # stores for any such C (C = 1000 included), which Triton's own specialisation only infers for
     # multiples of 16. VEC = 1 otherwise.
-    tl.static_assert(PHASE == 0 or KIND == KIND_KL, "only the KL kind has the two phases")
+    tl.static_assert(PHASE == 0 or KIND == KIND_KL or KIND == KIND_DKD,
+                     "this kind has no two phases in the Triton kernel")
     C = C_vec * VEC
     stride_z = stride_z_vec * VEC
     stride_v = stride_v_vec * VEC
@@ -193,11 +195,19 @@ def _distill_kernel(
             ACC, BLOCK, MB)
     else:
         zy = zs
+        vy = zt
         if PHASE == 2:
-            # KL, phase 2: pass 1's statistics are every rank's, combined (kl.py); then the row
-            # constants and the gradient sweep over the local columns as in the fused kernel
-            m_a, s_a, m_c, s_c, w, ref, m_u, s_u, m_1, s_1, zy = kl_combine(st_ptr, row, M, tm,
+            # KL / DKD, phase 2: pass 1's statistics are every rank's, combined (kl.py); then the
+            # row constants and the gradient sweep over the local columns as in the fused kernel
+            m_a, s_a, m_c, s_c, w, ref, m_u, s_u, m_1, s_1, zy, vy = kl_combine(st_ptr, row, M, tm,
                 world, live, lim_m, HAS_LABELS, HAS_CE, CE_SHARED, WTTM, REVERSE, ACC)
+            if KIND == KIND_DKD and HAS_CE and not CE_SHARED:
+                # DKD's CE pair is over j != y (as its other streams): the label column added
+                # back, lse(z) = logaddexp(lse_{j != y} z, z_y): M = max(m_1, z_y),
+                # S = S_1 e^(m_1 - M) + e^(z_y - M)
+                m1n = tl.maximum(m_1, zy)
+                s_1 = tl.where(s_1 > 0.0, s_1 * tl.exp(_safe(m_1) - m1n), 0.0) + tl.exp(zy - m1n)
+                m_1 = m1n
             mas, mcs, la, lc, m1s, l1 = stats_end(m_a, s_a, m_c, s_c, m_1, s_1, CE_SHARED)
             if REVERSE:
                 c_ref = ref
@@ -207,9 +217,10 @@ def _distill_kernel(
             mas, mcs, la, lc, m1s, l1, c_ref, a_ref, s_a, s_c, w, m_u, s_u, m_1, s_1 = \
                 softmax_stats(C, tok2, z_row, v_rows, zp_row, cols, rho, omr, its, itt, y, lim, m_a,
                     s_a, m_c, s_c, w, c_ref, a_ref, m_1, s_1, m_u, s_u, KIND, HAS_CE, CE_SHARED,
-                    WTTM, REVERSE, HAS_ZP, ACC, BLOCK, MB)
+                    WTTM, REVERSE, HAS_ZP, ACC, BLOCK, MB, KIND == KIND_DKD and PHASE == 1)
         if PHASE == 1:
-            # KL, phase 1: the statistics over the local columns are the output
+            # KL / DKD, phase 1: the statistics over the local columns are the output (DKD's
+            # streams over j != y: KLStat's layout, as the C++ kernel's)
             kl_stats(st_ptr, row, M, tm, tok, z_row, v_base, zp_row, y, here, rho, omr, mas, mcs,
                 s_a, s_c, w, a_ref, c_ref, m_u, s_u, m_1, s_1, HAS_LABELS, HAS_CE, CE_SHARED, WTTM,
                 REVERSE, HAS_ZP, ACC)
@@ -220,10 +231,11 @@ def _distill_kernel(
                 HAS_CE, CE_SHARED, WTTM, REVERSE, HAS_ZP, NEED_GZ, NEED_GV, ACC, BLOCK, MB, PHASE,
                 zy)
         elif KIND == KIND_DKD:
-            D, ce = dkd_kind(gz_ptr, gv_ptr, C, stride_gz, row, tm, tok, tok2, z_row, v_base,
-                v_rows, zp_row, gv_rows, cols, ts, rho, alpha, beta, omr, its, itt, y, ignored, bad,
-                live, lim, lim_m, gk, gc, zt, s_c, w, a_ref, D, ce, mas, mcs, la, lc, m1s, l1,
-                HAS_CE, CE_SHARED, HAS_ZP, NEED_GZ, NEED_GV, ACC, BLOCK, MB)
+            D, ce, coef, xs = dkd_kind(gz_ptr, gv_ptr, C, stride_gz, row, tm, tok, tok2, z_row,
+                v_base, v_rows, zp_row, gv_rows, cols, ts, rho, alpha, beta, omr, its, itt, y,
+                ignored, bad, live, lim, lim_m, gk, gc, zt, s_c, w, a_ref, D, ce, mas, mcs, la, lc,
+                m1s, l1, HAS_CE, CE_SHARED, HAS_ZP, NEED_GZ, NEED_GV, ACC, BLOCK, MB, PHASE, zy,
+                vy)
         else:  # KIND_JSD, T = ts = tt, 0 < beta < 1
             D, ce = jsd_kind(v_ptr, gz_ptr, gv_ptr, M, stride_vm_vec, stride_gvm_vec, C, stride_v,
                 stride_gz, stride_gv, row, tm, z_row, v_rows, zp_row, gv_rows, cols, rho, beta, omr,

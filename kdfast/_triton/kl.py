@@ -153,9 +153,9 @@ def kl_combine(
 ):
     """Phase 2: the row's statistics over all ranks from ``gstats`` (world, N, K), in float64 (the
     formulas of kdfast/_spec.py, "Combine"), then rounded to ACC: (m_a, s_a, m_c, s_c, W, R, m_u,
-    s_u, m_1, s_1, z_y), each with the shape ``softmax_stats`` gives it ((1,) student, (MB,) per
+    s_u, m_1, s_1, z_y, v_y), each with the shape ``softmax_stats`` gives it ((1,) student, (MB,) per
     teacher; the pairs' maxima -inf without mass, as pass 1 leaves them). Ignored / bad rows read
-    nothing (their outputs are overwritten)."""
+    nothing (their outputs are overwritten). ``v_y``: the teachers' label logits (DKD)."""
     K = ST_COUNT + M * STT_COUNT
     rs = tl.num_programs(0).to(tl.int64) * K   # rank stride: N rows of K
     base = st_ptr + row * K
@@ -184,11 +184,13 @@ def kl_combine(
         m_u = _comb_max(base, rs, world, ot + STT_M_U, ot + STT_S_U, mt)
         s_u = _comb_sum(base, rs, world, ot + STT_M_U, ot + STT_S_U, mt, m_u)
     zy = tl.sum(o1.to(tl.float64), 0)
-    if HAS_LABELS:   # one rank holds the label's column, the others stored 0: the sum is exact
+    vy = (tm * 0).to(tl.float64)
+    if HAS_LABELS:   # one rank holds the label's column, the others stored 0: the sums are exact
         for r in range(0, world):
             zy += tl.sum(tl.load(base + r * rs + o1 + ST_Z_Y, mask=m1, other=0.0), 0)
+            vy += tl.load(base + r * rs + ot + STT_V_Y, mask=mt, other=0.0)
     return (mz.to(ACC), sz.to(ACC), mv.to(ACC), sv.to(ACC), w.to(ACC), ref.to(ACC), m_u.to(ACC),
-            s_u.to(ACC), m_1.to(ACC), s_1.to(ACC), zy.to(ACC))
+            s_u.to(ACC), m_1.to(ACC), s_1.to(ACC), zy.to(ACC), vy.to(ACC))
 
 
 @triton.jit
