@@ -209,7 +209,8 @@ def _natural_kinds(p, z, vs, zp, y, kd_w, ce_w, gs, xrows, terms):
     times the largest coefficient of a gradient (DKD T (alpha + beta), JSD 1 / T, LS T / std, with
     the chain rule's sums over the row) times q_j + p_j (and the label's one-hot: DKD's target
     terms), the terms that size times |term| where the term took log1p(X), else the loss's scale.
-    LM: |z_j - zbar| + |v_j - vbar| per entry (/ C: the gradient), the term their squares' mean."""
+    LM: |z_j - zbar| + |v_j - vbar| per entry plus its row mean (/ C: the gradient), the term
+    their squares' mean."""
     M, (N, C) = len(vs), z.shape
     rho = p.rho if zp is not None else 0.0
     z = z.double()
@@ -234,7 +235,8 @@ def _natural_kinds(p, z, vs, zp, y, kd_w, ce_w, gs, xrows, terms):
         if p.kind == Kind.LM:
             uz = fin(z - z.mean(-1, keepdim=True) if p.center else z).abs()
             uv = fin(r - r.mean(-1, keepdim=True) if p.center else r).abs()
-            e = uz + uv
+            # (the entry's parts, and the row's: the means round at the sum of the row's sizes)
+            e = uz + uv + (uz + uv).mean(-1, keepdim=True)
             nat_t[m] = (e * e).mean(-1) / 2 + 1e-300
             nat_gz += kw * e / C
             nat_gv[m] = kw * (1 - rho) * e / C
@@ -349,6 +351,13 @@ CASES = {
                             {"zp": True}),
     "multi3_dkd_no_ce": (KernelParams(Kind.DKD, 1.5, 1.5, 1.0, alpha=1.0, beta=4.0,
                                       has_ce=False), 3, {}),
+    # LM (centred: the means from the ranks' sums; no centring: D = sum (z - v)^2 / 2C)
+    "lm_center": (KernelParams(Kind.LM, center=True), 1, {"neg_inf": False}),
+    "lm_no_center_retro": (KernelParams(Kind.LM, center=False, rho=0.6), 1, {"zp": True,
+                                                                             "neg_inf": False}),
+    "multi3_lm_center": (KernelParams(Kind.LM, center=True, has_ce=False), 3, {"neg_inf": False}),
+    "multi2_lm_no_labels": (KernelParams(Kind.LM, center=True), 2, {"labels": False,
+                                                                    "neg_inf": False}),
 }
 
 def exact_world1(p):
@@ -559,7 +568,8 @@ def test_grad_z_aliases_z(be_name):
 
 
 #: per kind, one case whose statistics both backends compute on the same shard
-STATS_CASES = {Kind.KL: "multi2_wttm_retro", Kind.DKD: "multi2_dkd_t3_retro"}
+STATS_CASES = {Kind.KL: "multi2_wttm_retro", Kind.DKD: "multi2_dkd_t3_retro",
+               Kind.LM: "multi3_lm_center"}
 
 
 @pytest.mark.parametrize("kind", list(STATS_CASES), ids=lambda k: k.name)

@@ -90,7 +90,7 @@ def _distill_kernel(
     # aligned (VEC = 16 bytes / element size when C and the strides allow it): 128-bit loads and
     # stores for any such C (C = 1000 included), which Triton's own specialisation only infers for
     # multiples of 16. VEC = 1 otherwise.
-    tl.static_assert(PHASE == 0 or KIND == KIND_KL or KIND == KIND_DKD,
+    tl.static_assert(PHASE == 0 or KIND == KIND_KL or KIND == KIND_DKD or KIND == KIND_LM,
                      "this kind has no two phases in the Triton kernel")
     C = C_vec * VEC
     stride_z = stride_z_vec * VEC
@@ -130,6 +130,7 @@ def _distill_kernel(
         if PHASE == 0:
             bad = ((y < 0) | (y >= C)) & (y != ignore_index)
             y = tl.where(ignored | bad, 0, y).to(tl.int32)  # in bounds from here on
+            here = (ignored | bad) == 0
         else:
             # a global class id: bad outside [0, vocab); ``y`` from here on its local column when
             # this rank holds it (``here``), else -1 (no column: the CE's -1 is another rank's)
@@ -158,6 +159,9 @@ def _distill_kernel(
         wce = tl.load(cew_ptr + row).to(ACC)
         gk = g * wkd  # (MB,): factor of every distillation gradient, per teacher
         gc = g * wce  # factor of the CE gradient
+    else:            # (passed along, never used)
+        gk = tl.sum(tl.zeros([MB, BLOCK], ACC), 1)
+        gc = tl.sum(gk, 0)
 
     # accumulators, (1,) for student statistics and (MB,) per teacher (not every kind uses every one)
     zs = tl.sum(tl.zeros([1, BLOCK], ACC), 1)
@@ -185,9 +189,10 @@ def _distill_kernel(
     # Per kind: statistics, then the loss and the gradients (kdfast/_triton/<kind>.py)
     # ======================================================================================
     if KIND == KIND_LM:
-        D, ce = lm_kind(gz_ptr, gv_ptr, C, stride_gz, row, tm, tok, tok2, z_row, v_base, v_rows,
-            zp_row, gv_rows, cols, rho, omr, Cf, y, ignored, bad, live, lim, lim_m, gk, gc, zs, zt,
-            m_1, s_1, D, ce, HAS_CE, CE_SHARED, HAS_ZP, CENTER, NEED_GZ, NEED_GV, ACC, BLOCK, MB)
+        D, ce, coef, xs = lm_kind(gz_ptr, gv_ptr, C, stride_gz, row, tm, tok, tok2, z_row,
+            v_base, v_rows, zp_row, gv_rows, cols, rho, omr, Cf, y, ignored, bad, live, lim, lim_m,
+            gk, gc, zs, zt, m_1, s_1, D, ce, HAS_CE, CE_SHARED, HAS_ZP, CENTER, NEED_GZ, NEED_GV,
+            ACC, BLOCK, MB, PHASE, HAS_LABELS, st_ptr, M, world, vocab, here)
     elif KIND == KIND_LS:
         D, ce = ls_kind(gz_ptr, gv_ptr, C, stride_gz, row, tm, tok, tok2, z_row, v_base, v_rows,
             zp_row, gv_rows, cols, ts, rho, omr, its, Cf, y, ignored, bad, live, lim, lim_m, gk, gc,

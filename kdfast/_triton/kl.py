@@ -119,6 +119,16 @@ def _comb_sum(base, rs, world, om, os, mask, m):
 
 
 @triton.jit
+def _comb_add(base, rs, world, o, mask):
+    """sum_r x_r of a column that adds over the ranks (sums of logits, label logits: one rank holds
+    the label's, the others stored 0), in float64."""
+    x = (o * 0).to(tl.float64)
+    for r in range(0, world):
+        x += tl.load(base + r * rs + o, mask=mask, other=0.0)
+    return x
+
+
+@triton.jit
 def _comb_w(base, rs, world, om, os, mask_w, m, o_r, o_w, mask):
     """(R, W) of the KL statistic: R from the first rank holding the weighting stream's max (M_r = M,
     S_r > 0); d^r_j = d_j + (M - M_r) - (R - R_r) against rank r's (M_r, R_r), so
