@@ -72,17 +72,21 @@ def split(be, p, z, vs, zp, y, kd_w, ce_w, gs, cuts, need_gz=True, need_gv=True)
     every stats field of a live row was written and that b and a are the same on every rank."""
     M, (N, C) = len(vs), z.shape
     acc = kd_w.dtype
-    K = stats_width(p, M)
     f, i = p.lists()
     shards = list(zip(cuts[:-1], cuts[1:]))
     cols = lambda t, a, b: None if t is None else t[:, a:b]
-    stats = []
-    for a, b in shards:
-        st = torch.full((N, K), float("nan"), dtype=f64)
-        be.stats_forward(cols(z, a, b), [cols(v, a, b) for v in vs], cols(zp, a, b), y, st, f, i,
-                         a, C)
-        stats.append(st)
-    gstats = torch.stack(stats)                      # the all-gather
+    gstats = None
+    for rnd in range(stats_rounds(p)):   # each round's all-gather, concatenated (gprev, gstats)
+        K = stats_width(p, M, rnd)
+        stats = []
+        for a, b in shards:
+            st = torch.full((N, K), float("nan"), dtype=f64)
+            kw = {} if rnd == 0 else {"round": rnd, "gprev": gstats}
+            be.stats_forward(cols(z, a, b), [cols(v, a, b) for v in vs], cols(zp, a, b), y, st, f,
+                             i, a, C, **kw)
+            stats.append(st)
+        g = torch.stack(stats)                       # the all-gather
+        gstats = g if gstats is None else torch.cat([gstats, g], -1)
     live = torch.ones(N, dtype=torch.bool) if y is None else (y >= 0) & (y < C)
     assert not gstats[:, live].isnan().any(), "a stats field of a valid row was not written"
     part = torch.zeros((M + 1, N), dtype=f64)        # the all_reduce
@@ -358,6 +362,12 @@ CASES = {
     "multi3_lm_center": (KernelParams(Kind.LM, center=True, has_ce=False), 3, {"neg_inf": False}),
     "multi2_lm_no_labels": (KernelParams(Kind.LM, center=True), 2, {"labels": False,
                                                                     "neg_inf": False}),
+    # JSD (two rounds: the lse pairs, then SP / SQ; T != 1 and T = 1 with CE sharing the pair)
+    "jsd_b03_t2": (KernelParams(Kind.JSD, 2.0, 2.0, 1.0, beta=0.3), 1, {}),
+    "jsd_b05_t1": (KernelParams(Kind.JSD, 1.0, 1.0, 1.0, beta=0.5), 1, {"saturated": (1, 3)}),
+    "multi2_jsd_b07_t3_retro": (KernelParams(Kind.JSD, 3.0, 3.0, 1.0, beta=0.7, rho=0.5), 2,
+                                {"zp": True}),
+    "multi3_jsd_b05_t15": (KernelParams(Kind.JSD, 1.5, 1.5, 1.0, beta=0.5), 3, {}),
 }
 
 def exact_world1(p):
@@ -569,7 +579,7 @@ def test_grad_z_aliases_z(be_name):
 
 #: per kind, one case whose statistics both backends compute on the same shard
 STATS_CASES = {Kind.KL: "multi2_wttm_retro", Kind.DKD: "multi2_dkd_t3_retro",
-               Kind.LM: "multi3_lm_center"}
+               Kind.LM: "multi3_lm_center", Kind.JSD: "multi2_jsd_b07_t3_retro"}
 
 
 @pytest.mark.parametrize("kind", list(STATS_CASES), ids=lambda k: k.name)

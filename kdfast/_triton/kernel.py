@@ -25,12 +25,14 @@ Conventions inside the kernel:
   probability are guarded (``where(p > 0, ...)``) so ``0 * inf`` never makes a NaN;
 - the row's outputs are finally overwritten with 0 (ignored row) or NaN (label outside [0, C)).
 
-Two phases (tensor parallelism, KL kind: ``PHASE`` 1 / 2, kdfast/_spec.py "Two phases"): phase 1
-runs pass 1 over this rank's columns and stores the row's statistics (``kl.kl_stats``); phase 2
-combines every rank's (``kl.kl_combine``, in float64) into what pass 1 gives the fused kernel, then
-runs the KL kind's pass 2 over the local columns, writing each loss term as ``b + a log1p(X)`` with
-this rank's part of X. ``PHASE`` 0 (fused) compiles to the single-call kernel as before: every phase
-branch is a constexpr ``if``.
+Two phases (tensor parallelism: ``PHASE`` 1 / 2, kdfast/_spec.py "Two phases"; the kinds of
+``TRITON_PHASED_KINDS``, the C++ kernel's layouts): phase 1 runs pass 1 over this rank's columns and
+stores the row's statistics (``kl.kl_stats`` for KL / DKD / JSD's round 0, ``lm_stats`` for LM and
+LS's round 0; ``ROUND`` > 0, JSD's and LS's later rounds, from the combined earlier ones); phase 2
+combines every rank's (``kl.kl_combine`` and the ``_comb_*`` helpers, in float64) into what pass 1
+gives the fused kernel, then runs the kind's later passes over the local columns, writing each loss
+term as ``b + a log1p(X)`` (or ``b + X``) with this rank's part of X. ``PHASE`` 0 (fused) compiles
+to the single-call kernel as before: every phase branch is a constexpr ``if``.
 
 Layout: this module holds the kernel (its arguments, the row setup, the dispatch on ``KIND`` and the
 stores); ``common.py`` the shared primitives and pass 1 of the softmax kinds; ``kl.py``, ``dkd.py``,
@@ -44,8 +46,8 @@ from .common import (
     KIND_DKD, KIND_JSD, KIND_KL, KIND_LM, KIND_LS, NEG_INF, _finish, _safe, softmax_stats,
     stats_end)
 from .dkd import dkd_kind
-from .jsd import jsd_kind
-from .kl import kl_combine, kl_kind, kl_stats
+from .jsd import JS_COUNT, jsd_kind, jsd_stats
+from .kl import ST_COUNT, STT_COUNT, kl_combine, kl_kind, kl_stats
 from .logit_matching import lm_kind
 from .ls import ls_kind
 
@@ -65,7 +67,7 @@ def _distill_kernel(
     ts_hi, tt_hi, scale_hi, rho_hi, alpha_hi, beta_hi,
     ts_lo, tt_lo, scale_lo, rho_lo, alpha_lo, beta_lo,
     ignore_index,
-    # the KL kind's two phases (kdfast/_spec.py, "Two phases"; unused when PHASE == 0): the tensors
+    # the two phases (kdfast/_spec.py, "Two phases"; unused when PHASE == 0): the tensors
     # are the columns [col0, col0 + C) of rows of ``vocab`` columns; phase 1 writes each row's
     # statistics to st_ptr (N, K), phase 2 reads the ``world`` ranks' from st_ptr (world, N, K) and
     # writes the loss terms' a and X to coef_ptr / part_ptr (M + 1, N) (float64 all)
@@ -84,13 +86,16 @@ def _distill_kernel(
     BLOCK: tl.constexpr,
     VEC: tl.constexpr,        # C and every row stride are multiples of VEC (the launcher's choice)
     MB: tl.constexpr = 1,     # teacher slots: next_power_of_2(M)
-    PHASE: tl.constexpr = 0,  # 0 fused, 1 statistics, 2 finish (kdfast._spec.Phase; KL kind only)
+    PHASE: tl.constexpr = 0,  # 0 fused, 1 statistics, 2 finish (kdfast._spec.Phase)
+    ROUND: tl.constexpr = 0,  # phase 1's round (kdfast._spec.stats_rounds): round r > 0 reads the
+                              # earlier rounds' gathered statistics (world, N, K_0 + ...) from
+                              # st_ptr and writes its own (N, K_r) to part_ptr
 ):
     # Multiplying back by the constexpr VEC tells the compiler that every row starts 16 bytes
     # aligned (VEC = 16 bytes / element size when C and the strides allow it): 128-bit loads and
     # stores for any such C (C = 1000 included), which Triton's own specialisation only infers for
     # multiples of 16. VEC = 1 otherwise.
-    tl.static_assert(PHASE == 0 or KIND == KIND_KL or KIND == KIND_DKD or KIND == KIND_LM,
+    tl.static_assert(PHASE == 0 or KIND != KIND_LS,
                      "this kind has no two phases in the Triton kernel")
     C = C_vec * VEC
     stride_z = stride_z_vec * VEC
@@ -201,11 +206,15 @@ def _distill_kernel(
     else:
         zy = zs
         vy = zt
-        if PHASE == 2:
-            # KL / DKD, phase 2: pass 1's statistics are every rank's, combined (kl.py); then the
-            # row constants and the gradient sweep over the local columns as in the fused kernel
+        kst = M * 0
+        if PHASE == 2 or ROUND > 0:
+            # phase 2 (and JSD's round 1): pass 1's statistics are every rank's, combined (kl.py);
+            # then the row constants and the sweeps over the local columns as in the fused kernel
+            kst = ST_COUNT + M * STT_COUNT   # gstats' row: round 0's columns, then JSD's round 1
+            if PHASE == 2 and KIND == KIND_JSD:
+                kst = kst + JS_COUNT * M
             m_a, s_a, m_c, s_c, w, ref, m_u, s_u, m_1, s_1, zy, vy = kl_combine(st_ptr, row, M, tm,
-                world, live, lim_m, HAS_LABELS, HAS_CE, CE_SHARED, WTTM, REVERSE, ACC)
+                world, live, lim_m, kst, HAS_LABELS, HAS_CE, CE_SHARED, WTTM, REVERSE, ACC)
             if KIND == KIND_DKD and HAS_CE and not CE_SHARED:
                 # DKD's CE pair is over j != y (as its other streams): the label column added
                 # back, lse(z) = logaddexp(lse_{j != y} z, z_y): M = max(m_1, z_y),
@@ -223,12 +232,16 @@ def _distill_kernel(
                 softmax_stats(C, tok2, z_row, v_rows, zp_row, cols, rho, omr, its, itt, y, lim, m_a,
                     s_a, m_c, s_c, w, c_ref, a_ref, m_1, s_1, m_u, s_u, KIND, HAS_CE, CE_SHARED,
                     WTTM, REVERSE, HAS_ZP, ACC, BLOCK, MB, KIND == KIND_DKD and PHASE == 1)
-        if PHASE == 1:
-            # KL / DKD, phase 1: the statistics over the local columns are the output (DKD's
-            # streams over j != y: KLStat's layout, as the C++ kernel's)
+        if PHASE == 1 and ROUND == 0:
+            # KL / DKD / JSD, phase 1: the statistics over the local columns are the output (DKD's
+            # streams over j != y; JSD's lse pairs only: KLStat's layout, as the C++ kernel's)
             kl_stats(st_ptr, row, M, tm, tok, z_row, v_base, zp_row, y, here, rho, omr, mas, mcs,
                 s_a, s_c, w, a_ref, c_ref, m_u, s_u, m_1, s_1, HAS_LABELS, HAS_CE, CE_SHARED, WTTM,
-                REVERSE, HAS_ZP, ACC)
+                REVERSE, HAS_ZP, ACC, KIND == KIND_JSD)
+        elif PHASE == 1:
+            # JSD, round 1: this rank's parts of SP, SQ from the combined round 0
+            jsd_stats(part_ptr, row, M, tm, tok, tok2, C, z_row, v_rows, zp_row, cols, rho, beta,
+                omr, omb, its, itt, lim, mas, mcs, la, lc, HAS_ZP, ACC, BLOCK, MB)
         elif KIND == KIND_KL:
             D, ce, coef, xs = kl_kind(gz_ptr, gv_ptr, C, stride_gz, row, tok, tok2, z_row, v_rows,
                 zp_row, gv_rows, cols, scale, rho, omr, its, itt, y, ignored, bad, live, lim, gk,
@@ -242,11 +255,11 @@ def _distill_kernel(
                 m1s, l1, HAS_CE, CE_SHARED, HAS_ZP, NEED_GZ, NEED_GV, ACC, BLOCK, MB, PHASE, zy,
                 vy)
         else:  # KIND_JSD, T = ts = tt, 0 < beta < 1
-            D, ce = jsd_kind(v_ptr, gz_ptr, gv_ptr, M, stride_vm_vec, stride_gvm_vec, C, stride_v,
-                stride_gz, stride_gv, row, tm, z_row, v_rows, zp_row, gv_rows, cols, rho, beta, omr,
-                omb, its, itt, y, ignored, bad, live, lim, gk, gc, zt, c_ref, a_ref, D, ce, mas,
-                mcs, la, lc, m1s, l1, HAS_CE, CE_SHARED, HAS_ZP, NEED_GZ, NEED_GV, ACC, BLOCK, VEC,
-                MB)
+            D, ce, coef, xs = jsd_kind(v_ptr, gz_ptr, gv_ptr, M, stride_vm_vec, stride_gvm_vec, C,
+                stride_v, stride_gz, stride_gv, row, tm, z_row, v_rows, zp_row, gv_rows, cols, rho,
+                beta, omr, omb, its, itt, y, ignored, bad, live, lim, gk, gc, zt, c_ref, a_ref, D,
+                ce, mas, mcs, la, lc, m1s, l1, HAS_CE, CE_SHARED, HAS_ZP, NEED_GZ, NEED_GV, ACC,
+                BLOCK, VEC, MB, PHASE, st_ptr, world, kst, lim_m, zy)
 
     if PHASE != 1:
         # D_m unweighted per teacher (d_out is (M, N)); CE once (phase 2: their b)

@@ -41,13 +41,14 @@ def kl_stats(
         st_ptr, row, M, tm, tok, z_row, v_base, zp_row, yl, here, rho, omr, mas, mcs, s_a, s_c, w,
         a_ref, c_ref, m_u, s_u, m_1, s_1, HAS_LABELS: tl.constexpr, HAS_CE: tl.constexpr,
         CE_SHARED: tl.constexpr, WTTM: tl.constexpr, REVERSE: tl.constexpr,
-        HAS_ZP: tl.constexpr, ACC: tl.constexpr,
+        HAS_ZP: tl.constexpr, ACC: tl.constexpr, LSE_ONLY: tl.constexpr = False,
 ):
     """Phase 1: the row's pass-1 statistics over this rank's columns into its ``stats`` row (the
     KLStat / KLTeacherStat layout, float64; values of the accumulation dtype, exact in float64).
     ``W`` is stored with the reference it was taken against (``_ref``: the other stream's value at
     the weighting stream's argmax, a = z / Ts for the forward KL, c = v / Tt for the reverse);
-    ``yl`` the label's local column, ``here`` whether this rank holds it."""
+    ``yl`` the label's local column, ``here`` whether this rank holds it. ``LSE_ONLY`` (JSD's round
+    0): only the lse pairs and z_y; R, W and v_y are 0 (as the C++ kernel stores them)."""
     base = st_ptr + row * (ST_COUNT + M * STT_COUNT)
     o1 = tl.zeros([1], tl.int64)
     tl.store(base + o1 + ST_M_Z, _held_max(mas, s_a))
@@ -75,6 +76,9 @@ def kl_stats(
         ref = _ref(c_ref, mcs)
     else:         # W = sum p_j d_j, d_j = (c_j - m_c) - (a_j - R)
         ref = _ref(a_ref, mas)
+    if LSE_ONLY:
+        ref = ref * 0.0
+        w = w * 0.0
     tl.store(tb + STT_R, ref.to(tl.float64), mask=tok)
     tl.store(tb + STT_W, w.to(tl.float64), mask=tok)
     if WTTM:
@@ -86,7 +90,7 @@ def kl_stats(
     # the label logit of each teacher row the loss sees (r = (1 - rho) v + rho zp for retro_kd) at
     # temperature 1, as z_y
     vy = (tm * 0).to(ACC)
-    if HAS_LABELS:
+    if HAS_LABELS and not LSE_ONLY:
         vy = _load_teachers(v_base, zp_row, yl, tm < tl.where(here, M, 0), here, rho, omr, HAS_ZP,
                             ACC)
         vy = tl.where(here, vy, 0.0)
@@ -158,15 +162,15 @@ def _comb_w(base, rs, world, om, os, mask_w, m, o_r, o_w, mask):
 
 @triton.jit
 def kl_combine(
-        st_ptr, row, M, tm, world, live, lim_m, HAS_LABELS: tl.constexpr, HAS_CE: tl.constexpr,
+        st_ptr, row, M, tm, world, live, lim_m, K, HAS_LABELS: tl.constexpr, HAS_CE: tl.constexpr,
         CE_SHARED: tl.constexpr, WTTM: tl.constexpr, REVERSE: tl.constexpr, ACC: tl.constexpr,
 ):
     """Phase 2: the row's statistics over all ranks from ``gstats`` (world, N, K), in float64 (the
     formulas of kdfast/_spec.py, "Combine"), then rounded to ACC: (m_a, s_a, m_c, s_c, W, R, m_u,
     s_u, m_1, s_1, z_y, v_y), each with the shape ``softmax_stats`` gives it ((1,) student, (MB,) per
     teacher; the pairs' maxima -inf without mass, as pass 1 leaves them). Ignored / bad rows read
-    nothing (their outputs are overwritten). ``v_y``: the teachers' label logits (DKD)."""
-    K = ST_COUNT + M * STT_COUNT
+    nothing (their outputs are overwritten). ``v_y``: the teachers' label logits (DKD). ``K``: the
+    row stride of ``gstats`` (KLStat's columns first; JSD's later round after them)."""
     rs = tl.num_programs(0).to(tl.int64) * K   # rank stride: N rows of K
     base = st_ptr + row * K
     o1 = tl.zeros([1], tl.int64)
