@@ -1,7 +1,8 @@
-"""The two phases of the KL kind (kdfast/_spec.py, "Two phases": ``stats_forward`` /
-``finish_forward``), tensor parallelism simulated in one process: the columns of every row are split
-into uneven shards (world sizes 1, 2, 3; a shard of width 1), phase 1 runs on each shard, the stats
-are stacked into gstats (world, N, K) (the all-gather), phase 2 runs on each shard, ``part`` is summed
+"""The two phases of every phased kind, KL, DKD, LM, JSD (two rounds) and LS (three) (kdfast/_spec.py,
+"Two phases": ``stats_forward`` / ``finish_forward``), tensor parallelism simulated in one process:
+the columns of every row are split into uneven shards (world sizes 1, 2, 3; a shard of width 1),
+phase 1 runs on each shard (each round from the gathered earlier ones), the stats are stacked into
+gstats (world, N, K) (the all-gathers, concatenated), phase 2 runs on each shard, ``part`` is summed
 over the shards (the all_reduce) and :func:`finish_terms` gives the terms. The result must be the
 same backend's fused ``multi_forward`` on the whole rows: the loss terms, CE, and the gradients (the
 shards' columns concatenated).
@@ -368,6 +369,13 @@ CASES = {
     "multi2_jsd_b07_t3_retro": (KernelParams(Kind.JSD, 3.0, 3.0, 1.0, beta=0.7, rho=0.5), 2,
                                 {"zp": True}),
     "multi3_jsd_b05_t15": (KernelParams(Kind.JSD, 1.5, 1.5, 1.0, beta=0.5), 3, {}),
+    # LS (three rounds: the sums, the centred squares, the standardised streams' statistics)
+    "ls_t1": (KernelParams(Kind.LS, 1.0, 1.0, 1.0), 1, {"neg_inf": False}),
+    "ls_t2_retro": (KernelParams(Kind.LS, 2.0, 2.0, 4.0, rho=0.4), 1, {"zp": True,
+                                                                      "neg_inf": False}),
+    "multi2_ls_t2": (KernelParams(Kind.LS, 2.0, 2.0, 4.0), 2, {"neg_inf": False}),
+    "multi3_ls_t1_no_ce": (KernelParams(Kind.LS, 1.0, 1.0, 1.0, has_ce=False), 3,
+                           {"neg_inf": False}),
 }
 
 def exact_world1(p):
@@ -579,7 +587,8 @@ def test_grad_z_aliases_z(be_name):
 
 #: per kind, one case whose statistics both backends compute on the same shard
 STATS_CASES = {Kind.KL: "multi2_wttm_retro", Kind.DKD: "multi2_dkd_t3_retro",
-               Kind.LM: "multi3_lm_center", Kind.JSD: "multi2_jsd_b07_t3_retro"}
+               Kind.LM: "multi3_lm_center", Kind.JSD: "multi2_jsd_b07_t3_retro",
+               Kind.LS: "multi2_ls_t2"}
 
 
 @pytest.mark.parametrize("kind", list(STATS_CASES), ids=lambda k: k.name)

@@ -281,7 +281,7 @@ def _launch_teachers(z, vs, zp, labels, kd_w, ce_w, grad_scale, d_out, ce_out, g
 
 
 #: the kinds whose two phases this backend implements (of ``kdfast._spec.PHASED_KINDS``)
-TRITON_PHASED_KINDS = frozenset({Kind.KL, Kind.DKD, Kind.LM, Kind.JSD})
+TRITON_PHASED_KINDS = frozenset({Kind.KL, Kind.DKD, Kind.LM, Kind.JSD, Kind.LS})
 
 
 def _phase_check(z, vs, fparams, iparams, col0, vocab, what) -> tuple[list, KernelParams]:

@@ -95,8 +95,6 @@ def _distill_kernel(
     # aligned (VEC = 16 bytes / element size when C and the strides allow it): 128-bit loads and
     # stores for any such C (C = 1000 included), which Triton's own specialisation only infers for
     # multiples of 16. VEC = 1 otherwise.
-    tl.static_assert(PHASE == 0 or KIND != KIND_LS,
-                     "this kind has no two phases in the Triton kernel")
     C = C_vec * VEC
     stride_z = stride_z_vec * VEC
     stride_v = stride_v_vec * VEC
@@ -199,10 +197,11 @@ def _distill_kernel(
             gk, gc, zs, zt, m_1, s_1, D, ce, HAS_CE, CE_SHARED, HAS_ZP, CENTER, NEED_GZ, NEED_GV,
             ACC, BLOCK, MB, PHASE, HAS_LABELS, st_ptr, M, world, vocab, here)
     elif KIND == KIND_LS:
-        D, ce = ls_kind(gz_ptr, gv_ptr, C, stride_gz, row, tm, tok, tok2, z_row, v_base, v_rows,
-            zp_row, gv_rows, cols, ts, rho, omr, its, Cf, y, ignored, bad, live, lim, lim_m, gk, gc,
-            zs, zt, m_a, s_a, m_c, s_c, w, a_ref, m_1, s_1, D, ce, HAS_CE, HAS_ZP, NEED_GZ, NEED_GV,
-            ACC, BLOCK, MB)
+        D, ce, coef, xs = ls_kind(gz_ptr, gv_ptr, C, stride_gz, row, tm, tok, tok2, z_row, v_base,
+            v_rows, zp_row, gv_rows, cols, ts, rho, omr, its, Cf, y, ignored, bad, live, lim, lim_m,
+            gk, gc, zs, zt, m_a, s_a, m_c, s_c, w, a_ref, m_1, s_1, D, ce, HAS_CE, HAS_ZP, NEED_GZ,
+            NEED_GV, ACC, BLOCK, MB, PHASE, ROUND, HAS_LABELS, st_ptr, part_ptr, M, world, vocab,
+            here)
     else:
         zy = zs
         vy = zt

@@ -147,17 +147,42 @@ def _comb_w(base, rs, world, om, os, mask_w, m, o_r, o_w, mask):
         sr = tl.load(base + r * rs + os, mask=mask_w, other=0.0)
         rr = tl.load(base + r * rs + o_r, mask=mask, other=0.0)
         ref = tl.where((sr > 0.0) & (mr == m), rr, ref)
+    return ref, _comb_shift(base, rs, world, om, os, mask_w, m, os, o_r, o_w, mask, ref)
+
+
+@triton.jit
+def _comb_shift(base, rs, world, om, os, mask_w, m, o_mass, o_r, o_w, mask, ref):
+    """A statistic kept like W (``o_w``: sum_j e^(x_j - M_r) d_j x'_j against rank r's (M_r, R_r),
+    ``o_mass`` its sum without d: S for W itself, LS's PUV for its PCU) over the ranks:
+    sum_r e^(M_r - M) (W_r - mass_r ((M - M_r) - (R - R_r))) over the ranks with S_r > 0."""
+    ms = _safe(m)
     w = (o_r * 0).to(tl.float64)
     for r in range(0, world):
         mr = tl.load(base + r * rs + om, mask=mask_w, other=NEG_INF)
         sr = tl.load(base + r * rs + os, mask=mask_w, other=0.0)
+        xr = tl.load(base + r * rs + o_mass, mask=mask_w, other=0.0)
         rr = tl.load(base + r * rs + o_r, mask=mask, other=0.0)
         wr = tl.load(base + r * rs + o_w, mask=mask, other=0.0)
         ok = sr > 0.0
         e = tl.exp(tl.where(ok, mr - ms, 0.0))
         sh = tl.where(ok, (ms - mr) - (ref - rr), 0.0)
-        w += tl.where(ok, e * (wr - sr * sh), 0.0)
-    return ref, w
+        w += tl.where(ok, e * (wr - xr * sh), 0.0)
+    return w
+
+
+@triton.jit
+def _comb_rescaled(base, rs, world, om, os, o_x, mask, m):
+    """A sum kept at the scale of its stream's max (sum_j e^(x_j - M_r) y_j) over the ranks:
+    sum_r e^(M_r - M) X_r over the ranks with S_r > 0."""
+    ms = _safe(m)
+    x = (o_x * 0).to(tl.float64)
+    for r in range(0, world):
+        mr = tl.load(base + r * rs + om, mask=mask, other=NEG_INF)
+        sr = tl.load(base + r * rs + os, mask=mask, other=0.0)
+        xr = tl.load(base + r * rs + o_x, mask=mask, other=0.0)
+        ok = sr > 0.0
+        x += tl.where(ok, tl.exp(tl.where(ok, mr - ms, 0.0)) * xr, 0.0)
+    return x
 
 
 @triton.jit

@@ -69,11 +69,11 @@ def lm_stats(
 
 
 @triton.jit
-def lm_combine(st_ptr, row, M, tm, world, live, lim_m, HAS_LABELS: tl.constexpr,
+def lm_combine(st_ptr, row, M, tm, world, live, lim_m, K, HAS_LABELS: tl.constexpr,
                HAS_CE: tl.constexpr):
     """Phase 2: (sum z, sum v per teacher, CE's (m_1, s_1), z_y) over every rank (float64; the
-    sums and the label logit add, the pair combines as an lse: kdfast/_spec.py, "Combine")."""
-    K = LM_COUNT + M
+    sums and the label logit add, the pair combines as an lse: kdfast/_spec.py, "Combine");
+    ``K`` the row stride of ``gstats`` (LMStat's columns first: LS's later rounds after them)."""
     rs = tl.num_programs(0).to(tl.int64) * K
     base = st_ptr + row * K
     o1 = tl.zeros([1], tl.int64)
@@ -138,8 +138,8 @@ def _lm_pass2(
     v0 = zt
     if PHASE == 2:
         # the whole row's: C = vocab, the means from the ranks' exact sums, CE's pair and z_y
-        sz, sv, mo, so, zy = lm_combine(st_ptr, row, M, tm, world, live, lim_m, HAS_LABELS,
-                                        HAS_CE)
+        sz, sv, mo, so, zy = lm_combine(st_ptr, row, M, tm, world, live, lim_m, LM_COUNT + M,
+                                        HAS_LABELS, HAS_CE)
         cg = tl.zeros([1], tl.float64) + vocab
         Cf = cg.to(ACC)
         m_1 = mo.to(ACC)
