@@ -16,8 +16,8 @@ import pytest
 import torch
 
 from kdfast._spec import (
-    PHASED_KINDS, KernelParams, Kind, KLStat, KLTeacherStat, finish_terms, stats_rounds,
-    stats_width)
+    PHASED_KINDS, JSDTeacherStat, KernelParams, Kind, KLStat, KLTeacherStat, LMStat, LSStat,
+    LSTeacherStat, finish_terms, stats_rounds, stats_width)
 
 f32, f64 = torch.float32, torch.float64
 
@@ -213,7 +213,8 @@ def _natural_kinds(p, z, vs, zp, y, kd_w, ce_w, gs, xrows, terms):
     softmax inputs: z / T, v / T; LS the standardised rows over T), the gradient entries that size
     times the largest coefficient of a gradient (DKD T (alpha + beta), JSD 1 / T, LS T / std, with
     the chain rule's sums over the row) times q_j + p_j (and the label's one-hot: DKD's target
-    terms), the terms that size times |term| where the term took log1p(X), else the loss's scale.
+    terms), the terms that size times |term| where the term took log1p(X) (LS: plus
+    T^2 sqrt(|term| / T^2), see below), else the loss's scale.
     LM: |z_j - zbar| + |v_j - vbar| per entry plus its row mean (/ C: the gradient), the term
     their squares' mean."""
     M, (N, C) = len(vs), z.shape
@@ -259,7 +260,13 @@ def _natural_kinds(p, z, vs, zp, y, kd_w, ce_w, gs, xrows, terms):
         size = 1 + _spread(a).amax(-1, keepdim=True) + fin(_spread(c)).amax(-1, keepdim=True)
         qq, pp = torch.softmax(a, -1), torch.softmax(c, -1)
         pr = qq + pp + onehot + (1.0 / C if p.kind == Kind.LS else 0.0)
-        nat_t[m] = size[:, 0] * torch.where(xrows[m], terms[m].abs(), sfac)
+        tx = terms[m].abs()
+        if p.kind == Kind.LS:
+            # the phases standardise with the means and sigmas of the exact sums, the fused kernel
+            # with Chan's update: a ~eps relative rescaling of a and c, which moves a small KL by
+            # (q - p) . a ~ sqrt(KL) to first order, not by KL
+            tx = tx + sfac * torch.sqrt(tx / sfac)
+        nat_t[m] = size[:, 0] * torch.where(xrows[m], tx, sfac)
         nat_gz += kw * gfz_m * size * pr
         nat_gv[m] = kw * (1 - rho) * gfv * size * pr
     if y is not None and p.has_ce:
@@ -389,9 +396,9 @@ def exact_world1(p):
 WORST = {}
 
 
-def _record(dtype, worst):
+def _record(dtype, worst, kind=Kind.KL):
     for k, v in worst.items():
-        key = (str(dtype).split(".")[-1], k)
+        key = (kind.name, str(dtype).split(".")[-1], k)
         WORST[key] = tuple(max(x, y) for x, y in zip(WORST.get(key, (0.0, 0.0)), v))
 
 
@@ -416,7 +423,7 @@ def test_phases_match_fused(be_name, case, dtype, monkeypatch):
         if world < 3 and dtype == f64:
             continue   # (the interpreter's time: worlds 1 and 2 are checked in float32)
         got = split(be, p, z, vs, zp, y, kd_w, ce_w, gs, cuts)
-        _record(dtype, compare(be_name, p, inputs, got, want, (case, world)))
+        _record(dtype, compare(be_name, p, inputs, got, want, (case, world)), p.kind)
         if y is not None:   # the ignored row: zeros everywhere
             assert (got[0][:, 4] == 0).all() and (got[1][4] == 0).all() and (got[2][:, 4] == 0).all()
         if be_name == "triton" and world == 1 and exact_world1(p):
@@ -426,23 +433,36 @@ def test_phases_match_fused(be_name, case, dtype, monkeypatch):
                 torch.testing.assert_close(g, w, rtol=0, atol=0, equal_nan=True)
 
 
+#: per kind, the parameters of test_forward_only_and_partial_grads
+FORWARD_ONLY = {Kind.KL: kl(2.0), Kind.DKD: KernelParams(Kind.DKD, 2.0, 2.0, 1.0, alpha=1.0, beta=8.0),
+                Kind.LM: KernelParams(Kind.LM), Kind.JSD: KernelParams(Kind.JSD, 2.0, 2.0, beta=0.3),
+                Kind.LS: KernelParams(Kind.LS, 2.0, 2.0, 4.0)}
+
+
 @pytest.mark.parametrize("grads", [(False, False), (True, False), (False, True)])
 @pytest.mark.parametrize("be_name", BACKENDS)
-def test_forward_only_and_partial_grads(be_name, grads, monkeypatch):
+@pytest.mark.parametrize("kind", list(FORWARD_ONLY), ids=lambda k: k.name)
+def test_forward_only_and_partial_grads(be_name, grads, kind, monkeypatch):
     """Forward-only finish calls (no gradient sweep unless a term needs X: the saturated rows 1 and
-    2 do, and every rank must then sweep for its part), and one gradient of two."""
+    2 do, and every rank must then sweep for its part), and one gradient of two. LM's and JSD's
+    terms are sums over the columns (a = 0, X always: every rank sweeps)."""
     be = backend(be_name)
-    p = kl(2.0)
+    if be_name == "triton" and kind not in be.TRITON_PHASED_KINDS:
+        pytest.skip(f"the Triton backend has no two phases for {kind.name} yet")
+    p = FORWARD_ONLY[kind]
     blocks(monkeypatch, f32, 1)
     gen = torch.Generator().manual_seed(7)
     inputs = make_inputs(p, 1, f32, gen, saturated=(1, 2), neg_inf=False)
     z, vs, zp, y, kd_w, ce_w, gs = inputs
     want = fused(be, p, z, vs, zp, y, kd_w, ce_w, gs, *grads)
     got = split(be, p, z, vs, zp, y, kd_w, ce_w, gs, CUTS[3], *grads)
-    _record(f32, compare(be_name, p, inputs, got, want, grads))
+    _record(f32, compare(be_name, p, inputs, got, want, grads), kind)
     coef = got[3]
+    if kind in (Kind.LM, Kind.JSD):
+        assert (coef == 0).all(), coef
+        return
     assert (coef[0, 1:3] > 0).all(), coef   # the saturated rows' D = s log1p(X)
-    if grads == (False, False):
+    if grads == (False, False) and kind != Kind.LS:   # (LS: standardised rows, no scale 1e3)
         assert (coef[0, 3] == 0).all(), coef   # a row of scale 1e3: KL1 is accurate, no sweep
 
 
@@ -630,11 +650,14 @@ def test_stats_match_cpu(kind):
 
 
 def test_triton_layout_constants():
-    """The Triton kernel's statistics columns (kdfast/_triton/kl.py ST_*, STT_*) are the spec's."""
-    kl_mod = pytest.importorskip("kdfast._triton.kl")
-    for e, prefix in ((KLStat, "ST_"), (KLTeacherStat, "STT_")):
+    """The Triton kernel's statistics columns (kl.py ST_*, STT_*; logit_matching.py LM_*; jsd.py
+    JS_*; ls.py LS_*, LST_*) are the spec's."""
+    mods = {m: pytest.importorskip(f"kdfast._triton.{m}") for m in ("kl", "logit_matching", "jsd", "ls")}
+    for mod, e, prefix in (("kl", KLStat, "ST_"), ("kl", KLTeacherStat, "STT_"),
+                           ("logit_matching", LMStat, "LM_"), ("jsd", JSDTeacherStat, "JS_"),
+                           ("ls", LSStat, "LS_"), ("ls", LSTeacherStat, "LST_")):
         for f in e:
-            assert getattr(kl_mod, prefix + f.name).value == int(f), (prefix, f.name)
+            assert getattr(mods[mod], prefix + f.name).value == int(f), (prefix, f.name)
 
 
 def test_zz_report_worst():
