@@ -213,8 +213,8 @@ def _natural_kinds(p, z, vs, zp, y, kd_w, ce_w, gs, xrows, terms):
     softmax inputs: z / T, v / T; LS the standardised rows over T), the gradient entries that size
     times the largest coefficient of a gradient (DKD T (alpha + beta), JSD 1 / T, LS T / std, with
     the chain rule's sums over the row) times q_j + p_j (and the label's one-hot: DKD's target
-    terms), the terms that size times |term| where the term took log1p(X) (LS: plus
-    T^2 sqrt(|term| / T^2), see below), else the loss's scale.
+    terms), the terms that size times |term| where the term took log1p(X) (LS, DKD: plus
+    s sqrt(|term| / s), s the loss's scale, see below), else the loss's scale.
     LM: |z_j - zbar| + |v_j - vbar| per entry plus its row mean (/ C: the gradient), the term
     their squares' mean."""
     M, (N, C) = len(vs), z.shape
@@ -261,10 +261,12 @@ def _natural_kinds(p, z, vs, zp, y, kd_w, ce_w, gs, xrows, terms):
         qq, pp = torch.softmax(a, -1), torch.softmax(c, -1)
         pr = qq + pp + onehot + (1.0 / C if p.kind == Kind.LS else 0.0)
         tx = terms[m].abs()
-        if p.kind == Kind.LS:
-            # the phases standardise with the means and sigmas of the exact sums, the fused kernel
-            # with Chan's update: a ~eps relative rescaling of a and c, which moves a small KL by
-            # (q - p) . a ~ sqrt(KL) to first order, not by KL
+        if p.kind in (Kind.LS, Kind.DKD):
+            # a small KL of log-ratios that carry an absolute rounding moves by ~sqrt(KL) times it
+            # to first order, not by KL: LS's phases standardise with the means and sigmas of the
+            # exact sums, the fused kernel with Chan's update (a ~eps relative rescaling of a and
+            # c, moving the KL by (q - p) . a); DKD's TCKD, the binary KL of p_y, q_y, takes its
+            # log-ratio G from the lse's log-sums (p_y (1 - p_y) G dG)
             tx = tx + sfac * torch.sqrt(tx / sfac)
         nat_t[m] = size[:, 0] * torch.where(xrows[m], tx, sfac)
         nat_gz += kw * gfz_m * size * pr
