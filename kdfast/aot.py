@@ -236,7 +236,7 @@ def _signature(c: Combo):
         KIND=c.kind, HAS_LABELS=c.labels, HAS_CE=c.has_ce and c.labels, CE_SHARED=c.ce_shared,
         WTTM=c.wttm, REVERSE=c.reverse, HAS_ZP=c.has_zp, CENTER=c.center, NEED_GZ=c.need_gz,
         NEED_GV=c.need_gv, ACC=tl.float64 if acc == "fp64" else tl.float32, BLOCK=c.block,
-        VEC=_vec(c), MB=c.mb, PHASE=0)
+        VEC=_vec(c), MB=c.mb, PHASE=0, ROUND=0)
     for k in constexprs:
         sig[k] = "constexpr"
     names = _distill_kernel.arg_names

@@ -1,7 +1,7 @@
 """Triton backend of kdfast: ``distill_forward`` (the calling contract is ``kdfast._spec``), the
 fused multi-teacher ``multi_forward`` (the same kernel with M teacher rows per student row) and,
-for the KL kind over a shard of the vocabulary, the two phases ``stats_forward`` / ``finish_forward``
-(the same kernel again, ``PHASE`` 1 / 2).
+for the kinds of ``TRITON_PHASED_KINDS`` over a shard of the vocabulary, the two phases
+``stats_forward`` / ``finish_forward`` (the same kernel again, ``PHASE`` 1 / 2, ``ROUND``).
 
 One kernel family (``kernel._distill_kernel``), specialised by ``tl.constexpr`` flags per loss kind.
 Runs on CUDA tensors, or on CPU tensors under ``TRITON_INTERPRET=1`` (set before triton is imported).
@@ -16,7 +16,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .._spec import PHASED_KINDS, Divergence, KernelParams, Kind, Phase, TopkParams, stats_width
+from .._spec import (
+    PHASED_KINDS, Divergence, KernelParams, Kind, Phase, TopkParams, stats_rounds, stats_width)
 from .kernel import _distill_kernel
 from .topk import _topk_kernel
 
@@ -132,11 +133,12 @@ def _split(x: float) -> tuple[float, float]:
 
 def _launch(z, v, stride_vm, M, zp, labels, kd_w, ce_w, grad_scale, d_out, ce_out, grad_z, grad_v,
             fparams, iparams, phase=Phase.FUSED, stats=None, coef=None, part=None, col0=0,
-            vocab=0) -> None:
+            vocab=0, round=0) -> None:
     """One launch of ``_distill_kernel`` over the N rows: ``v`` the first teacher's (N, C) rows,
     teacher m's at ``v + m * stride_vm`` elements; ``grad_v`` (M, N, C) (or (N, C) when M == 1).
-    ``phase`` (KL kind): STATS writes ``stats`` (N, K) and takes no weights or outputs (None);
-    FINISH reads ``stats`` = gstats (world, N, K) and writes ``coef`` / ``part`` too."""
+    ``phase``: STATS writes ``stats`` (N, K) and takes no weights or outputs (None);
+    FINISH reads ``stats`` = gstats (world, N, K) and writes ``coef`` / ``part`` too; STATS in a
+    round > 0 reads ``stats`` = gprev (world, N, K_prev) and writes ``part`` (N, K_round)."""
     N, C = z.shape
     p = KernelParams.from_lists(fparams, iparams)
     kind = p.kind
@@ -150,7 +152,7 @@ def _launch(z, v, stride_vm, M, zp, labels, kd_w, ce_w, grad_scale, d_out, ce_ou
     dummy = d_out if d_out is not None else stats
     if phase == Phase.STATS:
         kd_w = ce_w = grad_scale = d_out = ce_out = dummy
-    world = stats.shape[0] if phase == Phase.FINISH else 0
+    world = stats.shape[0] if phase == Phase.FINISH or round > 0 else 0
     # the kernel's ts, tt, scale, rho, alpha, beta (each as hi + lo)
     hi_lo = [_split(x) for x in (p.t_student, p.t_teacher, p.scale, p.rho, p.alpha, p.beta)]
     gv_row, gv_m = 0, 0
@@ -176,7 +178,8 @@ def _launch(z, v, stride_vm, M, zp, labels, kd_w, ce_w, grad_scale, d_out, ce_ou
         KIND=int(kind), HAS_LABELS=has_labels, HAS_CE=has_ce, CE_SHARED=ce_shared,
         WTTM=p.wttm and kind == Kind.KL, REVERSE=p.reverse and kind == Kind.KL, HAS_ZP=zp is not None,
         CENTER=p.center and kind == Kind.LM, NEED_GZ=grad_z is not None, NEED_GV=grad_v is not None,
-        ACC=acc, BLOCK=block, VEC=vec, MB=mb, PHASE=int(phase), num_warps=num_warps,
+        ACC=acc, BLOCK=block, VEC=vec, MB=mb, PHASE=int(phase), ROUND=int(round),
+        num_warps=num_warps,
         maxnreg=max_registers(num_warps), enable_fp_fusion=FP_FUSION,
     )
 
@@ -278,7 +281,7 @@ def _launch_teachers(z, vs, zp, labels, kd_w, ce_w, grad_scale, d_out, ce_out, g
 
 
 #: the kinds whose two phases this backend implements (of ``kdfast._spec.PHASED_KINDS``)
-TRITON_PHASED_KINDS = frozenset({Kind.KL})
+TRITON_PHASED_KINDS = frozenset({Kind.KL, Kind.DKD, Kind.LM, Kind.JSD, Kind.LS})
 
 
 def _phase_check(z, vs, fparams, iparams, col0, vocab, what) -> tuple[list, KernelParams]:
@@ -304,25 +307,42 @@ def _f64_buffer(t, shape, name, what) -> None:
 
 def stats_forward(z, vs, zp, labels, stats, fparams, iparams, col0, vocab, round=0,
                   gprev=None) -> None:
-    """Phase 1 of the KL kind over a shard of the vocabulary (``kdfast._spec``, "Two phases"): each
-    row's pass-1 statistics over this rank's columns ``[col0, col0 + C)`` into ``stats`` (N, K)
-    float64 (KLStat, then KLTeacherStat per teacher). ``labels``: global class ids. ``round`` /
-    ``gprev``: a kind with several rounds of statistics (none here: the KL kind has one, round 0)."""
+    """Phase 1 over a shard of the vocabulary (``kdfast._spec``, "Two phases"): each row's
+    statistics over this rank's columns ``[col0, col0 + C)`` into ``stats`` (N, K) float64 (the
+    kind's layout in ``round``). ``labels``: global class ids. ``gprev``: for a round > 0 (JSD), the
+    earlier rounds' gathered statistics (world, N, K_0 + ... + K_{round - 1})."""
     vs, p = _phase_check(z, vs, fparams, iparams, col0, vocab, "stats_forward")
-    if round != 0 or gprev is not None:
-        raise ValueError(f"stats_forward: the KL kind has one round of statistics, got round {round}")
-    N = z.shape[0]
-    _f64_buffer(stats, (N, stats_width(p, len(vs))), "stats", "stats_forward")
+    M, N = len(vs), z.shape[0]
+    rounds = stats_rounds(p)
+    if not 0 <= round < rounds or (round > 0) != (gprev is not None):
+        raise ValueError(f"stats_forward: kind {p.kind.name} has {rounds} round(s) of statistics "
+                         f"(gprev from round 1 on), got round {round}"
+                         f"{' with' if gprev is not None else ' without'} gprev")
+    _f64_buffer(stats, (N, stats_width(p, M, round)), "stats", "stats_forward")
+    if gprev is not None:
+        if gprev.dim() != 3 or gprev.shape[0] < 1:
+            raise ValueError(f"stats_forward: gprev must be (world, N, K), got {tuple(gprev.shape)}")
+        _f64_buffer(gprev, (gprev.shape[0], N, _width(p, M, round)), "gprev", "stats_forward")
     if N == 0:
         return
-    _launch_teachers(z, vs, zp, labels, None, None, None, None, None, None, None, fparams, iparams,
-                     phase=Phase.STATS, stats=stats, col0=int(col0), vocab=int(vocab))
+    if round == 0:
+        _launch_teachers(z, vs, zp, labels, None, None, None, None, None, None, None, fparams,
+                         iparams, phase=Phase.STATS, stats=stats, col0=int(col0), vocab=int(vocab))
+    else:
+        _launch_teachers(z, vs, zp, labels, None, None, None, None, None, None, None, fparams,
+                         iparams, phase=Phase.STATS, stats=gprev, part=stats, col0=int(col0),
+                         vocab=int(vocab), round=int(round))
+
+
+def _width(p, M, rounds) -> int:
+    """The columns of the first ``rounds`` rounds' statistics, concatenated."""
+    return sum(stats_width(p, M, r) for r in range(rounds))
 
 
 def finish_forward(z, vs, zp, labels, kd_w, ce_w, grad_scale, gstats, d_out, ce_out, coef, part,
                    grad_z, grad_v, fparams, iparams, col0, vocab) -> None:
-    """Phase 2 of the KL kind (``kdfast._spec``, "Two phases"): the ranks' statistics ``gstats``
-    (world, N, K) combined per row, then this rank's columns' gradients (as ``multi_forward`` writes
+    """Phase 2 (``kdfast._spec``, "Two phases"): the ranks' statistics ``gstats`` (world, N, K;
+    every round's, concatenated) combined per row, then this rank's columns' gradients (as ``multi_forward`` writes
     those columns of the whole rows) and the loss terms as ``b + a log1p(X)``: ``b`` in ``d_out``
     (M, N) / ``ce_out`` (N,), ``a`` in ``coef`` and this rank's part of X in ``part`` ((M + 1, N)
     float64; sum ``part`` over the ranks, then ``kdfast._spec.finish_terms``)."""
@@ -338,7 +358,8 @@ def finish_forward(z, vs, zp, labels, kd_w, ce_w, grad_scale, gstats, d_out, ce_
         raise ValueError(f"grad_v must be (M, N, C) = ({M}, {N}, {C}) with stride(2) == 1")
     if gstats.dim() != 3 or gstats.shape[0] < 1:
         raise ValueError(f"finish_forward: gstats must be (world, N, K), got {tuple(gstats.shape)}")
-    _f64_buffer(gstats, (gstats.shape[0], N, stats_width(p, M)), "gstats", "finish_forward")
+    _f64_buffer(gstats, (gstats.shape[0], N, _width(p, M, stats_rounds(p))), "gstats",
+                "finish_forward")
     _f64_buffer(coef, (M + 1, N), "coef", "finish_forward")
     _f64_buffer(part, (M + 1, N), "part", "finish_forward")
     if N == 0:

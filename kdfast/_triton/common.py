@@ -207,13 +207,15 @@ def softmax_stats(
         C, tok2, z_row, v_rows, zp_row, cols, rho, omr, its, itt, y, lim, m_a, s_a, m_c, s_c, w,
         c_ref, a_ref, m_1, s_1, m_u, s_u, KIND: tl.constexpr, HAS_CE: tl.constexpr,
         CE_SHARED: tl.constexpr, WTTM: tl.constexpr, REVERSE: tl.constexpr, HAS_ZP: tl.constexpr,
-        ACC: tl.constexpr, BLOCK: tl.constexpr, MB: tl.constexpr,
+        ACC: tl.constexpr, BLOCK: tl.constexpr, MB: tl.constexpr, CE_NOT_Y: tl.constexpr = False,
 ):
     """Pass 1 of the softmax kinds (KL, DKD, JSD): the online lse of a = z / Ts and of
     c = v / Tt per teacher (DKD: over j != y), the arg-max references a_ref / c_ref, for KL / DKD
     W = sum exp(c - m_c) d (reverse: exp(a - m_a), d^r = -d), CE's lse(z) at T = 1 when not shared
     and wttm's lse(v). Returns the maxima and log-sums kept apart (``mas``, ``la``, ...) and the
-    updated statistics (the raw CE pair ``m_1``, ``s_1`` last: the KL kind's phase 1 stores it)."""
+    updated statistics (the raw CE pair ``m_1``, ``s_1`` last: the KL kind's phase 1 stores it).
+    ``CE_NOT_Y`` (DKD's phase 1): CE's own pair over j != y as well (the label column is added back
+    from the combined label logit in phase 2, as the C++ kernel's layout has it)."""
     # ---- KL, DKD, JSD: pass 1 = online lse of a = z/Ts and c = v/Tt (DKD: over j != y), and
     # for KL / DKD W = sum exp(c - m_c) d, d_j = (c_j - m_c) - (a_j - m_a) relative to the running
     # maxima, corrected when they move (reverse: weights exp(a - m_a), d^r = -d) ----
@@ -265,7 +267,10 @@ def softmax_stats(
                 w = r_c * (w - tl.where(s_c0 > 0.0, s_c0 * shift, 0.0)) \
                     + tl.sum(tl.where(e_c > 0.0, e_c * dd, 0.0), 1)
         if HAS_CE and not CE_SHARED:
-            m_1, s_1, _r1, _e1 = _lse_rows(m_1, s_1, z)
+            if CE_NOT_Y:
+                m_1, s_1, _r1, _e1 = _lse_rows(m_1, s_1, tl.where(offs != y, z, NEG_INF))
+            else:
+                m_1, s_1, _r1, _e1 = _lse_rows(m_1, s_1, z)
         if WTTM:
             m_u, s_u, _ru, _eu = _lse_rows(m_u, s_u, v)
     mas, mcs, la, lc, m1s, l1 = stats_end(m_a, s_a, m_c, s_c, m_1, s_1, CE_SHARED)

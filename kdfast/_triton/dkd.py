@@ -15,16 +15,25 @@ def dkd_kind(
         gv_rows, cols, ts, rho, alpha, beta, omr, its, itt, y, ignored, bad, live, lim, lim_m,
         gk, gc, zt, s_c, w, a_ref, D, ce, mas, mcs, la, lc, m1s, l1, HAS_CE: tl.constexpr,
         CE_SHARED: tl.constexpr, HAS_ZP: tl.constexpr, NEED_GZ: tl.constexpr, NEED_GV: tl.constexpr,
-        ACC: tl.constexpr, BLOCK: tl.constexpr, MB: tl.constexpr,
+        ACC: tl.constexpr, BLOCK: tl.constexpr, MB: tl.constexpr, PHASE: tl.constexpr = 0, zy=0.0,
+        vy=0.0,
 ):
-    """DKD kind, after ``softmax_stats``: returns (D per teacher, CE); writes the gradients."""
+    """DKD kind, after ``softmax_stats`` (phase 2: ``kl.kl_combine``, the streams over j != y as
+    pass 1 leaves them): returns (D per teacher, CE, a, X); writes the gradients of the row's columns
+    here. Fused (``PHASE`` 0): D the term, a and X unused. Phase 2: D is the term's ``b`` of
+    ``b + a log1p(X)`` (kdfast/_spec.py), X this rank's part of NCKD's sum; ``zy`` / ``vy`` the label
+    logits (raw; the teachers' as the loss sees them) from the combined statistics (``y`` is -1 on
+    the ranks not holding the label)."""
     # Pass 1 gave the non-target statistics (m, l over j != y) and W over j != y: NCKD is the
     # KL kind over j != y. The target: t_p = logit p_y = log p_y - log(1 - p_y)
     # = (c_y - m_c) - lc, t_q likewise; p_y, 1 - p_y as sigmoids of t_p (no cancellation).
     # Student quantities (1,), teacher quantities (MB,): TCKD_m, NCKD_m, G_m per teacher.
-    zy = tl.load(z_row + y, mask=live, other=0.0).to(ACC)
+    if PHASE == 2:   # (the holding rank's values, summed with the others' zeros: exact)
+        cy = vy * itt
+    else:
+        zy = tl.load(z_row + y, mask=live, other=0.0).to(ACC)
+        cy = _load_teachers(v_base, zp_row, y, tm < lim_m, live, rho, omr, HAS_ZP, ACC) * itt
     ay = zy * its
-    cy = _load_teachers(v_base, zp_row, y, tm < lim_m, live, rho, omr, HAS_ZP, ACC) * itt
     tp = (cy - mcs) - lc
     tq = (ay - mas) - la
     G = tp - tq          # log(p_y/q_y) - log((1-p_y)/(1-q_y))
@@ -105,7 +114,16 @@ def dkd_kind(
             gv = _finish(gv, ignored, bad)
             tl.store(gv_rows + offs, gv.to(gv_ptr.dtype.element_ty),
                      mask=_tmask(inb, tok2, MB))
-    nckd = tl.where(use_x, _log1p(xs), kl1)
-    D = ts * ts * (alpha * tckd + beta * nckd)
+    if PHASE == 2:
+        # D = T^2 (alpha TCKD + beta log1p(X)), X summed over the ranks: b = T^2 alpha TCKD,
+        # a = T^2 beta; or the one-pass NCKD1: b = D, a = X = 0 (use_x from the global statistics:
+        # the same on every rank; X = 0 also where beta = 0, a then 0)
+        coef = tl.where(use_x, ts * ts * beta, 0.0)
+        D = ts * ts * (alpha * tckd + beta * tl.where(use_x, 0.0, kl1))
+        xs = tl.where(use_x & (coef != 0.0), xs, 0.0)
+    else:
+        coef = zt
+        nckd = tl.where(use_x, _log1p(xs), kl1)
+        D = ts * ts * (alpha * tckd + beta * nckd)
 
-    return D, ce
+    return D, ce, coef, xs

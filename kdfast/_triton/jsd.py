@@ -1,12 +1,24 @@
 """The JSD kind of the Triton kernel for 0 < beta < 1 (beta in {0, 1} is the KL kind): the
 log-space helpers (``_jsd_eps``, ``_jsd_q``, ``_jsd_p``, ``_jsd_loss_terms``, ``_jsd_sums``) and,
 after ``common.softmax_stats``, the sums Bq, Bp, the loss and the gradients.
+
+Two phases (kdfast/_spec.py, "Rounds"): round 0 is KLStat's lse pairs (``kl.kl_stats``, LSE_ONLY);
+round 1 (``jsd_stats``), from the combined round 0, this rank's parts of the sums
+SP = sum p sp(-delta), SQ = sum q sp(delta) (JSDTeacherStat); phase 2 (``jsd_kind``, ``PHASE`` 2)
+takes Bq, Bp from the combined SQ, SP and writes the loss, a sum of nonnegative terms over the
+columns, as ``b + X`` (b = a = 0, X this rank's part).
 """
 import triton
 import triton.language as tl
 
 from .common import (
-    _finish, _load_row, _load_teachers, _log1p, _phi_small, _phi_term, _pick, _softplus)
+    _finish, _load_row, _load_teachers, _log1p, _phi_small, _phi_term, _pick, _softplus, _tmask)
+from .kl import _comb_add
+
+# round 1's columns per teacher (kdfast._spec.JSDTeacherStat), after round 0's KLStat columns
+JS_SP: tl.constexpr = tl.constexpr(0)
+JS_SQ: tl.constexpr = tl.constexpr(1)
+JS_COUNT: tl.constexpr = tl.constexpr(2)
 
 
 @triton.jit
@@ -79,15 +91,64 @@ def _jsd_sums(da, q, dc, lc, lcla, lbr, nlb, nl1b, beta, omb, wb, sg, cq, fq, fp
 
 
 @triton.jit
+def _jsd_consts(beta, omb, la, lc):
+    """The row constants of JSD's pass 2 (see ``jsd_kind``): -log beta, -log(1 - beta), their
+    difference log(beta / (1 - beta)), lc - la, and the near-equal side's (wb, sg, cq)."""
+    nlb = -tl.log(beta)
+    nl1b = -tl.log(omb)
+    lbr = nl1b - nlb                  # log(beta / (1 - beta))
+    lcla = lc - la                    # eps_j = (dc_j - da_j) - lcla
+    hi_b = beta > 0.5                 # near-equal elements: log1p of the smaller side
+    wb = tl.where(hi_b, omb, beta)
+    sg = tl.where(hi_b, -1.0, 1.0)
+    cq = tl.where(hi_b, 1.0, 0.0)
+    return nlb, nl1b, lbr, lcla, wb, sg, cq
+
+
+@triton.jit
+def jsd_stats(
+        out_ptr, row, M, tm, tok, tok2, C, z_row, v_rows, zp_row, cols, rho, beta, omr, omb, its,
+        itt, lim, mas, mcs, la, lc, HAS_ZP: tl.constexpr, ACC: tl.constexpr,
+        BLOCK: tl.constexpr, MB: tl.constexpr,
+):
+    """Round 1 of phase 1 (the combined round 0's maxima and log-sums given): this rank's parts of
+    SP = sum_j p_j sp(-delta_j) and SQ = sum_j q_j sp(delta_j) per teacher (``_jsd_sums`` with the
+    representations R = -log beta / -log(1 - beta): sp = sp(-delta), sq = sp(delta)) into
+    ``out_ptr`` (N, 2M), float64."""
+    nlb, nl1b, lbr, lcla, wb, sg, cq = _jsd_consts(beta, omb, la, lc)
+    yes = tm >= 0
+    sq = tl.zeros([MB], ACC)
+    sp = tl.zeros([MB], ACC)
+    for start in range(0, C, BLOCK):
+        offs = start + cols
+        mask = offs < lim
+        z = _load_row(z_row, offs, mask, ACC)
+        v = _load_teachers(v_rows, zp_row, offs, _tmask(mask, tok2, MB), mask, rho, omr, HAS_ZP,
+                           ACC)
+        da = z * its - mas[:, None]
+        q = tl.exp(da - la[:, None])
+        b1, b2, _b3 = _jsd_sums(da, q, v * itt - mcs[:, None], lc, lcla, lbr, nlb, nl1b, beta,
+                                omb, wb, sg, cq, yes, yes, True, True, False, ACC)
+        sq += b1
+        sp += b2
+    ob = out_ptr + row * (JS_COUNT * M) + tm * JS_COUNT
+    tl.store(ob + JS_SP, sp.to(tl.float64), mask=tok)
+    tl.store(ob + JS_SQ, sq.to(tl.float64), mask=tok)
+
+
+@triton.jit
 def jsd_kind(
         v_ptr, gz_ptr, gv_ptr, M, stride_vm_vec, stride_gvm_vec, C, stride_v, stride_gz,
         stride_gv, row, tm, z_row, v_rows, zp_row, gv_rows, cols, rho, beta, omr, omb, its, itt,
         y, ignored, bad, live, lim, gk, gc, zt, c_ref, a_ref, D, ce, mas, mcs, la, lc, m1s, l1,
         HAS_CE: tl.constexpr, CE_SHARED: tl.constexpr, HAS_ZP: tl.constexpr, NEED_GZ: tl.constexpr,
         NEED_GV: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr, VEC: tl.constexpr,
-        MB: tl.constexpr,
+        MB: tl.constexpr, PHASE: tl.constexpr = 0, st_ptr=0, world=0, K=0, lim_m=0, zy=0.0,
 ):
-    """JSD kind, after ``softmax_stats``: returns (D per teacher, CE); writes the gradients."""
+    """JSD kind, after ``softmax_stats`` (phase 2: ``kl.kl_combine`` of round 0): returns (D per
+    teacher, CE, a, X); writes the gradients. Phase 2: Bq, Bp from round 1's combined SQ, SP
+    (``st_ptr``: gstats with row stride ``K``, round 1's columns after KLStat's), D the term's X
+    (b = a = 0), ``zy`` the label logit from the statistics."""
     # Log space (docs/kernel-math.md, JSD): eps_j = log p_j - log q_j, delta_j = eps_j +
     # log(beta/(1-beta)), hq_j = log q_j - log m_j = -log(1-beta) - sp(delta_j),
     # hp_j = log p_j - log m_j = -log(beta) - sp(-delta_j) = hq_j + eps_j (``_jsd_eps``,
@@ -101,24 +162,36 @@ def jsd_kind(
     # hq ~ 0 there, e.g. near-equal rows), chosen from the teacher's value at the student's
     # argmax (pass 1) so that sq is small where q is large. Teacher alike (p, hp, argmax of
     # the teacher). Per teacher: m_m = beta p_m + (1 - beta) q, every statistic per teacher.
-    nlb = -tl.log(beta)
-    nl1b = -tl.log(omb)
-    lbr = nl1b - nlb                  # log(beta / (1 - beta))
-    lcla = lc - la                    # eps_j = (dc_j - da_j) - lcla
-    hi_b = beta > 0.5                 # near-equal elements: log1p of the smaller side
-    wb = tl.where(hi_b, omb, beta)
-    sg = tl.where(hi_b, -1.0, 1.0)
-    cq = tl.where(hi_b, 1.0, 0.0)
-    fq = _softplus(((c_ref - mcs) - lcla) + lbr) < 0.5 * nl1b
-    fp = _softplus(((a_ref - mas) + lcla) - lbr) < 0.5 * nlb
+    nlb, nl1b, lbr, lcla, wb, sg, cq = _jsd_consts(beta, omb, la, lc)
+    if PHASE == 2:
+        # the ranks' SP, SQ summed. No arg-max references here (the layout has none): each
+        # representation chosen from the sums themselves, the same on every rank. R = -log(1-beta):
+        # Bq = SQ; R = 0: Bq = sum q (-hq) = sum q (sp(delta) - (-log(1-beta))) = SQ + log(1-beta)
+        # (sum q = 1), taken where SQ is nearer -log(1-beta) than 0 (as the arg-max test picks the
+        # smaller sq where q is large); teacher alike with SP, -log beta. (That difference rounds
+        # at -log(1-beta): the C++ kernel's SQ - sp(delta_j) does likewise.)
+        ob = st_ptr + row * K + ((K - JS_COUNT * M) + tm * JS_COUNT)
+        rs = tl.num_programs(0).to(tl.int64) * K
+        msk = tm < lim_m
+        SP = _comb_add(ob, rs, world, tm * 0 + JS_SP, msk).to(ACC)
+        SQ = _comb_add(ob, rs, world, tm * 0 + JS_SQ, msk).to(ACC)
+        fq = SQ < 0.5 * nl1b
+        fp = SP < 0.5 * nlb
+    else:
+        fq = _softplus(((c_ref - mcs) - lcla) + lbr) < 0.5 * nl1b
+        fp = _softplus(((a_ref - mas) + lcla) - lbr) < 0.5 * nlb
     bq = zt
     bp = zt
     jl = zt
+    # phase 2 with gradients and one teacher: the loss in the gradient sweep, no pass 2
+    p2_end = C
+    if PHASE == 2 and MB == 1 and (NEED_GZ or NEED_GV):
+        p2_end = 0
     # Pass 2: Bq, Bp; the loss here without gradients or with several teachers (one
     # teacher: in the gradient sweep, which has the registers to spare in half blocks; the
     # gradient sweep of several teachers carries the student gradient across them).
     # Several teachers: one teacher row at a time, as in the gradient sweep below.
-    for start in range(0, C, BLOCK):
+    for start in range(0, p2_end, BLOCK):
         offs = start + cols
         mask = offs < lim
         z = _load_row(z_row, offs, mask, ACC)
@@ -144,8 +217,14 @@ def jsd_kind(
                 bq += tl.where(sel, b1, 0.0)
                 bp += tl.where(sel, b2, 0.0)
                 jl += tl.where(sel, b3, 0.0)
+    if PHASE == 2:
+        bq = tl.where(fq, SQ, SQ - nl1b)
+        bp = tl.where(fp, SP, SP - nlb)
     if HAS_CE:
-        ce = (m1s - tl.load(z_row + y, mask=live, other=0.0).to(ACC)) + l1
+        if PHASE == 2:
+            ce = (m1s - zy) + l1
+        else:
+            ce = (m1s - tl.load(z_row + y, mask=live, other=0.0).to(ACC)) + l1
     if NEED_GZ or NEED_GV:
         cz = gk * its * omb
         cv = gk * itt * beta
@@ -233,5 +312,12 @@ def jsd_kind(
                         gz += gc * (q1 - (offs == y).to(ACC))
                     gz = _finish(gz, ignored, bad)
                     tl.store(gz_ptr + row * stride_gz + offs, gz.to(gz_ptr.dtype.element_ty), mask=inb)
-    D = jl
-    return D, ce
+    if PHASE == 2:   # the loss is a sum over the columns: b = a = 0, X this rank's part
+        coef = zt
+        xs = jl
+        D = zt
+    else:
+        coef = zt
+        xs = zt
+        D = jl
+    return D, ce, coef, xs

@@ -25,12 +25,14 @@ Conventions inside the kernel:
   probability are guarded (``where(p > 0, ...)``) so ``0 * inf`` never makes a NaN;
 - the row's outputs are finally overwritten with 0 (ignored row) or NaN (label outside [0, C)).
 
-Two phases (tensor parallelism, KL kind: ``PHASE`` 1 / 2, kdfast/_spec.py "Two phases"): phase 1
-runs pass 1 over this rank's columns and stores the row's statistics (``kl.kl_stats``); phase 2
-combines every rank's (``kl.kl_combine``, in float64) into what pass 1 gives the fused kernel, then
-runs the KL kind's pass 2 over the local columns, writing each loss term as ``b + a log1p(X)`` with
-this rank's part of X. ``PHASE`` 0 (fused) compiles to the single-call kernel as before: every phase
-branch is a constexpr ``if``.
+Two phases (tensor parallelism: ``PHASE`` 1 / 2, kdfast/_spec.py "Two phases"; the kinds of
+``TRITON_PHASED_KINDS``, the C++ kernel's layouts): phase 1 runs pass 1 over this rank's columns and
+stores the row's statistics (``kl.kl_stats`` for KL / DKD / JSD's round 0, ``lm_stats`` for LM and
+LS's round 0; ``ROUND`` > 0, JSD's and LS's later rounds, from the combined earlier ones); phase 2
+combines every rank's (``kl.kl_combine`` and the ``_comb_*`` helpers, in float64) into what pass 1
+gives the fused kernel, then runs the kind's later passes over the local columns, writing each loss
+term as ``b + a log1p(X)`` (or ``b + X``) with this rank's part of X. ``PHASE`` 0 (fused) compiles
+to the single-call kernel as before: every phase branch is a constexpr ``if``.
 
 Layout: this module holds the kernel (its arguments, the row setup, the dispatch on ``KIND`` and the
 stores); ``common.py`` the shared primitives and pass 1 of the softmax kinds; ``kl.py``, ``dkd.py``,
@@ -41,10 +43,11 @@ import triton
 import triton.language as tl
 
 from .common import (
-    KIND_DKD, KIND_JSD, KIND_KL, KIND_LM, KIND_LS, NEG_INF, _finish, softmax_stats, stats_end)
+    KIND_DKD, KIND_JSD, KIND_KL, KIND_LM, KIND_LS, NEG_INF, _finish, _safe, softmax_stats,
+    stats_end)
 from .dkd import dkd_kind
-from .jsd import jsd_kind
-from .kl import kl_combine, kl_kind, kl_stats
+from .jsd import JS_COUNT, jsd_kind, jsd_stats
+from .kl import ST_COUNT, STT_COUNT, kl_combine, kl_kind, kl_stats
 from .logit_matching import lm_kind
 from .ls import ls_kind
 
@@ -64,7 +67,7 @@ def _distill_kernel(
     ts_hi, tt_hi, scale_hi, rho_hi, alpha_hi, beta_hi,
     ts_lo, tt_lo, scale_lo, rho_lo, alpha_lo, beta_lo,
     ignore_index,
-    # the KL kind's two phases (kdfast/_spec.py, "Two phases"; unused when PHASE == 0): the tensors
+    # the two phases (kdfast/_spec.py, "Two phases"; unused when PHASE == 0): the tensors
     # are the columns [col0, col0 + C) of rows of ``vocab`` columns; phase 1 writes each row's
     # statistics to st_ptr (N, K), phase 2 reads the ``world`` ranks' from st_ptr (world, N, K) and
     # writes the loss terms' a and X to coef_ptr / part_ptr (M + 1, N) (float64 all)
@@ -83,13 +86,15 @@ def _distill_kernel(
     BLOCK: tl.constexpr,
     VEC: tl.constexpr,        # C and every row stride are multiples of VEC (the launcher's choice)
     MB: tl.constexpr = 1,     # teacher slots: next_power_of_2(M)
-    PHASE: tl.constexpr = 0,  # 0 fused, 1 statistics, 2 finish (kdfast._spec.Phase; KL kind only)
+    PHASE: tl.constexpr = 0,  # 0 fused, 1 statistics, 2 finish (kdfast._spec.Phase)
+    ROUND: tl.constexpr = 0,  # phase 1's round (kdfast._spec.stats_rounds): round r > 0 reads the
+                              # earlier rounds' gathered statistics (world, N, K_0 + ...) from
+                              # st_ptr and writes its own (N, K_r) to part_ptr
 ):
     # Multiplying back by the constexpr VEC tells the compiler that every row starts 16 bytes
     # aligned (VEC = 16 bytes / element size when C and the strides allow it): 128-bit loads and
     # stores for any such C (C = 1000 included), which Triton's own specialisation only infers for
     # multiples of 16. VEC = 1 otherwise.
-    tl.static_assert(PHASE == 0 or KIND == KIND_KL, "only the KL kind has the two phases")
     C = C_vec * VEC
     stride_z = stride_z_vec * VEC
     stride_v = stride_v_vec * VEC
@@ -128,6 +133,7 @@ def _distill_kernel(
         if PHASE == 0:
             bad = ((y < 0) | (y >= C)) & (y != ignore_index)
             y = tl.where(ignored | bad, 0, y).to(tl.int32)  # in bounds from here on
+            here = (ignored | bad) == 0
         else:
             # a global class id: bad outside [0, vocab); ``y`` from here on its local column when
             # this rank holds it (``here``), else -1 (no column: the CE's -1 is another rank's)
@@ -156,6 +162,9 @@ def _distill_kernel(
         wce = tl.load(cew_ptr + row).to(ACC)
         gk = g * wkd  # (MB,): factor of every distillation gradient, per teacher
         gc = g * wce  # factor of the CE gradient
+    else:            # (passed along, never used)
+        gk = tl.sum(tl.zeros([MB, BLOCK], ACC), 1)
+        gc = tl.sum(gk, 0)
 
     # accumulators, (1,) for student statistics and (MB,) per teacher (not every kind uses every one)
     zs = tl.sum(tl.zeros([1, BLOCK], ACC), 1)
@@ -183,21 +192,35 @@ def _distill_kernel(
     # Per kind: statistics, then the loss and the gradients (kdfast/_triton/<kind>.py)
     # ======================================================================================
     if KIND == KIND_LM:
-        D, ce = lm_kind(gz_ptr, gv_ptr, C, stride_gz, row, tm, tok, tok2, z_row, v_base, v_rows,
-            zp_row, gv_rows, cols, rho, omr, Cf, y, ignored, bad, live, lim, lim_m, gk, gc, zs, zt,
-            m_1, s_1, D, ce, HAS_CE, CE_SHARED, HAS_ZP, CENTER, NEED_GZ, NEED_GV, ACC, BLOCK, MB)
+        D, ce, coef, xs = lm_kind(gz_ptr, gv_ptr, C, stride_gz, row, tm, tok, tok2, z_row,
+            v_base, v_rows, zp_row, gv_rows, cols, rho, omr, Cf, y, ignored, bad, live, lim, lim_m,
+            gk, gc, zs, zt, m_1, s_1, D, ce, HAS_CE, CE_SHARED, HAS_ZP, CENTER, NEED_GZ, NEED_GV,
+            ACC, BLOCK, MB, PHASE, HAS_LABELS, st_ptr, M, world, vocab, here)
     elif KIND == KIND_LS:
-        D, ce = ls_kind(gz_ptr, gv_ptr, C, stride_gz, row, tm, tok, tok2, z_row, v_base, v_rows,
-            zp_row, gv_rows, cols, ts, rho, omr, its, Cf, y, ignored, bad, live, lim, lim_m, gk, gc,
-            zs, zt, m_a, s_a, m_c, s_c, w, a_ref, m_1, s_1, D, ce, HAS_CE, HAS_ZP, NEED_GZ, NEED_GV,
-            ACC, BLOCK, MB)
+        D, ce, coef, xs = ls_kind(gz_ptr, gv_ptr, C, stride_gz, row, tm, tok, tok2, z_row, v_base,
+            v_rows, zp_row, gv_rows, cols, ts, rho, omr, its, Cf, y, ignored, bad, live, lim, lim_m,
+            gk, gc, zs, zt, m_a, s_a, m_c, s_c, w, a_ref, m_1, s_1, D, ce, HAS_CE, HAS_ZP, NEED_GZ,
+            NEED_GV, ACC, BLOCK, MB, PHASE, ROUND, HAS_LABELS, st_ptr, part_ptr, M, world, vocab,
+            here)
     else:
         zy = zs
-        if PHASE == 2:
-            # KL, phase 2: pass 1's statistics are every rank's, combined (kl.py); then the row
-            # constants and the gradient sweep over the local columns as in the fused kernel
-            m_a, s_a, m_c, s_c, w, ref, m_u, s_u, m_1, s_1, zy = kl_combine(st_ptr, row, M, tm,
-                world, live, lim_m, HAS_LABELS, HAS_CE, CE_SHARED, WTTM, REVERSE, ACC)
+        vy = zt
+        kst = M * 0
+        if PHASE == 2 or ROUND > 0:
+            # phase 2 (and JSD's round 1): pass 1's statistics are every rank's, combined (kl.py);
+            # then the row constants and the sweeps over the local columns as in the fused kernel
+            kst = ST_COUNT + M * STT_COUNT   # gstats' row: round 0's columns, then JSD's round 1
+            if PHASE == 2 and KIND == KIND_JSD:
+                kst = kst + JS_COUNT * M
+            m_a, s_a, m_c, s_c, w, ref, m_u, s_u, m_1, s_1, zy, vy = kl_combine(st_ptr, row, M, tm,
+                world, live, lim_m, kst, HAS_LABELS, HAS_CE, CE_SHARED, WTTM, REVERSE, ACC)
+            if KIND == KIND_DKD and HAS_CE and not CE_SHARED:
+                # DKD's CE pair is over j != y (as its other streams): the label column added
+                # back, lse(z) = logaddexp(lse_{j != y} z, z_y): M = max(m_1, z_y),
+                # S = S_1 e^(m_1 - M) + e^(z_y - M)
+                m1n = tl.maximum(m_1, zy)
+                s_1 = tl.where(s_1 > 0.0, s_1 * tl.exp(_safe(m_1) - m1n), 0.0) + tl.exp(zy - m1n)
+                m_1 = m1n
             mas, mcs, la, lc, m1s, l1 = stats_end(m_a, s_a, m_c, s_c, m_1, s_1, CE_SHARED)
             if REVERSE:
                 c_ref = ref
@@ -207,12 +230,17 @@ def _distill_kernel(
             mas, mcs, la, lc, m1s, l1, c_ref, a_ref, s_a, s_c, w, m_u, s_u, m_1, s_1 = \
                 softmax_stats(C, tok2, z_row, v_rows, zp_row, cols, rho, omr, its, itt, y, lim, m_a,
                     s_a, m_c, s_c, w, c_ref, a_ref, m_1, s_1, m_u, s_u, KIND, HAS_CE, CE_SHARED,
-                    WTTM, REVERSE, HAS_ZP, ACC, BLOCK, MB)
-        if PHASE == 1:
-            # KL, phase 1: the statistics over the local columns are the output
+                    WTTM, REVERSE, HAS_ZP, ACC, BLOCK, MB, KIND == KIND_DKD and PHASE == 1)
+        if PHASE == 1 and ROUND == 0:
+            # KL / DKD / JSD, phase 1: the statistics over the local columns are the output (DKD's
+            # streams over j != y; JSD's lse pairs only: KLStat's layout, as the C++ kernel's)
             kl_stats(st_ptr, row, M, tm, tok, z_row, v_base, zp_row, y, here, rho, omr, mas, mcs,
                 s_a, s_c, w, a_ref, c_ref, m_u, s_u, m_1, s_1, HAS_LABELS, HAS_CE, CE_SHARED, WTTM,
-                REVERSE, HAS_ZP, ACC)
+                REVERSE, HAS_ZP, ACC, KIND == KIND_JSD)
+        elif PHASE == 1:
+            # JSD, round 1: this rank's parts of SP, SQ from the combined round 0
+            jsd_stats(part_ptr, row, M, tm, tok, tok2, C, z_row, v_rows, zp_row, cols, rho, beta,
+                omr, omb, its, itt, lim, mas, mcs, la, lc, HAS_ZP, ACC, BLOCK, MB)
         elif KIND == KIND_KL:
             D, ce, coef, xs = kl_kind(gz_ptr, gv_ptr, C, stride_gz, row, tok, tok2, z_row, v_rows,
                 zp_row, gv_rows, cols, scale, rho, omr, its, itt, y, ignored, bad, live, lim, gk,
@@ -220,16 +248,17 @@ def _distill_kernel(
                 HAS_CE, CE_SHARED, WTTM, REVERSE, HAS_ZP, NEED_GZ, NEED_GV, ACC, BLOCK, MB, PHASE,
                 zy)
         elif KIND == KIND_DKD:
-            D, ce = dkd_kind(gz_ptr, gv_ptr, C, stride_gz, row, tm, tok, tok2, z_row, v_base,
-                v_rows, zp_row, gv_rows, cols, ts, rho, alpha, beta, omr, its, itt, y, ignored, bad,
-                live, lim, lim_m, gk, gc, zt, s_c, w, a_ref, D, ce, mas, mcs, la, lc, m1s, l1,
-                HAS_CE, CE_SHARED, HAS_ZP, NEED_GZ, NEED_GV, ACC, BLOCK, MB)
+            D, ce, coef, xs = dkd_kind(gz_ptr, gv_ptr, C, stride_gz, row, tm, tok, tok2, z_row,
+                v_base, v_rows, zp_row, gv_rows, cols, ts, rho, alpha, beta, omr, its, itt, y,
+                ignored, bad, live, lim, lim_m, gk, gc, zt, s_c, w, a_ref, D, ce, mas, mcs, la, lc,
+                m1s, l1, HAS_CE, CE_SHARED, HAS_ZP, NEED_GZ, NEED_GV, ACC, BLOCK, MB, PHASE, zy,
+                vy)
         else:  # KIND_JSD, T = ts = tt, 0 < beta < 1
-            D, ce = jsd_kind(v_ptr, gz_ptr, gv_ptr, M, stride_vm_vec, stride_gvm_vec, C, stride_v,
-                stride_gz, stride_gv, row, tm, z_row, v_rows, zp_row, gv_rows, cols, rho, beta, omr,
-                omb, its, itt, y, ignored, bad, live, lim, gk, gc, zt, c_ref, a_ref, D, ce, mas,
-                mcs, la, lc, m1s, l1, HAS_CE, CE_SHARED, HAS_ZP, NEED_GZ, NEED_GV, ACC, BLOCK, VEC,
-                MB)
+            D, ce, coef, xs = jsd_kind(v_ptr, gz_ptr, gv_ptr, M, stride_vm_vec, stride_gvm_vec, C,
+                stride_v, stride_gz, stride_gv, row, tm, z_row, v_rows, zp_row, gv_rows, cols, rho,
+                beta, omr, omb, its, itt, y, ignored, bad, live, lim, gk, gc, zt, c_ref, a_ref, D,
+                ce, mas, mcs, la, lc, m1s, l1, HAS_CE, CE_SHARED, HAS_ZP, NEED_GZ, NEED_GV, ACC,
+                BLOCK, VEC, MB, PHASE, st_ptr, world, kst, lim_m, zy)
 
     if PHASE != 1:
         # D_m unweighted per teacher (d_out is (M, N)); CE once (phase 2: their b)

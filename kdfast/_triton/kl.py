@@ -41,13 +41,14 @@ def kl_stats(
         st_ptr, row, M, tm, tok, z_row, v_base, zp_row, yl, here, rho, omr, mas, mcs, s_a, s_c, w,
         a_ref, c_ref, m_u, s_u, m_1, s_1, HAS_LABELS: tl.constexpr, HAS_CE: tl.constexpr,
         CE_SHARED: tl.constexpr, WTTM: tl.constexpr, REVERSE: tl.constexpr,
-        HAS_ZP: tl.constexpr, ACC: tl.constexpr,
+        HAS_ZP: tl.constexpr, ACC: tl.constexpr, LSE_ONLY: tl.constexpr = False,
 ):
     """Phase 1: the row's pass-1 statistics over this rank's columns into its ``stats`` row (the
     KLStat / KLTeacherStat layout, float64; values of the accumulation dtype, exact in float64).
     ``W`` is stored with the reference it was taken against (``_ref``: the other stream's value at
     the weighting stream's argmax, a = z / Ts for the forward KL, c = v / Tt for the reverse);
-    ``yl`` the label's local column, ``here`` whether this rank holds it."""
+    ``yl`` the label's local column, ``here`` whether this rank holds it. ``LSE_ONLY`` (JSD's round
+    0): only the lse pairs and z_y; R, W and v_y are 0 (as the C++ kernel stores them)."""
     base = st_ptr + row * (ST_COUNT + M * STT_COUNT)
     o1 = tl.zeros([1], tl.int64)
     tl.store(base + o1 + ST_M_Z, _held_max(mas, s_a))
@@ -75,6 +76,9 @@ def kl_stats(
         ref = _ref(c_ref, mcs)
     else:         # W = sum p_j d_j, d_j = (c_j - m_c) - (a_j - R)
         ref = _ref(a_ref, mas)
+    if LSE_ONLY:
+        ref = ref * 0.0
+        w = w * 0.0
     tl.store(tb + STT_R, ref.to(tl.float64), mask=tok)
     tl.store(tb + STT_W, w.to(tl.float64), mask=tok)
     if WTTM:
@@ -86,7 +90,7 @@ def kl_stats(
     # the label logit of each teacher row the loss sees (r = (1 - rho) v + rho zp for retro_kd) at
     # temperature 1, as z_y
     vy = (tm * 0).to(ACC)
-    if HAS_LABELS:
+    if HAS_LABELS and not LSE_ONLY:
         vy = _load_teachers(v_base, zp_row, yl, tm < tl.where(here, M, 0), here, rho, omr, HAS_ZP,
                             ACC)
         vy = tl.where(here, vy, 0.0)
@@ -119,6 +123,16 @@ def _comb_sum(base, rs, world, om, os, mask, m):
 
 
 @triton.jit
+def _comb_add(base, rs, world, o, mask):
+    """sum_r x_r of a column that adds over the ranks (sums of logits, label logits: one rank holds
+    the label's, the others stored 0), in float64."""
+    x = (o * 0).to(tl.float64)
+    for r in range(0, world):
+        x += tl.load(base + r * rs + o, mask=mask, other=0.0)
+    return x
+
+
+@triton.jit
 def _comb_w(base, rs, world, om, os, mask_w, m, o_r, o_w, mask):
     """(R, W) of the KL statistic: R from the first rank holding the weighting stream's max (M_r = M,
     S_r > 0); d^r_j = d_j + (M - M_r) - (R - R_r) against rank r's (M_r, R_r), so
@@ -133,30 +147,55 @@ def _comb_w(base, rs, world, om, os, mask_w, m, o_r, o_w, mask):
         sr = tl.load(base + r * rs + os, mask=mask_w, other=0.0)
         rr = tl.load(base + r * rs + o_r, mask=mask, other=0.0)
         ref = tl.where((sr > 0.0) & (mr == m), rr, ref)
+    return ref, _comb_shift(base, rs, world, om, os, mask_w, m, os, o_r, o_w, mask, ref)
+
+
+@triton.jit
+def _comb_shift(base, rs, world, om, os, mask_w, m, o_mass, o_r, o_w, mask, ref):
+    """A statistic kept like W (``o_w``: sum_j e^(x_j - M_r) d_j x'_j against rank r's (M_r, R_r),
+    ``o_mass`` its sum without d: S for W itself, LS's PUV for its PCU) over the ranks:
+    sum_r e^(M_r - M) (W_r - mass_r ((M - M_r) - (R - R_r))) over the ranks with S_r > 0."""
+    ms = _safe(m)
     w = (o_r * 0).to(tl.float64)
     for r in range(0, world):
         mr = tl.load(base + r * rs + om, mask=mask_w, other=NEG_INF)
         sr = tl.load(base + r * rs + os, mask=mask_w, other=0.0)
+        xr = tl.load(base + r * rs + o_mass, mask=mask_w, other=0.0)
         rr = tl.load(base + r * rs + o_r, mask=mask, other=0.0)
         wr = tl.load(base + r * rs + o_w, mask=mask, other=0.0)
         ok = sr > 0.0
         e = tl.exp(tl.where(ok, mr - ms, 0.0))
         sh = tl.where(ok, (ms - mr) - (ref - rr), 0.0)
-        w += tl.where(ok, e * (wr - sr * sh), 0.0)
-    return ref, w
+        w += tl.where(ok, e * (wr - xr * sh), 0.0)
+    return w
+
+
+@triton.jit
+def _comb_rescaled(base, rs, world, om, os, o_x, mask, m):
+    """A sum kept at the scale of its stream's max (sum_j e^(x_j - M_r) y_j) over the ranks:
+    sum_r e^(M_r - M) X_r over the ranks with S_r > 0."""
+    ms = _safe(m)
+    x = (o_x * 0).to(tl.float64)
+    for r in range(0, world):
+        mr = tl.load(base + r * rs + om, mask=mask, other=NEG_INF)
+        sr = tl.load(base + r * rs + os, mask=mask, other=0.0)
+        xr = tl.load(base + r * rs + o_x, mask=mask, other=0.0)
+        ok = sr > 0.0
+        x += tl.where(ok, tl.exp(tl.where(ok, mr - ms, 0.0)) * xr, 0.0)
+    return x
 
 
 @triton.jit
 def kl_combine(
-        st_ptr, row, M, tm, world, live, lim_m, HAS_LABELS: tl.constexpr, HAS_CE: tl.constexpr,
+        st_ptr, row, M, tm, world, live, lim_m, K, HAS_LABELS: tl.constexpr, HAS_CE: tl.constexpr,
         CE_SHARED: tl.constexpr, WTTM: tl.constexpr, REVERSE: tl.constexpr, ACC: tl.constexpr,
 ):
     """Phase 2: the row's statistics over all ranks from ``gstats`` (world, N, K), in float64 (the
     formulas of kdfast/_spec.py, "Combine"), then rounded to ACC: (m_a, s_a, m_c, s_c, W, R, m_u,
-    s_u, m_1, s_1, z_y), each with the shape ``softmax_stats`` gives it ((1,) student, (MB,) per
+    s_u, m_1, s_1, z_y, v_y), each with the shape ``softmax_stats`` gives it ((1,) student, (MB,) per
     teacher; the pairs' maxima -inf without mass, as pass 1 leaves them). Ignored / bad rows read
-    nothing (their outputs are overwritten)."""
-    K = ST_COUNT + M * STT_COUNT
+    nothing (their outputs are overwritten). ``v_y``: the teachers' label logits (DKD). ``K``: the
+    row stride of ``gstats`` (KLStat's columns first; JSD's later round after them)."""
     rs = tl.num_programs(0).to(tl.int64) * K   # rank stride: N rows of K
     base = st_ptr + row * K
     o1 = tl.zeros([1], tl.int64)
@@ -184,11 +223,13 @@ def kl_combine(
         m_u = _comb_max(base, rs, world, ot + STT_M_U, ot + STT_S_U, mt)
         s_u = _comb_sum(base, rs, world, ot + STT_M_U, ot + STT_S_U, mt, m_u)
     zy = tl.sum(o1.to(tl.float64), 0)
-    if HAS_LABELS:   # one rank holds the label's column, the others stored 0: the sum is exact
+    vy = (tm * 0).to(tl.float64)
+    if HAS_LABELS:   # one rank holds the label's column, the others stored 0: the sums are exact
         for r in range(0, world):
             zy += tl.sum(tl.load(base + r * rs + o1 + ST_Z_Y, mask=m1, other=0.0), 0)
+            vy += tl.load(base + r * rs + ot + STT_V_Y, mask=mt, other=0.0)
     return (mz.to(ACC), sz.to(ACC), mv.to(ACC), sv.to(ACC), w.to(ACC), ref.to(ACC), m_u.to(ACC),
-            s_u.to(ACC), m_1.to(ACC), s_1.to(ACC), zy.to(ACC))
+            s_u.to(ACC), m_1.to(ACC), s_1.to(ACC), zy.to(ACC), vy.to(ACC))
 
 
 @triton.jit
