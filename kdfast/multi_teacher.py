@@ -133,8 +133,7 @@ def _check_phased(name, hyper: dict, backend: str) -> None:
     if kind not in PHASED_KINDS:
         raise ValueError(f"multi_teacher_loss with process_group: no two-phase kernel yet for "
                          f"{kind.name} (method {name!r}); every other method has one")
-    if backend != "torch":
-        phase_fns(backend, kind)
+    phase_fns(backend, kind)   # (backend="torch", the eager reference, has no two-phase form)
 
 
 def _unfused(fn, z, teachers, weights, labels, kd_weight, ce_weight, reduction, zp, kwargs) -> Tensor:

@@ -51,9 +51,6 @@ MULTI = {
                 n=dict(all_gather=3, all_reduce=1)),
     "kd_all_ignored": dict(method="kd", hyper=dict(temperature=2.0), m=2, lab=1.0, tw="rows", w=True,
                            tg=True, red="mean", n=ONE),
-    # backend="torch": the sum of the eager single-teacher vocab-parallel losses (MAX + SUM each)
-    "kd2_torch": dict(method="kd", hyper=dict(temperature=2.0, backend="torch"), m=2, lab=0.25,
-                      tw="teacher", tg=True, red="mean", n=dict(all_gather=0, all_reduce=4)),
 }
 
 # Fused linear cases. rows: N; chunk: chunk_size (None: the default, one chunk here); teacher:
@@ -283,6 +280,7 @@ def _worker(rank, world, store, out):
         "multi_label_out_of_vocab": raises("global class ids", mt, "kd", z, vs, torch.tensor([0, C, 1]), **tp),
         "multi_start_without_group": raises("need process_group", mt, "kd", z, vs, vocab_start=start),
         "linear_backend_torch": raises("backend='torch'", fl, h, w, teacher_logits=z, backend="torch", **tp),
+        "multi_backend_torch": raises("no two-phase kernel", mt, "kd", z, vs, backend="torch", **tp),
         "linear_uneven_without_start": raises("vocab_start", fl, h, w, teacher_logits=z,
                                               process_group=group, vocab_size=C),
         "linear_label_out_of_vocab": raises("global class ids", fl, h, w, torch.tensor([0, C, 1]),

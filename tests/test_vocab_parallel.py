@@ -18,10 +18,9 @@ C = 37
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # name -> case. lead: leading shape; lab: fraction of ignored labels (None: no labels, 1.0: all
-# ignored); w: tensor weights with gradients; tg: teacher gradient; red: reduction; n: expected
-# all_reduce calls per forward. Every case runs with row chunks of 2 rows at most (CHUNK) unless
-# it says otherwise.
-# the two-phase kernels (the KL kind): one all-gather of the statistics, one all_reduce of the loss parts
+# ignored); w: tensor weights with gradients; tg: teacher gradient; red: reduction; n: the expected
+# collectives per forward (backward: none).
+# the two-phase kernels: one all-gather of the statistics per round, one all_reduce of the loss parts
 PHASED = dict(all_gather=1, all_reduce=1)
 PHASED2 = dict(all_gather=2, all_reduce=1)   # JSD: two rounds of statistics
 PHASED3 = dict(all_gather=3, all_reduce=1)   # LS: three (means, standard deviations, the rest)
@@ -37,8 +36,8 @@ CASES = {
     "kd_all_ignored": dict(method="kd", hyper=dict(temperature=2.0), lab=1.0, w=True, red="mean", n=PHASED),
     "kd_even_default_layout": dict(method="kd", hyper=dict(temperature=2.0), lab=0.25, red="mean",
                                    even=True, n=PHASED),
-    "kd_inplace_default_chunks": dict(method="kd", hyper=dict(temperature=4.0, inplace_backward=True),
-                                      lab=0.0, tg=True, red="mean", chunk=None, up=1.0, n=PHASED),
+    "kd_inplace": dict(method="kd", hyper=dict(temperature=4.0, inplace_backward=True),
+                       lab=0.0, tg=True, red="mean", up=1.0, n=PHASED),
     "ttm": dict(method="ttm", hyper=dict(temperature=2.5), lab=0.25, tg=True, red="sum", n=PHASED),
     "wttm": dict(method="wttm", hyper=dict(temperature=2.5), lab=0.25, w=True, tg=True, red="mean", n=PHASED),
     "wttm_T1": dict(method="wttm", hyper=dict(temperature=1.0), lab=None, red="none", n=PHASED),
@@ -70,7 +69,6 @@ CASES = {
     "tp2_dp2_dkd": dict(method="dkd", hyper=dict(temperature=2.0), lead=(8,), lab=0.25, tg=True,
                         red="mean", n=PHASED, tp=2),
 }
-CHUNK = 2 * 10          # _CHUNK_ELEMS for the cases: 2 rows of a 10-column shard per chunk
 TOL64 = 1e-10
 
 
@@ -159,7 +157,6 @@ def _worker(rank, world, store, out):
         labels = rows_of(inp["labels"], rows)
         layout = {} if case.get("even") else dict(vocab_start=start, vocab_size=c)
         extra = dict(past_student_logits=shard(inp["zp"])) if case["method"] == "retro_kd" else {}
-        VP._CHUNK_ELEMS = case.get("chunk", CHUNK) or (1 << 18)
         calls.update(all_reduce=0, all_gather=0, other=0)
         t0 = time.perf_counter()
         common = dict(process_group=group, kd_weight=w["kd_w"], ce_weight=w["ce_w"],
@@ -180,7 +177,6 @@ def _worker(rank, world, store, out):
             n_fwd=n_fwd, n_bwd=n_bwd, rows=rows, tp_rank=tp_rank)
 
     # setup helper and argument errors (no collective runs before the checks)
-    VP._CHUNK_ELEMS = 1 << 18
     sizes = sizes_for(world, {})[1]
     checks = {"shard_bounds": VP.shard_bounds(sizes[rank], dist.group.WORLD) == (sum(sizes[:rank]), C)}
     z = torch.randn(3, sizes[rank], dtype=torch.float64)
@@ -201,6 +197,7 @@ def _worker(rank, world, store, out):
     checks["shard_outside_vocab"] = raises(vocab_start=C - 1)
     checks["no_group"] = raises(process_group=None)
     checks["bad_temperature"] = raises(temperature=0.0)
+    checks["backend_torch"] = raises(backend="torch")   # the eager reference has no two-phase form
     calls.update(all_reduce=0, all_gather=0, other=0)
     VP.kd_loss(z, z, torch.tensor([C - 1, 0, -100]), **layout, process_group=dist.group.WORLD)
     checks["global_labels_ok"] = calls == dict(all_reduce=1, all_gather=1, other=0)

@@ -34,44 +34,44 @@ RowOut row_dkd(const KernelArgs& P, const Row<TZ, TV>& r, const RowInfo& ri) {
   if (P.phase == Phase::FINISH) {
     st.combine(RankStats{P.gstats, P.N, P.KG, ri.i, P.world}, teachers<MT>(r), ri.ce, ce_sep, false, false);
   } else {
-  // W = sum_{j != y} exp(c_j - m_v) d_j, d_j = (c_j - m_v) - (a_j - R), R the student's value at the
-  // teacher's lane max, as in the KL kind (shifted when the lane maxima and references move)
-  sweep<A>(r, y, false, [&](auto, Block<A>& b, int64_t j, const auto& io) {
-    Vec<A> v[kBlock];  // the current teacher's block (locals: kept in registers)
-    Vec<A> a[kBlock], c[kBlock], e[kBlock];
-    for (int k = 0; k < kBlock; ++k) a[k] = vscale(b.z[k], iT);
-    Sz.update(a, e);
-    if (cached) cache.put(0, j, e, Sz.m);
-    if (ce_sep) {
-      S1.update(b.z, e);
-      if (cached) cache.put(2, j, e, S1.m);
-    }
+    // W = sum_{j != y} exp(c_j - m_v) d_j, d_j = (c_j - m_v) - (a_j - R), R the student's value at the
+    // teacher's lane max, as in the KL kind (shifted when the lane maxima and references move)
+    sweep<A>(r, y, false, [&](auto, Block<A>& b, int64_t j, const auto& io) {
+      Vec<A> v[kBlock];  // the current teacher's block (locals: kept in registers)
+      Vec<A> a[kBlock], c[kBlock], e[kBlock];
+      for (int k = 0; k < kBlock; ++k) a[k] = vscale(b.z[k], iT);
+      Sz.update(a, e);
+      if (cached) cache.put(0, j, e, Sz.m);
+      if (ce_sep) {
+        S1.update(b.z, e);
+        if (cached) cache.put(2, j, e, S1.m);
+      }
+      for (int t = 0; t < teachers<MT>(r); ++t) {
+        io.load(t, v);
+        for (int k = 0; k < kBlock; ++k) c[k] = vscale(v[k], iT);
+        const Vec<A> mv0 = Sv[t].m, sv0 = Sv[t].s;
+        const Vec<A> rv = Sv[t].update(c, e);
+        if (cached) cache.put(1, j, e, Sv[0].m);  // (cached: one teacher, t = 0)
+        const Vec<A> R1 = track_ref(R[t], c, a, Sv[t].m);
+        Vec<A> w = shift_w(W[t], rv, sv0, Sv[t].m - mv0, R1 - R[t]);
+        for (int k = 0; k < kBlock; ++k)
+          w = vec::fmadd(e[k], finite_floor(c[k] - Sv[t].m) - finite_floor(a[k] - R1), w);
+        W[t] = w, R[t] = R1;
+      }
+    });
+    st.z = total(Sz);
+    if (ri.ce) st.one = ce_sep ? total(S1) : st.z;
     for (int t = 0; t < teachers<MT>(r); ++t) {
-      io.load(t, v);
-      for (int k = 0; k < kBlock; ++k) c[k] = vscale(v[k], iT);
-      const Vec<A> mv0 = Sv[t].m, sv0 = Sv[t].s;
-      const Vec<A> rv = Sv[t].update(c, e);
-      if (cached) cache.put(1, j, e, Sv[0].m);  // (cached: one teacher, t = 0)
-      const Vec<A> R1 = track_ref(R[t], c, a, Sv[t].m);
-      Vec<A> w = shift_w(W[t], rv, sv0, Sv[t].m - mv0, R1 - R[t]);
-      for (int k = 0; k < kBlock; ++k)
-        w = vec::fmadd(e[k], finite_floor(c[k] - Sv[t].m) - finite_floor(a[k] - R1), w);
-      W[t] = w, R[t] = R1;
+      st.v[t] = total(Sv[t]);
+      if (st.v[t].S > 0) {
+        st.R[t] = at_row_max(Sv[t], st.v[t], R[t]);
+        st.W[t] = shifted_sum(W[t], Sv[t].s, Sv[t], st.v[t], R[t], st.R[t]);
+      }
     }
-  });
-  st.z = total(Sz);
-  if (ri.ce) st.one = ce_sep ? total(S1) : st.z;
-  for (int t = 0; t < teachers<MT>(r); ++t) {
-    st.v[t] = total(Sv[t]);
-    if (st.v[t].S > 0) {
-      st.R[t] = at_row_max(Sv[t], st.v[t], R[t]);
-      st.W[t] = shifted_sum(W[t], Sv[t].s, Sv[t], st.v[t], R[t], st.R[t]);
+    if (P.phase == Phase::STATS) {  // phase 1 ends here
+      st.store(P.stats + ri.i * P.KS, teachers<MT>(r), ri.ce, y >= 0);
+      return RowOut{};
     }
-  }
-  if (P.phase == Phase::STATS) {  // phase 1 ends here
-    st.store(P.stats + ri.i * P.KS, teachers<MT>(r), ri.ce, y >= 0);
-    return RowOut{};
-  }
   }  // (pass 1)
   const bool finish = P.phase == Phase::FINISH;
   const LseTotal tz = st.z;  // over j != y

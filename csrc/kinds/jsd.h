@@ -56,42 +56,42 @@ RowOut row_jsd(const KernelArgs& P, const Row<TZ, TV>& r, const RowInfo& ri) {
   if (!(fused || round0)) {
     st.combine(RankStats{P.gstats, P.N, P.KG, ri.i, P.world}, M, ri.ce, ce_sep, false, false);
   } else {
-  sweep<A>(r, -1, false, [&](auto, Block<A>& b, int64_t j0, const auto& io) {
-    Vec<A> v[kBlock];  // the current teacher's block (locals: kept in registers)
-    Vec<A> a[kBlock], c[kBlock], e[kBlock];
-    for (int k = 0; k < kBlock; ++k) a[k] = vscale(b.z[k], iT);
-    Lse<A> lz = Sz;
-    lz.update(a, e);
-    if (ce_sep) {
-      Lse<A> l1 = S1;
-      Vec<A> g[kBlock];
-      l1.update(b.z, g);
-      S1 = l1;
-    }
-    Sz = lz;
-    if (fused) {
-      for (int k = 0; k < kBlock; ++k) e[k].store(sq + j0 + k * W);
-      lz.m.store(mz + j0 / B * W);
-    }
-    for (int t = 0; t < teachers<MT>(r); ++t) {
-      io.load(t, v);
-      for (int k = 0; k < kBlock; ++k) c[k] = vscale(v[k], iT);
-      Lse<A> lv = Sv[t];
-      lv.update(c, e);
-      Sv[t] = lv;
-      if (fused) {
-        for (int k = 0; k < kBlock; ++k) e[k].store(sp[t] + j0 + k * W);
-        lv.m.store(mv[t] + j0 / B * W);
+    sweep<A>(r, -1, false, [&](auto, Block<A>& b, int64_t j0, const auto& io) {
+      Vec<A> v[kBlock];  // the current teacher's block (locals: kept in registers)
+      Vec<A> a[kBlock], c[kBlock], e[kBlock];
+      for (int k = 0; k < kBlock; ++k) a[k] = vscale(b.z[k], iT);
+      Lse<A> lz = Sz;
+      lz.update(a, e);
+      if (ce_sep) {
+        Lse<A> l1 = S1;
+        Vec<A> g[kBlock];
+        l1.update(b.z, g);
+        S1 = l1;
       }
+      Sz = lz;
+      if (fused) {
+        for (int k = 0; k < kBlock; ++k) e[k].store(sq + j0 + k * W);
+        lz.m.store(mz + j0 / B * W);
+      }
+      for (int t = 0; t < teachers<MT>(r); ++t) {
+        io.load(t, v);
+        for (int k = 0; k < kBlock; ++k) c[k] = vscale(v[k], iT);
+        Lse<A> lv = Sv[t];
+        lv.update(c, e);
+        Sv[t] = lv;
+        if (fused) {
+          for (int k = 0; k < kBlock; ++k) e[k].store(sp[t] + j0 + k * W);
+          lv.m.store(mv[t] + j0 / B * W);
+        }
+      }
+    });
+    st.z = total(Sz);
+    if (ri.ce) st.one = ce_sep ? total(S1) : st.z;
+    for (int t = 0; t < M; ++t) st.v[t] = total(Sv[t]);
+    if (round0) {
+      st.store(P.stats + ri.i * P.KS, M, ri.ce, ri.y >= 0);
+      return RowOut{};
     }
-  });
-  st.z = total(Sz);
-  if (ri.ce) st.one = ce_sep ? total(S1) : st.z;
-  for (int t = 0; t < M; ++t) st.v[t] = total(Sv[t]);
-  if (round0) {
-    st.store(P.stats + ri.i * P.KS, M, ri.ce, ri.y >= 0);
-    return RowOut{};
-  }
   }  // (sweep 1)
   // log-softmaxes as (x - M) - l (M the row max, l = log S): no rounded lse is subtracted from a logit
   const LseTotal tz = st.z;
@@ -144,53 +144,53 @@ RowOut row_jsd(const KernelArgs& P, const Row<TZ, TV>& r, const RowInfo& ri) {
     for (int t = 0; t < M; ++t)
       SPs[t] = g.sum(int(sp_col) + 2 * t + jsdstat::SP), SQs[t] = g.sum(int(sp_col) + 2 * t + jsdstat::SQ);
   } else {
-  sweep<A>(r, -1, false, [&](auto, Block<A>& b, int64_t j0, const auto& io) {
-    Vec<A> v[kBlock];  // the current teacher's block (locals: kept in registers)
-    const Vec<A> fz = fused ? vexp((Vec<A>::loadu(mz + j0 / B * W) + Vec<A>(nMz)) + Vec<A>(nlz)) : Vec<A>(A(0));
-    Vec<A> q[kBlock], lq[kBlock], H[kBlock], p[kBlock], hp[kBlock];
-    for (int t = 0; t < teachers<MT>(r); ++t) {
-      io.load(t, v);
-      const Vec<A> fv = fused ? vexp((Vec<A>::loadu(mv[t] + j0 / B * W) + Vec<A>(nMv[t])) + Vec<A>(nlv[t]))
-                              : Vec<A>(A(0));
-      Vec<A> kp = SP[t].part, kq = SQ[t].part;
-      for (int k = 0; k < kBlock; ++k) {
-        if (t == 0) {
-          lq[k] = finite_floor((vscale(b.z[k], iT) + Vec<A>(nMz)) + Vec<A>(nlz));
-          q[k] = fused ? Vec<A>::loadu(sq + j0 + k * W) * fz : vexp(lq[k]);
-        }
-        const Vec<A> lp = finite_floor((vscale(v[k], iT) + Vec<A>(nMv[t])) + Vec<A>(nlv[t]));
-        p[k] = fused ? Vec<A>::loadu(sp[t] + j0 + k * W) * fv : vexp(lp);
-        Vec<A> spd, spn;
-        softplus_pair(lp, lq[k], p[k], q[k], spd, spn);
-        hp[k] = Vec<A>(A(0)) - spn;
-        kp = vec::fmadd(p[k], spn, kp);
-        kq = vec::fmadd(q[k], spd, kq);
-        H[k] = t == 0 ? spd * Vec<A>(-cz[t]) : vec::fnmadd(spd, Vec<A>(cz[t]), H[k]);
-      }
-      SP[t].part = kp;
-      SQ[t].part = kq;
-      SP[t].end_block();
-      SQ[t].end_block();
-      if (gv_on) {
+    sweep<A>(r, -1, false, [&](auto, Block<A>& b, int64_t j0, const auto& io) {
+      Vec<A> v[kBlock];  // the current teacher's block (locals: kept in registers)
+      const Vec<A> fz = fused ? vexp((Vec<A>::loadu(mz + j0 / B * W) + Vec<A>(nMz)) + Vec<A>(nlz)) : Vec<A>(A(0));
+      Vec<A> q[kBlock], lq[kBlock], H[kBlock], p[kBlock], hp[kBlock];
+      for (int t = 0; t < teachers<MT>(r); ++t) {
+        io.load(t, v);
+        const Vec<A> fv = fused ? vexp((Vec<A>::loadu(mv[t] + j0 / B * W) + Vec<A>(nMv[t])) + Vec<A>(nlv[t]))
+                                : Vec<A>(A(0));
+        Vec<A> kp = SP[t].part, kq = SQ[t].part;
         for (int k = 0; k < kBlock; ++k) {
-          p[k].store(sp[t] + j0 + k * W);
-          hp[k].store(shp[t] + j0 + k * W);
+          if (t == 0) {
+            lq[k] = finite_floor((vscale(b.z[k], iT) + Vec<A>(nMz)) + Vec<A>(nlz));
+            q[k] = fused ? Vec<A>::loadu(sq + j0 + k * W) * fz : vexp(lq[k]);
+          }
+          const Vec<A> lp = finite_floor((vscale(v[k], iT) + Vec<A>(nMv[t])) + Vec<A>(nlv[t]));
+          p[k] = fused ? Vec<A>::loadu(sp[t] + j0 + k * W) * fv : vexp(lp);
+          Vec<A> spd, spn;
+          softplus_pair(lp, lq[k], p[k], q[k], spd, spn);
+          hp[k] = Vec<A>(A(0)) - spn;
+          kp = vec::fmadd(p[k], spn, kp);
+          kq = vec::fmadd(q[k], spd, kq);
+          H[k] = t == 0 ? spd * Vec<A>(-cz[t]) : vec::fnmadd(spd, Vec<A>(cz[t]), H[k]);
+        }
+        SP[t].part = kp;
+        SQ[t].part = kq;
+        SP[t].end_block();
+        SQ[t].end_block();
+        if (gv_on) {
+          for (int k = 0; k < kBlock; ++k) {
+            p[k].store(sp[t] + j0 + k * W);
+            hp[k].store(shp[t] + j0 + k * W);
+          }
         }
       }
-    }
-    if (gz_on) {
-      for (int k = 0; k < kBlock; ++k) {
-        q[k].store(sq + j0 + k * W);
-        H[k].store(sh + j0 + k * W);
+      if (gz_on) {
+        for (int k = 0; k < kBlock; ++k) {
+          q[k].store(sq + j0 + k * W);
+          H[k].store(sh + j0 + k * W);
+        }
       }
+    });
+    for (int t = 0; t < M; ++t) SPs[t] = SP[t].total(), SQs[t] = SQ[t].total();
+    if (P.phase == Phase::STATS) {  // round 1: this rank's parts of SP, SQ
+      double* o = P.stats + ri.i * P.KS;
+      for (int t = 0; t < M; ++t) o[2 * t + jsdstat::SP] = SPs[t], o[2 * t + jsdstat::SQ] = SQs[t];
+      return RowOut{};
     }
-  });
-  for (int t = 0; t < M; ++t) SPs[t] = SP[t].total(), SQs[t] = SQ[t].total();
-  if (P.phase == Phase::STATS) {  // round 1: this rank's parts of SP, SQ
-    double* o = P.stats + ri.i * P.KS;
-    for (int t = 0; t < M; ++t) o[2 * t + jsdstat::SP] = SPs[t], o[2 * t + jsdstat::SQ] = SQs[t];
-    return RowOut{};
-  }
   }  // (sweep 2)
   RowOut out;
   RowInfo rig = ri;  // (the label logit: combined over the ranks in FINISH)

@@ -46,66 +46,66 @@ RowOut row_kl(const KernelArgs& P, const Row<TZ, TV>& r, const RowInfo& ri) {
   if (P.phase == Phase::FINISH) {
     st.combine(RankStats{P.gstats, P.N, P.KG, ri.i, P.world}, teachers<MT>(r), ri.ce, ce_sep, Rev, wttm);
   } else {
-  sweep<A>(r, -1, false, [&](auto, Block<A>& b, int64_t j, const auto& io) {
-    Vec<A> v[kBlock];  // the current teacher's block (locals: kept in registers)
-    Vec<A> a[kBlock], c[kBlock], ez[kBlock], e[kBlock], xa[kBlock];
-    for (int k = 0; k < kBlock; ++k) a[k] = vscale(b.z[k], its);
-    const Vec<A> mz0 = Sz.m, sz0 = Sz.s;
-    const Vec<A> rz = Sz.update(a, ez);
-    if (cached) cache.put(0, j, ez, Sz.m);
-    if (ce_pow) {
-      Vec<A> acc = s1p * vpow(rz, ce_pow);
-      for (int k = 0; k < kBlock; ++k) acc = acc + vpow(ez[k], ce_pow);
-      s1p = acc;
-    } else if (ce_sep) {
-      S1.update(b.z, e);
-      if (cached) cache.put(2, j, e, S1.m);
-    }
-    if constexpr (Rev)
-      for (int k = 0; k < kBlock; ++k) xa[k] = finite_floor(a[k] - Sz.m);
-    for (int t = 0; t < teachers<MT>(r); ++t) {
-      io.load(t, v);
-      for (int k = 0; k < kBlock; ++k) c[k] = vscale(v[k], itt);
-      const Vec<A> mv0 = Sv[t].m, sv0 = Sv[t].s;
-      const Vec<A> rv = Sv[t].update(c, e);
-      if (cached) cache.put(1, j, e, Sv[0].m);  // (cached: one teacher, t = 0)
-      if constexpr (Rev) {
-        const Vec<A> R1 = track_ref(R[t], a, c, Sz.m);
-        Vec<A> w = shift_w(W[t], rz, sz0, Sz.m - mz0, R1 - R[t]);
-        for (int k = 0; k < kBlock; ++k) w = vec::fmadd(ez[k], xa[k] - finite_floor(c[k] - R1), w);
-        W[t] = w, R[t] = R1;
-      } else {
-        const Vec<A> R1 = track_ref(R[t], c, a, Sv[t].m);
-        Vec<A> w = shift_w(W[t], rv, sv0, Sv[t].m - mv0, R1 - R[t]);
-        for (int k = 0; k < kBlock; ++k)
-          w = vec::fmadd(e[k], finite_floor(c[k] - Sv[t].m) - finite_floor(a[k] - R1), w);
-        W[t] = w, R[t] = R1;
+    sweep<A>(r, -1, false, [&](auto, Block<A>& b, int64_t j, const auto& io) {
+      Vec<A> v[kBlock];  // the current teacher's block (locals: kept in registers)
+      Vec<A> a[kBlock], c[kBlock], ez[kBlock], e[kBlock], xa[kBlock];
+      for (int k = 0; k < kBlock; ++k) a[k] = vscale(b.z[k], its);
+      const Vec<A> mz0 = Sz.m, sz0 = Sz.s;
+      const Vec<A> rz = Sz.update(a, ez);
+      if (cached) cache.put(0, j, ez, Sz.m);
+      if (ce_pow) {
+        Vec<A> acc = s1p * vpow(rz, ce_pow);
+        for (int k = 0; k < kBlock; ++k) acc = acc + vpow(ez[k], ce_pow);
+        s1p = acc;
+      } else if (ce_sep) {
+        S1.update(b.z, e);
+        if (cached) cache.put(2, j, e, S1.m);
       }
-      if (wttm) Sv1[t].update(v, e);
+      if constexpr (Rev)
+        for (int k = 0; k < kBlock; ++k) xa[k] = finite_floor(a[k] - Sz.m);
+      for (int t = 0; t < teachers<MT>(r); ++t) {
+        io.load(t, v);
+        for (int k = 0; k < kBlock; ++k) c[k] = vscale(v[k], itt);
+        const Vec<A> mv0 = Sv[t].m, sv0 = Sv[t].s;
+        const Vec<A> rv = Sv[t].update(c, e);
+        if (cached) cache.put(1, j, e, Sv[0].m);  // (cached: one teacher, t = 0)
+        if constexpr (Rev) {
+          const Vec<A> R1 = track_ref(R[t], a, c, Sz.m);
+          Vec<A> w = shift_w(W[t], rz, sz0, Sz.m - mz0, R1 - R[t]);
+          for (int k = 0; k < kBlock; ++k) w = vec::fmadd(ez[k], xa[k] - finite_floor(c[k] - R1), w);
+          W[t] = w, R[t] = R1;
+        } else {
+          const Vec<A> R1 = track_ref(R[t], c, a, Sv[t].m);
+          Vec<A> w = shift_w(W[t], rv, sv0, Sv[t].m - mv0, R1 - R[t]);
+          for (int k = 0; k < kBlock; ++k)
+            w = vec::fmadd(e[k], finite_floor(c[k] - Sv[t].m) - finite_floor(a[k] - R1), w);
+          W[t] = w, R[t] = R1;
+        }
+        if (wttm) Sv1[t].update(v, e);
+      }
+    });
+    if (ce_pow) {  // S1's lanes at the maxima Ts * Sz.m (exact: Ts is a power of two)
+      S1.m = vec::maximum(Sz.m * Vec<A>(A(ce_pow)), Vec<A>(lowest<A>()));
+      S1.s = s1p;
     }
-  });
-  if (ce_pow) {  // S1's lanes at the maxima Ts * Sz.m (exact: Ts is a power of two)
-    S1.m = vec::maximum(Sz.m * Vec<A>(A(ce_pow)), Vec<A>(lowest<A>()));
-    S1.s = s1p;
-  }
-  st.z = total(Sz);
-  st.one = st.z;
-  if (ri.ce && ce_sep) st.one = total(S1);
-  for (int t = 0; t < teachers<MT>(r); ++t) {
-    st.v[t] = total(Sv[t]);
-    if constexpr (Rev) {
-      st.R[t] = at_row_max(Sz, st.z, R[t]);
-      st.W[t] = shifted_sum(W[t], Sz.s, Sz, st.z, R[t], st.R[t]);
-    } else {
-      st.R[t] = at_row_max(Sv[t], st.v[t], R[t]);
-      st.W[t] = shifted_sum(W[t], Sv[t].s, Sv[t], st.v[t], R[t], st.R[t]);
+    st.z = total(Sz);
+    st.one = st.z;
+    if (ri.ce && ce_sep) st.one = total(S1);
+    for (int t = 0; t < teachers<MT>(r); ++t) {
+      st.v[t] = total(Sv[t]);
+      if constexpr (Rev) {
+        st.R[t] = at_row_max(Sz, st.z, R[t]);
+        st.W[t] = shifted_sum(W[t], Sz.s, Sz, st.z, R[t], st.R[t]);
+      } else {
+        st.R[t] = at_row_max(Sv[t], st.v[t], R[t]);
+        st.W[t] = shifted_sum(W[t], Sv[t].s, Sv[t], st.v[t], R[t], st.R[t]);
+      }
+      if (wttm) st.u[t] = total(Sv1[t]);
     }
-    if (wttm) st.u[t] = total(Sv1[t]);
-  }
-  if (P.phase == Phase::STATS) {  // phase 1 ends here: the local statistics
-    st.store(P.stats + ri.i * P.KS, teachers<MT>(r), ri.ce, ri.y >= 0);
-    return RowOut{};
-  }
+    if (P.phase == Phase::STATS) {  // phase 1 ends here: the local statistics
+      st.store(P.stats + ri.i * P.KS, teachers<MT>(r), ri.ce, ri.y >= 0);
+      return RowOut{};
+    }
   }  // (pass 1)
   const LseTotal tz = st.z, t1 = ri.ce ? st.one : st.z;
   const double lz = tz.l();

@@ -41,29 +41,29 @@ RowOut row_ls(const KernelArgs& P, const Row<TZ, TV>& r, const RowInfo& ri) {
     for (int t = 0; t < nt; ++t) sum_v[t] = g.sum(lmstat::COUNT + t);
     if (ri.ce) t1 = g.lse(lmstat::M_ONE, lmstat::S_ONE), zy = g.sum(lmstat::Z_Y);
   } else {
-  sweep<A>(r, -1, false, [&](auto sp, Block<A>& b, int64_t j, const auto& io) {
-    Vec<A> v[kBlock];  // the current teacher's block (locals: kept in registers)
-    Vec<A> e[kBlock];
-    for (int k = 0; k < kBlock; ++k) Sz.add_exact(live_only(sp, b, k, b.z[k]));
-    for (int t = 0; t < teachers<MT>(r); ++t) {
-      io.load(t, v);
-      for (int k = 0; k < kBlock; ++k) Sv[t].add_exact(live_only(sp, b, k, v[k]));
-      Sv[t].end_block();
+    sweep<A>(r, -1, false, [&](auto sp, Block<A>& b, int64_t j, const auto& io) {
+      Vec<A> v[kBlock];  // the current teacher's block (locals: kept in registers)
+      Vec<A> e[kBlock];
+      for (int k = 0; k < kBlock; ++k) Sz.add_exact(live_only(sp, b, k, b.z[k]));
+      for (int t = 0; t < teachers<MT>(r); ++t) {
+        io.load(t, v);
+        for (int k = 0; k < kBlock; ++k) Sv[t].add_exact(live_only(sp, b, k, v[k]));
+        Sv[t].end_block();
+      }
+      if (ri.ce) {
+        S1.update(b.z, e);
+        if (cached) cache.put(2, j, e, S1.m);
+      }
+    });
+    sum_z = Sz.total();
+    for (int t = 0; t < nt; ++t) sum_v[t] = Sv[t].total();
+    if (ri.ce) t1 = total(S1);
+    if (st) {  // round 0 (LMStat's layout)
+      st[lmstat::SUM_Z] = sum_z, st[lmstat::M_ONE] = t1.M, st[lmstat::S_ONE] = ri.ce ? t1.S : 0.0;
+      st[lmstat::Z_Y] = ri.y >= 0 ? ri.zy : 0.0;
+      for (int t = 0; t < nt; ++t) st[lmstat::COUNT + t] = sum_v[t];
+      return RowOut{};
     }
-    if (ri.ce) {
-      S1.update(b.z, e);
-      if (cached) cache.put(2, j, e, S1.m);
-    }
-  });
-  sum_z = Sz.total();
-  for (int t = 0; t < nt; ++t) sum_v[t] = Sv[t].total();
-  if (ri.ce) t1 = total(S1);
-  if (st) {  // round 0 (LMStat's layout)
-    st[lmstat::SUM_Z] = sum_z, st[lmstat::M_ONE] = t1.M, st[lmstat::S_ONE] = ri.ce ? t1.S : 0.0;
-    st[lmstat::Z_Y] = ri.y >= 0 ? ri.zy : 0.0;
-    for (int t = 0; t < nt; ++t) st[lmstat::COUNT + t] = sum_v[t];
-    return RowOut{};
-  }
   }  // (pass 1)
   // means rounded to A; fz / fv[t], what the rounding took off, are added back where a constant shift
   // of u would survive (the sigma terms of the gradients; the softmaxes do not see a shift)
@@ -83,29 +83,29 @@ RowOut row_ls(const KernelArgs& P, const Row<TZ, TV>& r, const RowInfo& ri) {
     qz = g.sum(o1);
     for (int t = 0; t < nt; ++t) qv[t] = g.sum(o1 + 1 + t);
   } else {
-  sweep<A>(r, -1, false, [&](auto sp, Block<A>& b, int64_t, const auto& io) {
-    Vec<A> v[kBlock];  // the current teacher's block (locals: kept in registers)
-    for (int k = 0; k < kBlock; ++k) {
-      const Vec<A> uz = live_only(sp, b, k, b.z[k] + Vec<A>(nzbar));
-      Qz.fma(uz, uz);
-    }
-    Qz.end_block();
-    for (int t = 0; t < teachers<MT>(r); ++t) {
-      io.load(t, v);
+    sweep<A>(r, -1, false, [&](auto sp, Block<A>& b, int64_t, const auto& io) {
+      Vec<A> v[kBlock];  // the current teacher's block (locals: kept in registers)
       for (int k = 0; k < kBlock; ++k) {
-        const Vec<A> uv = live_only(sp, b, k, v[k] + Vec<A>(nvbar[t]));
-        Qv[t].fma(uv, uv);
+        const Vec<A> uz = live_only(sp, b, k, b.z[k] + Vec<A>(nzbar));
+        Qz.fma(uz, uz);
       }
-      Qv[t].end_block();
+      Qz.end_block();
+      for (int t = 0; t < teachers<MT>(r); ++t) {
+        io.load(t, v);
+        for (int k = 0; k < kBlock; ++k) {
+          const Vec<A> uv = live_only(sp, b, k, v[k] + Vec<A>(nvbar[t]));
+          Qv[t].fma(uv, uv);
+        }
+        Qv[t].end_block();
+      }
+    });
+    qz = Qz.total();
+    for (int t = 0; t < nt; ++t) qv[t] = Qv[t].total();
+    if (st) {  // round 1: the centred squares
+      st[0] = qz;
+      for (int t = 0; t < nt; ++t) st[1 + t] = qv[t];
+      return RowOut{};
     }
-  });
-  qz = Qz.total();
-  for (int t = 0; t < nt; ++t) qv[t] = Qv[t].total();
-  if (st) {  // round 1: the centred squares
-    st[0] = qz;
-    for (int t = 0; t < nt; ++t) st[1 + t] = qv[t];
-    return RowOut{};
-  }
   }  // (pass 2)
   const double sz = std::sqrt(qz / (Cg - 1.0)), kz = eps + sz;
   const A iz = A(1.0 / (kz * T));
@@ -141,67 +141,67 @@ RowOut row_ls(const KernelArgs& P, const Row<TZ, TV>& r, const RowInfo& ri) {
       PCUd[t] = g.shifted(o + lt::M_C, o + lt::S_C, o + lt::PUV, o + lt::R, o + lt::PCU, tc[t], Rr[t]);
     }
   } else {
-  sweep<A>(r, -1, false, [&](auto sp, Block<A>& b, int64_t j, const auto& io) {
-    Vec<A> v[kBlock];  // the current teacher's block (locals: kept in registers)
-    Vec<A> a[kBlock], c[kBlock], uz[kBlock], uv[kBlock], e[kBlock];
-    for (int k = 0; k < kBlock; ++k) {
-      uz[k] = live_only(sp, b, k, b.z[k] + Vec<A>(nzbar));
-      a[k] = uz[k] * Vec<A>(iz);
-      if constexpr (decltype(sp)::value)  // padding lanes: -inf, so that they add exp(-inf) = 0
-        a[k] = Vec<A>::blendv(Vec<A>(ninf<A>()), a[k], b.live[k]);
-    }
-    const Vec<A> ra = La.update(a, e);
-    if (cached) cache.put(0, j, e, La.m);
-    Vec<A> qu = Qu * ra;
-    for (int k = 0; k < kBlock; ++k) qu = vec::fmadd(e[k], uz[k], qu);
-    Qu = qu;
-    for (int t = 0; t < teachers<MT>(r); ++t) {
-      io.load(t, v);
+    sweep<A>(r, -1, false, [&](auto sp, Block<A>& b, int64_t j, const auto& io) {
+      Vec<A> v[kBlock];  // the current teacher's block (locals: kept in registers)
+      Vec<A> a[kBlock], c[kBlock], uz[kBlock], uv[kBlock], e[kBlock];
       for (int k = 0; k < kBlock; ++k) {
-        uv[k] = live_only(sp, b, k, v[k] + Vec<A>(nvbar[t]));
-        c[k] = uv[k] * Vec<A>(iv[t]);
-        if constexpr (decltype(sp)::value) c[k] = Vec<A>::blendv(Vec<A>(ninf<A>()), c[k], b.live[k]);
+        uz[k] = live_only(sp, b, k, b.z[k] + Vec<A>(nzbar));
+        a[k] = uz[k] * Vec<A>(iz);
+        if constexpr (decltype(sp)::value)  // padding lanes: -inf, so that they add exp(-inf) = 0
+          a[k] = Vec<A>::blendv(Vec<A>(ninf<A>()), a[k], b.live[k]);
       }
-      const Vec<A> mc0 = Lc[t].m, sc0 = Lc[t].s, puv0 = PUv[t];
-      const Vec<A> rc = Lc[t].update(c, e);
-      if (cached) cache.put(1, j, e, Lc[0].m);  // (cached: one teacher, t = 0)
-      const Vec<A> R1 = track_ref(R[t], c, a, Lc[t].m);
-      const Vec<A> dmc = Lc[t].m - mc0, dR = R1 - R[t];
-      R[t] = R1;
-      Vec<A> w = shift_w(Wk[t], rc, sc0, dmc, dR), pu = Pu[t] * rc;
-      Vec<A> pcu = shift_w(PCu[t], rc, puv0, dmc, dR), puv = PUv[t] * rc;
-      for (int k = 0; k < kBlock; ++k) {
-        const Vec<A> d = finite_floor(c[k] - Lc[t].m) - finite_floor(a[k] - R1);
-        w = vec::fmadd(e[k], d, w);
-        pu = vec::fmadd(e[k], uz[k], pu);
-        if (gv_on || !fused) {  // (the statistics round cannot know whether the finish needs them)
-          pcu = vec::fmadd(e[k] * d, uv[k], pcu);
-          puv = vec::fmadd(e[k], uv[k], puv);
+      const Vec<A> ra = La.update(a, e);
+      if (cached) cache.put(0, j, e, La.m);
+      Vec<A> qu = Qu * ra;
+      for (int k = 0; k < kBlock; ++k) qu = vec::fmadd(e[k], uz[k], qu);
+      Qu = qu;
+      for (int t = 0; t < teachers<MT>(r); ++t) {
+        io.load(t, v);
+        for (int k = 0; k < kBlock; ++k) {
+          uv[k] = live_only(sp, b, k, v[k] + Vec<A>(nvbar[t]));
+          c[k] = uv[k] * Vec<A>(iv[t]);
+          if constexpr (decltype(sp)::value) c[k] = Vec<A>::blendv(Vec<A>(ninf<A>()), c[k], b.live[k]);
         }
+        const Vec<A> mc0 = Lc[t].m, sc0 = Lc[t].s, puv0 = PUv[t];
+        const Vec<A> rc = Lc[t].update(c, e);
+        if (cached) cache.put(1, j, e, Lc[0].m);  // (cached: one teacher, t = 0)
+        const Vec<A> R1 = track_ref(R[t], c, a, Lc[t].m);
+        const Vec<A> dmc = Lc[t].m - mc0, dR = R1 - R[t];
+        R[t] = R1;
+        Vec<A> w = shift_w(Wk[t], rc, sc0, dmc, dR), pu = Pu[t] * rc;
+        Vec<A> pcu = shift_w(PCu[t], rc, puv0, dmc, dR), puv = PUv[t] * rc;
+        for (int k = 0; k < kBlock; ++k) {
+          const Vec<A> d = finite_floor(c[k] - Lc[t].m) - finite_floor(a[k] - R1);
+          w = vec::fmadd(e[k], d, w);
+          pu = vec::fmadd(e[k], uz[k], pu);
+          if (gv_on || !fused) {  // (the statistics round cannot know whether the finish needs them)
+            pcu = vec::fmadd(e[k] * d, uv[k], pcu);
+            puv = vec::fmadd(e[k], uv[k], puv);
+          }
+        }
+        Wk[t] = w, Pu[t] = pu, PCu[t] = pcu, PUv[t] = puv;
       }
-      Wk[t] = w, Pu[t] = pu, PCu[t] = pcu, PUv[t] = puv;
-    }
-  });
-  ta = total(La);
-  QU = rescaled_sum(Qu, La, ta);
-  for (int t = 0; t < nt; ++t) {
-    tc[t] = total(Lc[t]);
-    Rr[t] = at_row_max(Lc[t], tc[t], R[t]);
-    Wd[t] = shifted_sum(Wk[t], Lc[t].s, Lc[t], tc[t], R[t], Rr[t]);
-    PUd[t] = rescaled_sum(Pu[t], Lc[t], tc[t]);
-    PUVd[t] = rescaled_sum(PUv[t], Lc[t], tc[t]);
-    PCUd[t] = shifted_sum(PCu[t], PUv[t], Lc[t], tc[t], R[t], Rr[t]);
-  }
-  if (st) {  // round 2
-    namespace lt = lsteacherstat;
-    st[lsstat::M_A] = ta.M, st[lsstat::S_A] = ta.S, st[lsstat::QU] = QU;
+    });
+    ta = total(La);
+    QU = rescaled_sum(Qu, La, ta);
     for (int t = 0; t < nt; ++t) {
-      double* o = st + lsstat::COUNT + t * lt::COUNT;
-      o[lt::M_C] = tc[t].M, o[lt::S_C] = tc[t].S, o[lt::R] = Rr[t], o[lt::W] = Wd[t];
-      o[lt::PU] = PUd[t], o[lt::PCU] = PCUd[t], o[lt::PUV] = PUVd[t];
+      tc[t] = total(Lc[t]);
+      Rr[t] = at_row_max(Lc[t], tc[t], R[t]);
+      Wd[t] = shifted_sum(Wk[t], Lc[t].s, Lc[t], tc[t], R[t], Rr[t]);
+      PUd[t] = rescaled_sum(Pu[t], Lc[t], tc[t]);
+      PUVd[t] = rescaled_sum(PUv[t], Lc[t], tc[t]);
+      PCUd[t] = shifted_sum(PCu[t], PUv[t], Lc[t], tc[t], R[t], Rr[t]);
     }
-    return RowOut{};
-  }
+    if (st) {  // round 2
+      namespace lt = lsteacherstat;
+      st[lsstat::M_A] = ta.M, st[lsstat::S_A] = ta.S, st[lsstat::QU] = QU;
+      for (int t = 0; t < nt; ++t) {
+        double* o = st + lsstat::COUNT + t * lt::COUNT;
+        o[lt::M_C] = tc[t].M, o[lt::S_C] = tc[t].S, o[lt::R] = Rr[t], o[lt::W] = Wd[t];
+        o[lt::PU] = PUd[t], o[lt::PCU] = PCUd[t], o[lt::PUV] = PUVd[t];
+      }
+      return RowOut{};
+    }
   }  // (pass 3)
   const double lz = ta.l();
   RowOut out;
